@@ -1,0 +1,122 @@
+"""Typed configuration, in one place. The command line and TOML files map onto it.
+
+Defaults are the ones that suit the built-in synthetic data set on a laptop; the
+paper's VOC settings (SPEC §4) are the `paper` preset (`trainer.presets`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from shared.errors import UserError
+
+METHODS = ("full", "pce", "grid-gd", "dense-gd", "grid-tr")
+FORMATS = ("voc", "folder", "synthetic")
+SCHEDULES = ("overlapped", "sync")
+ALGORITHMS = ("expansion", "swap")
+SCRIBBLE_SUFFIXES = ("", "0.8", "0.5", "0.3", "0")
+
+
+@dataclass
+class SolverConfig:
+    """Stage A (SPEC §1)."""
+
+    tr_weight: float = 0.1  # λ
+    potts_weight: float = 100.0  # β
+    max_iter: int = 5
+    restrict_labels: bool = True
+    algorithm: str = "expansion"
+
+    def validate(self) -> None:
+        _check(self.tr_weight >= 0, "--tr-weight", "must be ≥ 0")
+        _check(self.potts_weight >= 0, "--potts-weight", "must be ≥ 0")
+        _check(self.max_iter >= 1, "--max-iter", "must be ≥ 1")
+        _check(self.algorithm in ALGORITHMS, "--algorithm", f"must be one of {ALGORITHMS}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (SPEC §4, §8)."""
+
+    data: str = ""
+    format: str = "synthetic"
+    scribbles: str = ""  # scribble length suffix: '' (full), '0.8', '0.5', '0.3', '0' (clicks)
+    method: str = "pce"
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.01  # backbone rate; the decoder trains at 10×
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_size: int = 64  # training crops; 0 trains on whole images
+    init: str | None = None  # checkpoint to start from (Alg. 1 line 2: the PCE model)
+    backbone_weights: str | None = None  # torchvision mobilenet_v2 ImageNet state_dict
+    out: str = "runs/train"
+    seed: int = 0
+    # stage B (SPEC §2) and the baselines' weights (SPEC §3)
+    eps: float = 0.95
+    nu: float | None = None  # regulariser weight of grid-gd / dense-gd; None = method default
+    epochs_per_round: int = 5  # M in Alg. 1
+    # the solver farm and the schedule (SPEC §4, §6)
+    schedule: str = "overlapped"
+    max_staleness: int = 1
+    solvers: str = "1"  # N or MIN:MAX solver actors
+    solver_resource: str | None = None  # custom resource that solver nodes advertise
+    shards: str | None = None  # base URI of the shards; default OUT/shards
+    shard_size: int = 8  # images per shard part
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    # the trainer
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    eval_every: int = 1  # epochs between evaluations
+    resume: bool = False
+
+    def solver_range(self) -> tuple[int, int]:
+        try:
+            parts = [int(p) for p in str(self.solvers).split(":")]
+        except ValueError:
+            raise UserError(f"--solvers: expected N or MIN:MAX, got {self.solvers!r}") from None
+        lo, hi = (parts[0], parts[0]) if len(parts) == 1 else parts[:2]
+        _check(len(parts) <= 2 and 1 <= lo <= hi, "--solvers", f"needs 1 ≤ MIN ≤ MAX, got {self.solvers!r}")
+        return lo, hi
+
+    def shard_base(self) -> str:
+        return self.shards or f"{self.out.rstrip('/')}/shards"
+
+    def validate(self) -> None:
+        _check(self.method in METHODS, "--method", f"must be one of {METHODS}")
+        _check(self.format in FORMATS, "--format", f"must be one of {FORMATS}")
+        _check(self.scribbles in SCRIBBLE_SUFFIXES, "--scribbles", f"must be one of {SCRIBBLE_SUFFIXES}")
+        _check(self.schedule in SCHEDULES, "--schedule", f"must be one of {SCHEDULES}")
+        _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
+        _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
+        _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
+        _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
+        _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
+        _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")
+        self.solver_range()
+        self.solver.validate()
+
+
+def _check(ok: bool, option: str, why: str) -> None:
+    if not ok:
+        raise UserError(f"{option}: {why}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build a config dataclass from a (possibly nested) dict; unknown keys are errors."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise UserError(f"unknown configuration key {key!r}")
+        if name == "solver" and isinstance(value, dict):
+            value = from_dict(SolverConfig, value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,13 @@
+"""The one exception type that the command lines turn into a one-line error."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a file or an option. The message names it."""
+
+
+class CorruptShardError(UserError):
+    """A shard that exists but cannot be read, or does not follow the contract."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: corrupt or unreadable shard ({why})")
+        self.path = path

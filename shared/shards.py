@@ -1,0 +1,234 @@
+"""The shard contract between the trainer and the solver farm (SPEC §6).
+
+    {base}/snapshots/round={r}/part-{k}.parquet   network -log q over the label set L
+    {base}/proposals/round={r}/part-{k}.parquet   stage-A labels, energies and timing
+
+Part k always holds the same images (chunk k of the sorted training ids), so the
+proposal part k of round r answers the snapshot part k of round r, and the previous
+proposal of an image (its warm start) is part k of an earlier round.
+Arrays travel as raw little-endian bytes with their shape in other columns: no pickle.
+"""
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from shared import storage
+from shared.errors import CorruptShardError
+
+FORMAT_VERSION = "1"
+KINDS = ("snapshots", "proposals")
+
+SNAPSHOT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("round", pa.int32()),
+        ("image_uri", pa.string()),
+        ("seeds_uri", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_classes", pa.int32()),
+        ("label_set", pa.list_(pa.uint8())),
+        ("prob_height", pa.int32()),
+        ("prob_width", pa.int32()),
+        # float16 -log q, shape (len(label_set), prob_height, prob_width), C order
+        ("neg_log_q", pa.binary()),
+    ],
+    metadata={"trseg.kind": "snapshots", "trseg.format_version": FORMAT_VERSION},
+)
+
+PROPOSAL_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("round", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("labels", pa.binary()),  # uint8 (height, width), C order
+        ("energy", pa.float64()),
+        ("unary_energy", pa.float64()),
+        ("smooth_energy", pa.float64()),
+        ("iterations", pa.int32()),
+        ("seconds", pa.float64()),
+        ("warm_start", pa.bool_()),
+        ("solver", pa.string()),  # "<node>:<pid>" of the process that solved it
+    ],
+    metadata={"trseg.kind": "proposals", "trseg.format_version": FORMAT_VERSION},
+)
+
+SCHEMAS = {"snapshots": SNAPSHOT_SCHEMA, "proposals": PROPOSAL_SCHEMA}
+_PART = re.compile(r"^part-(\d+)\.(parquet|arrow)$")
+_ROUND = re.compile(r"^round=(\d+)$")
+
+
+def label_set(seeds: np.ndarray, num_classes: int, restrict: bool = True) -> np.ndarray:
+    """The solver's label set L (SPEC §1): the seed labels if there are two or more."""
+    present = np.unique(seeds[seeds != 255]).astype(np.uint8)
+    if restrict and len(present) >= 2:
+        return present
+    return np.arange(num_classes, dtype=np.uint8)
+
+
+@dataclass
+class Snapshot:
+    image_id: str
+    round: int
+    image_uri: str
+    seeds_uri: str
+    height: int
+    width: int
+    num_classes: int
+    label_set: np.ndarray  # uint8 (|L|,)
+    neg_log_q: np.ndarray  # float16 (|L|, h, w)
+
+    def probs(self) -> np.ndarray:
+        """K×h×w float32 probabilities; labels outside L get probability 0."""
+        q = np.zeros((self.num_classes, *self.neg_log_q.shape[1:]), np.float32)
+        q[self.label_set] = np.exp(-self.neg_log_q.astype(np.float32))
+        return q
+
+
+@dataclass
+class Proposal:
+    image_id: str
+    round: int
+    labels: np.ndarray  # uint8 (H, W)
+    energy: float
+    unary_energy: float
+    smooth_energy: float
+    iterations: int
+    seconds: float
+    warm_start: bool
+    solver: str
+
+
+def round_uri(base: str, kind: str, r: int) -> str:
+    assert kind in KINDS, kind
+    return storage.join(base, kind, f"round={r}")
+
+
+def part_uri(base: str, kind: str, r: int, k: int, fmt: str = "parquet") -> str:
+    return storage.join(round_uri(base, kind, r), f"part-{k}.{fmt}")
+
+
+def list_rounds(base: str, kind: str) -> list[int]:
+    names = storage.list_dir(storage.join(base, kind))
+    return sorted(int(m.group(1)) for n in names if (m := _ROUND.match(n)))
+
+
+def list_parts(round_dir: str) -> dict[int, str]:
+    """Part index -> URI of every committed part file in a round folder."""
+    parts = {}
+    for name in storage.list_dir(round_dir):
+        if m := _PART.match(name):
+            parts[int(m.group(1))] = storage.join(round_dir, name)
+    return parts
+
+
+def snapshots_table(rows: list[Snapshot]) -> pa.Table:
+    cols = {
+        "image_id": [s.image_id for s in rows],
+        "round": [s.round for s in rows],
+        "image_uri": [s.image_uri for s in rows],
+        "seeds_uri": [s.seeds_uri for s in rows],
+        "height": [s.height for s in rows],
+        "width": [s.width for s in rows],
+        "num_classes": [s.num_classes for s in rows],
+        "label_set": [s.label_set.astype(np.uint8).tolist() for s in rows],
+        "prob_height": [s.neg_log_q.shape[1] for s in rows],
+        "prob_width": [s.neg_log_q.shape[2] for s in rows],
+        "neg_log_q": [np.ascontiguousarray(s.neg_log_q, "<f2").tobytes() for s in rows],
+    }
+    return pa.table(cols, schema=SNAPSHOT_SCHEMA)
+
+
+def proposals_table(rows: list[Proposal]) -> pa.Table:
+    cols = {
+        "image_id": [p.image_id for p in rows],
+        "round": [p.round for p in rows],
+        "height": [p.labels.shape[0] for p in rows],
+        "width": [p.labels.shape[1] for p in rows],
+        "labels": [np.ascontiguousarray(p.labels, np.uint8).tobytes() for p in rows],
+        "energy": [p.energy for p in rows],
+        "unary_energy": [p.unary_energy for p in rows],
+        "smooth_energy": [p.smooth_energy for p in rows],
+        "iterations": [p.iterations for p in rows],
+        "seconds": [p.seconds for p in rows],
+        "warm_start": [p.warm_start for p in rows],
+        "solver": [p.solver for p in rows],
+    }
+    return pa.table(cols, schema=PROPOSAL_SCHEMA)
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Serialise in memory, then commit the whole file atomically."""
+    buf = io.BytesIO()
+    if uri.endswith(".arrow"):
+        with ipc.new_file(buf, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def read_table(uri: str, kind: str) -> pa.Table:
+    """Read one shard and check it against the contract; CorruptShardError if not."""
+    try:
+        data = pa.py_buffer(storage.read_bytes(uri))
+        if uri.endswith(".arrow"):
+            table = ipc.open_file(data).read_all()
+        else:
+            table = pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowException) as e:
+        raise CorruptShardError(uri, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    meta = table.schema.metadata or {}
+    if meta.get(b"trseg.kind") != kind.encode():
+        raise CorruptShardError(uri, f"not a {kind} shard")
+    if meta.get(b"trseg.format_version") != FORMAT_VERSION.encode():
+        raise CorruptShardError(uri, f"format version {meta.get(b'trseg.format_version')!r}")
+    if not table.schema.remove_metadata().equals(SCHEMAS[kind].remove_metadata()):
+        raise CorruptShardError(uri, "schema differs from the contract")
+    return table
+
+
+def read_snapshots(uri: str) -> list[Snapshot]:
+    t = read_table(uri, "snapshots").to_pydict()
+    out = []
+    for i in range(len(t["image_id"])):
+        labels = np.asarray(t["label_set"][i], np.uint8)
+        shape = (len(labels), t["prob_height"][i], t["prob_width"][i])
+        arr = np.frombuffer(t["neg_log_q"][i], "<f2")
+        if arr.size != np.prod(shape):
+            raise CorruptShardError(uri, f"row {i}: neg_log_q holds {arr.size} values, not {shape}")
+        out.append(
+            Snapshot(
+                image_id=t["image_id"][i], round=t["round"][i], image_uri=t["image_uri"][i],
+                seeds_uri=t["seeds_uri"][i], height=t["height"][i], width=t["width"][i],
+                num_classes=t["num_classes"][i], label_set=labels, neg_log_q=arr.reshape(shape),
+            )
+        )
+    return out
+
+
+def read_proposals(uri: str) -> list[Proposal]:
+    t = read_table(uri, "proposals").to_pydict()
+    out = []
+    for i in range(len(t["image_id"])):
+        shape = (t["height"][i], t["width"][i])
+        arr = np.frombuffer(t["labels"][i], np.uint8)
+        if arr.size != shape[0] * shape[1]:
+            raise CorruptShardError(uri, f"row {i}: labels hold {arr.size} values, not {shape}")
+        out.append(
+            Proposal(
+                image_id=t["image_id"][i], round=t["round"][i], labels=arr.reshape(shape),
+                energy=t["energy"][i], unary_energy=t["unary_energy"][i],
+                smooth_energy=t["smooth_energy"][i], iterations=t["iterations"][i],
+                seconds=t["seconds"][i], warm_start=t["warm_start"][i], solver=t["solver"][i],
+            )
+        )
+    return out

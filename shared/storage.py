@@ -1,0 +1,69 @@
+"""Local paths and pyarrow filesystem URIs (s3://, gs://, hdfs://) behind one API.
+
+Writes are atomic: a local file is written under a temporary name in the same folder
+and renamed; an object store receives the whole file in one request, so a reader
+never sees half a file (SPEC §6).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a local path or a URI."""
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_dir(uri: str) -> list[str]:
+    """Base names of the entries directly under uri (empty if it does not exist)."""
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    return sorted(info.base_name for info in fs.get_file_info(selector))
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
