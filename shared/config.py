@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     crop_size: int = 64  # training crops; 0 trains on whole images
     init: str | None = None  # checkpoint to start from (Alg. 1 line 2: the PCE model)
+    pretrain_epochs: int = 10  # PCE epochs before grid-gd/dense-gd/grid-tr when no --init
     backbone_weights: str | None = None  # torchvision mobilenet_v2 ImageNet state_dict
     out: str = "runs/train"
     seed: int = 0
@@ -90,6 +91,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        _check(self.pretrain_epochs >= 1, "--pretrain-epochs", "must be ≥ 1")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")

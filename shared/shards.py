@@ -23,6 +23,7 @@ from shared import storage
 from shared.errors import CorruptShardError
 
 FORMAT_VERSION = "1"
+FARM_FAILED = "FARM_FAILED"  # marker under the base URI: stage A failed, stop waiting
 KINDS = ("snapshots", "proposals")
 
 SNAPSHOT_SCHEMA = pa.schema(

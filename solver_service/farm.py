@@ -1,0 +1,138 @@
+"""The solver farm: Ray actors that turn snapshot shards into proposal shards.
+
+A thin Ray layer over `solver_service.parts.solve_part`. Each round is one Ray Data
+job over the round's part files, mapped by an autoscaling pool of `SolverActor`s
+(`ActorPoolStrategy(MIN, MAX)`). Ray restarts a dead actor and retries its task
+(Ray Data sets max_restarts=-1 and max_task_retries=-1 on map actors), so a killed
+process or a lost node costs time but no image. Each actor asks for one CPU and, in a
+cluster, a custom resource that only solver nodes advertise.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+
+import ray
+
+from shared import shards, storage
+from shared.config import SolverConfig, from_dict, to_dict
+from solver_service.parts import solve_part
+
+SNAPSHOT_POLL_S = 0.2
+
+
+class SolverActor:
+    """One stage-A worker process: solves whole snapshot parts, one per call."""
+
+    def __init__(self, solver: dict):
+        self.cfg = from_dict(SolverConfig, solver)
+        self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"k": [], "images": [], "seconds": [], "solver": []}
+        for k, snapshot, proposal, init in zip(batch["k"], batch["snapshot"], batch["proposal"], batch["init"]):
+            stats = solve_part(str(snapshot), str(proposal), self.cfg, str(init) or None, self.name)
+            out["k"].append(int(k))
+            out["images"].append(stats["images"])
+            out["seconds"].append(stats["seconds"])
+            out["solver"].append(self.name)
+        return out
+
+
+def previous_proposal(base: str, r: int, k: int) -> str:
+    """The newest earlier proposal of part k: the warm start (empty if none)."""
+    for p in reversed([p for p in shards.list_rounds(base, "proposals") if p < r]):
+        uri = shards.list_parts(shards.round_uri(base, "proposals", p)).get(k)
+        if uri:
+            return uri
+    return ""
+
+
+def missing_parts(base: str, r: int, verify: bool = False) -> dict[int, str]:
+    """Snapshot parts of round r whose proposal is absent (or unreadable, if verify)."""
+    snaps = shards.list_parts(shards.round_uri(base, "snapshots", r))
+    done = shards.list_parts(shards.round_uri(base, "proposals", r))
+    missing = {}
+    for k, uri in snaps.items():
+        if k in done and verify:
+            try:
+                shards.read_proposals(done[k])
+                continue
+            except shards.CorruptShardError as e:
+                print(f"warning: {e}; solving it again", flush=True)
+        elif k in done:
+            continue
+        missing[k] = uri
+    return missing
+
+
+def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None) -> list[dict]:
+    """Stage A for every part of snapshot round r that lacks a proposal; blocks."""
+    rows = []
+    while todo := missing_parts(base, r, verify=bool(rows)):
+        items = [
+            {"k": k, "snapshot": uri, "proposal": shards.part_uri(base, "proposals", r, k),
+             "init": previous_proposal(base, r, k)}
+            for k, uri in sorted(todo.items())
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            SolverActor,
+            fn_constructor_kwargs={"solver": to_dict(solver)},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=solvers[0], max_size=max(solvers)),
+            num_cpus=1,
+            resources={resource: 1} if resource else None,
+        )
+        rows += list(ds.iter_rows())
+    return rows
+
+
+def solver_restarts() -> int:
+    """Restarts of solver actors so far, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(detail=True, limit=10000, raise_on_missing_output=False)
+    return sum(int(a.num_restarts or 0) for a in actors if "SolverActor" in (a.class_name or ""))
+
+
+class Farm(threading.Thread):
+    """Runs in the driver beside the trainer: solves each snapshot round once it is whole."""
+
+    def __init__(self, base: str, n_parts: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, on_round=None):
+        super().__init__(name="solver-farm", daemon=True)
+        self.base, self.n_parts, self.solver, self.solvers, self.resource = base, n_parts, solver, solvers, resource
+        self.on_round = on_round or (lambda r, rows, seconds: None)
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.images = 0
+
+    def next_round(self) -> int | None:
+        for r in shards.list_rounds(self.base, "snapshots"):
+            if len(shards.list_parts(shards.round_uri(self.base, "snapshots", r))) >= self.n_parts and missing_parts(self.base, r):
+                return r
+        return None
+
+    def run(self) -> None:
+        try:
+            while True:
+                r = self.next_round()
+                if r is None:
+                    if self.stop_event.is_set():
+                        return
+                    time.sleep(SNAPSHOT_POLL_S)
+                    continue
+                start = time.perf_counter()
+                rows = solve_round(self.base, r, self.solver, self.solvers, self.resource)
+                self.images += sum(row["images"] for row in rows)
+                self.on_round(r, rows, time.perf_counter() - start)
+        except BaseException as e:  # tell the trainer, which would otherwise wait forever
+            self.error = e
+            storage.write_bytes(storage.join(self.base, shards.FARM_FAILED), f"{type(e).__name__}: {e}\n".encode())
+            traceback.print_exc()
+
+    def finish(self) -> None:
+        """Solve what is left, then stop."""
+        self.stop_event.set()
+        self.join()

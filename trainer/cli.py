@@ -1,0 +1,239 @@
+"""The command line (SPEC §8). Every train option maps onto a field of TrainConfig."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from shared import storage
+from shared.config import FORMATS, METHODS, SCHEDULES, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.errors import UserError
+
+SOLVER_FIELDS = {"tr_weight", "potts_weight", "max_iter", "algorithm", "restrict_labels"}
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--local", "local", is_flag=True, help="Start a private Ray bound to 127.0.0.1 (the default).")
+@click.option("--address", default=None, help="Join a running Ray cluster (e.g. 'auto').")
+@click.option("--out", default=None, help="Run folder of the default job [runs/<timestamp>].")
+@click.option("--quick", is_flag=True, help="A reduced default job, for tests and CI.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx, local, address, out, quick, debug):
+    """Trust-region training of segmentation networks with graph-cut solvers.
+
+    With no command: the default job on the built-in synthetic data set (PCE-GD,
+    then Grid-TR with solver actors), printing a comparison.
+    """
+    if local and address:
+        raise UserError("--local and --address: give one of them")
+    ctx.obj = {"address": address}
+    if ctx.invoked_subcommand is None:
+        from trainer.default_job import run_default_job
+        from trainer.driver import connect
+
+        connect(address)
+        run_default_job(out, quick=quick)
+
+
+def _train_options(f):
+    options = [
+        click.option("--config", "config_file", default=None, help="TOML file with any of these options (flags override it)."),
+        click.option("--data", default=None, help="Data set root."),
+        click.option("--format", type=click.Choice(FORMATS), default=None),
+        click.option("--scribbles", default=None, help="Scribble length suffix: '' (full), 0.8, 0.5, 0.3, 0 (clicks)."),
+        click.option("--method", type=click.Choice(METHODS), default=None),
+        click.option("--epochs", type=int, default=None),
+        click.option("--pretrain-epochs", type=int, default=None, help="PCE epochs first when there is no --init."),
+        click.option("--batch-size", type=int, default=None),
+        click.option("--lr", type=float, default=None, help="Backbone learning rate (decoder: 10×)."),
+        click.option("--crop-size", type=int, default=None),
+        click.option("--init", default=None, help="Checkpoint to start from."),
+        click.option("--backbone-weights", default=None, help="torchvision mobilenet_v2 ImageNet state_dict."),
+        click.option("--out", default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--eps", type=float, default=None, help="Robust-loss outlier probability ε (SPEC §2)."),
+        click.option("--nu", type=float, default=None, help="Regulariser weight of grid-gd/dense-gd."),
+        click.option("--epochs-per-round", type=int, default=None, help="M: stage-B epochs per stage-A round."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), default=None),
+        click.option("--max-staleness", type=int, default=None),
+        click.option("--solvers", default=None, help="Solver actors: N or MIN:MAX."),
+        click.option("--solver-resource", default=None, help="Custom resource that solver nodes advertise."),
+        click.option("--shards", default=None, help="Shard base URI (local path, s3://, gs://, hdfs://)."),
+        click.option("--shard-size", type=int, default=None),
+        click.option("--workers", "num_workers", type=int, default=None, help="Trainer workers (DDP ranks)."),
+        click.option("--gpu/--no-gpu", "use_gpu", default=None),
+        click.option("--eval-every", type=int, default=None),
+        click.option("--tr-weight", type=float, default=None, help="λ of stage A."),
+        click.option("--potts-weight", type=float, default=None, help="β of stage A."),
+        click.option("--max-iter", type=int, default=None),
+        click.option("--algorithm", type=click.Choice(["expansion", "swap"]), default=None),
+        click.option("--resume", "resume_dir", default=None, help="Continue the run in this folder."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def resolve_train_config(params: dict) -> TrainConfig:
+    """Defaults ← --resume DIR's config.toml ← --config FILE ← flags given."""
+    from trainer.tomlio import read_toml
+
+    values: dict = {}
+    resume_dir = params.pop("resume_dir")
+    config_file = params.pop("config_file")
+    if resume_dir:
+        values.update(read_toml(os.path.join(resume_dir, "config.toml")))
+    if config_file:
+        values.update(read_toml(config_file))
+    solver = dict(values.pop("solver", {}))
+    for key, value in params.items():
+        if value is None:
+            continue
+        if key in SOLVER_FIELDS:
+            solver[key] = value
+        else:
+            values[key] = value
+    for key in list(values):
+        if key.replace("-", "_") in SOLVER_FIELDS:
+            solver[key.replace("-", "_")] = values.pop(key)
+    cfg = from_dict(TrainConfig, {k.replace("-", "_"): v for k, v in values.items()})
+    cfg.solver = from_dict(SolverConfig, solver)
+    if resume_dir:
+        cfg.out, cfg.resume = resume_dir, True
+    if not cfg.data:
+        raise UserError("--data: required (a data set root)")
+    return cfg
+
+
+@cli.command()
+@_train_options
+@click.pass_context
+def train(ctx, **params):
+    """Train one method on one data set."""
+    from trainer.driver import check_inputs, connect, run_train
+    from trainer.tomlio import dumps
+
+    cfg = resolve_train_config(params)
+    check_inputs(cfg)  # before Ray starts: bad input fails in a second
+    storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
+    connect(ctx.obj["address"])
+    summary = run_train(cfg)
+    click.echo(json.dumps({k: summary[k] for k in ("method", "val_miou", "wall_s", "trainer_stall_s", "proposals_missing")}))
+
+
+@cli.command("eval")
+@click.option("--checkpoint", required=True)
+@click.option("--data", required=True)
+@click.option("--format", type=click.Choice(FORMATS), default="synthetic")
+@click.option("--scribbles", default="")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def eval_cmd(checkpoint, data, format, scribbles, as_json):
+    """mIoU, per-class IoU and trimap accuracy of a checkpoint on the val split."""
+    from trainer.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, data, format, scribbles)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"val mIoU {100 * result['val_miou']:.2f}")
+    for name, iou in zip(result["class_names"], result["per_class_iou"]):
+        click.echo(f"  {name:<16} {'—' if iou is None else f'{100 * iou:.2f}'}")
+    click.echo("trimap mIoU by band width: " + ", ".join(f"{w}px {100 * v:.1f}" for w, v in result["trimap"].items()))
+
+
+@cli.command()
+@click.option("--checkpoint", required=True)
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True)
+def predict(checkpoint, images, out):
+    """Write one palette label PNG per image, at the image's size."""
+    from trainer.evaluate import predict_files
+
+    for path in predict_files(checkpoint, images, out):
+        click.echo(path)
+
+
+@cli.command("make-synthetic")
+@click.option("--out", required=True)
+@click.option("--n-train", type=int, default=64)
+@click.option("--n-val", type=int, default=32)
+@click.option("--size", type=int, default=96)
+@click.option("--classes", type=int, default=4)
+@click.option("--seed", type=int, default=0)
+def make_synthetic_cmd(out, n_train, n_val, size, classes, seed):
+    """Generate the synthetic data set (folder layout, every scribble length)."""
+    from trainer.synthetic import make_synthetic
+
+    make_synthetic(out, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed)
+    click.echo(out)
+
+
+@cli.command("shorten-scribbles")
+@click.option("--src", required=True, help="Folder of full-length scribble PNGs.")
+@click.option("--out", required=True)
+@click.option("--ratio", type=float, required=True, help="Kept central fraction r (0 = clicks).")
+def shorten_scribbles_cmd(src, out, ratio):
+    """Shortened scribbles (SPEC §5) from full ones."""
+    from trainer.scribbles import shorten_folder
+
+    if not 0 <= ratio <= 1:
+        raise UserError(f"--ratio: must be in [0, 1], got {ratio}")
+    shorten_folder(src, out, ratio)
+    click.echo(out)
+
+
+@cli.command("convert-scribblesup")
+@click.option("--src", required=True, help="Folder of ScribbleSup XML annotations.")
+@click.option("--out", required=True)
+@click.option("--width", type=int, default=3, help="Stroke width in pixels.")
+def convert_scribblesup_cmd(src, out, width):
+    """ScribbleSup XML annotations to label PNGs of the voc layout."""
+    from trainer.scribbles import convert_scribblesup
+
+    convert_scribblesup(src, out, width=width)
+    click.echo(out)
+
+
+def main(argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        _fail(str(e), debug, 2)
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
+        cause = _user_cause(e)
+        if cause is not None:
+            _fail(str(cause), debug, 2)
+        _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (--debug shows the traceback)", debug, 1)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _user_cause(e: BaseException):
+    """A UserError raised inside a Ray worker arrives wrapped: find it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+    return None
+
+
+def _fail(message: str, debug: bool, code: int) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)

@@ -1,0 +1,134 @@
+"""The driver: Ray, the trainer (Ray Train) and the solver farm, side by side.
+
+    trainer (TorchTrainer) ──snapshots──▶ shards ──▶ Farm (SolverActors) ──proposals──▶ shards ──▶ trainer
+
+The driver validates the input before anything starts, runs the farm in a thread
+beside `TorchTrainer.fit()`, and writes summary.json (SPEC §7) when both are done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from shared import shards, storage
+from shared.config import TrainConfig, to_dict
+from shared.errors import UserError
+from solver_service.farm import Farm, solver_restarts
+from trainer.data import check_samples, load_split, read_classes
+from trainer.loop import train_loop_per_worker
+from trainer.runlog import load_checkpoint
+from trainer.snapshots import chunks
+
+
+def connect(address: str | None) -> None:
+    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
+    """Fail fast, with the file or option at fault: returns (K, train images, val images)."""
+    cfg.validate()
+    if not cfg.data or not os.path.exists(cfg.data):
+        raise UserError(f"--data: no such data set folder: {cfg.data!r}")
+    K = len(read_classes(cfg.data, cfg.format))
+    train = load_split(cfg.data, cfg.format, "train", cfg.scribbles)
+    val = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
+    check_samples(train, K, need_masks=cfg.method == "full")
+    check_samples(val, K, need_masks=True)
+    if cfg.init:
+        state = load_checkpoint(cfg.init)
+        if state["num_classes"] != K:
+            raise UserError(f"--init {cfg.init}: a {state['num_classes']}-class model, but the data set has {K} classes")
+    if cfg.resume and not storage.exists(storage.join(cfg.out, "checkpoints", "last.pt")):
+        raise UserError(f"--resume: {cfg.out}/checkpoints/last.pt does not exist")
+    return K, len(train), len(val)
+
+
+def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
+    """One training run end to end; returns the summary (also written to OUT/summary.json)."""
+    cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
+    cfg.data = os.path.abspath(cfg.data) if cfg.data else cfg.data
+    K, n_train, n_val = check_inputs(cfg)
+    base = cfg.shard_base()
+    storage.delete(storage.join(base, shards.FARM_FAILED))
+    t0 = time.perf_counter()
+    farm = None
+    if cfg.method == "grid-tr":
+        farm = Farm(
+            base, len(chunks(n_train, cfg.shard_size)), cfg.solver, cfg.solver_range(), cfg.solver_resource,
+            on_round=lambda r, rows, s: _report_round(r, rows, s, cfg),
+        )
+        farm.start()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=cfg.out if storage.is_remote(cfg.out) else storage.resolve(cfg.out)[1],
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    finally:
+        if farm is not None:
+            farm.finish()
+    if farm is not None and farm.error is not None:
+        raise UserError(f"stage A failed: {farm.error}")
+    trained = json.loads(storage.read_bytes(storage.join(cfg.out, "trainer_summary.json")))
+    summary = {
+        "method": cfg.method,
+        "dataset": dataset_name or cfg.data,
+        "scribble_length": _scribble_length(cfg.scribbles),
+        "epochs": cfg.epochs,
+        "train_images": n_train,
+        "val_images": n_val,
+        "val_miou": trained["val_miou"],
+        "per_class_iou": trained["per_class_iou"],
+        "trimap": trained["trimap"],
+        "wall_s": time.perf_counter() - t0,
+        "stage_b_s": trained["stage_b_s"],
+        "trainer_stall_s": trained["stall_s"],
+        "stage_a_images": farm.images if farm else 0,
+        "proposals_missing": _proposals_missing(base, n_train, cfg.shard_size) if farm else 0,
+        "solvers": cfg.solver_range()[1] if farm else 0,
+        "solver_restarts": solver_restarts() if farm else 0,
+        "mean_staleness": trained["mean_staleness"],
+        "max_staleness": trained["max_staleness"],
+        "schedule": cfg.schedule if farm else None,
+    }
+    storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def _scribble_length(suffix: str) -> float:
+    return 1.0 if suffix == "" else float(suffix)
+
+
+def _proposals_missing(base: str, n_images: int, shard_size: int) -> int:
+    """Images of every snapshot round without a proposal of that round."""
+    missing = 0
+    for r in shards.list_rounds(base, "snapshots"):
+        done = shards.list_parts(shards.round_uri(base, "proposals", r))
+        missing += sum(len(part) for k, part in enumerate(chunks(n_images, shard_size)) if k not in done)
+    return missing
+
+
+def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) -> None:
+    images = sum(row["images"] for row in rows)
+    solve_s = sum(row["seconds"] for row in rows)
+    print(f"stage A round {r}: {images} images in {seconds:.1f}s ({images / max(seconds, 1e-9):.1f} images/s, "
+          f"{solve_s / max(images, 1):.3f} s/image on one solver)", flush=True)

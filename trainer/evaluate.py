@@ -1,0 +1,60 @@
+"""`eval` and `predict`: a checkpoint on a val split, or on image files."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared import storage
+from shared.errors import UserError
+from trainer import engine
+from trainer.data import EvalSet, check_samples, load_split, palette, read_classes, read_image
+from trainer.model import DeepLabV3Plus
+from trainer.runlog import load_checkpoint
+
+
+def load_model(checkpoint: str, device: torch.device) -> tuple[DeepLabV3Plus, dict]:
+    state = load_checkpoint(checkpoint)
+    model = DeepLabV3Plus(state["num_classes"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{checkpoint}: weights do not fit the model ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), state
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, fmt: str, scribbles: str = "") -> dict:
+    """The numbers training reports for this checkpoint, recomputed (SPEC §7)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not os.path.exists(data):
+        raise UserError(f"--data: no such data set folder: {data!r}")
+    model, state = load_model(checkpoint, device)
+    classes = read_classes(data, fmt)
+    if len(classes) != state["num_classes"]:
+        raise UserError(f"{checkpoint}: a {state['num_classes']}-class model, but {data} has {len(classes)} classes")
+    samples = load_split(data, fmt, "val", scribbles)
+    check_samples(samples, len(classes), need_masks=True)
+    conf, trimap = engine.confusions(model, EvalSet(samples, len(classes)), len(classes), device)
+    return {**engine.scores(conf, trimap), "class_names": classes}
+
+
+def predict_files(checkpoint: str, images: tuple[str, ...], out: str) -> list[str]:
+    """One palette PNG per image, at the image's size; returns the written paths."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, state = load_model(checkpoint, device)
+    pal = np.asarray(palette(state["num_classes"]), np.uint8).reshape(-1).tolist()
+    written = []
+    for path in images:
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float()
+        labels = engine.predict(model, image, device).cpu().numpy().astype(np.uint8)
+        png = Image.fromarray(labels, mode="P")
+        png.putpalette(pal + [0] * (768 - len(pal)))
+        buf = io.BytesIO()
+        png.save(buf, format="PNG")
+        target = storage.join(out, os.path.splitext(os.path.basename(path))[0] + ".png")
+        storage.write_bytes(target, buf.getvalue())
+        written.append(target)
+    return written

@@ -1,0 +1,165 @@
+"""Alg. 1 on one Ray Train worker: PCE pretraining, then rounds of stage B.
+
+Stage A is not here: the worker writes a snapshot at the start of every round and
+reads back the proposals that the solver farm writes (SPEC §4, §6). Rank 0 writes
+the run's outputs; every rank trains on its share of the data (DDP).
+"""
+from __future__ import annotations
+
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from shared.config import TrainConfig, from_dict
+from trainer import engine
+from trainer.data import EvalSet, TrainSet, load_split, read_classes
+from trainer.model import DeepLabV3Plus, load_backbone_weights
+from trainer.proposals import ProposalFeed
+from trainer.runlog import RunLog, load_checkpoint
+from trainer.snapshots import chunks, snapshot_complete, write_snapshot_round
+from trainer.visualize import write_panels
+
+REGULARISED = ("grid-gd", "dense-gd", "grid-tr")
+
+
+def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
+    """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model."""
+    if cfg.method in REGULARISED and not cfg.init:
+        return [("pce", cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
+    return [(cfg.method, cfg.epochs)]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = from_dict(TrainConfig, config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    log = RunLog(cfg.out, enabled=rank == 0)
+
+    classes = read_classes(cfg.data, cfg.format)
+    K = len(classes)
+    train_samples = load_split(cfg.data, cfg.format, "train", cfg.scribbles)
+    val_samples = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
+    trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank)
+    valset = EvalSet(val_samples, K)
+    train_eval = EvalSet(train_samples, K)  # unaugmented: snapshots and panels
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(trainset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(trainset) > cfg.batch_size),
+        move_to_device=False,
+    )
+
+    net = DeepLabV3Plus(K)
+    if cfg.backbone_weights:
+        load_backbone_weights(net, cfg.backbone_weights)
+    if cfg.init:
+        net.load_state_dict(load_checkpoint(cfg.init)["model"])
+    resume = load_checkpoint(f"{cfg.out}/checkpoints/last.pt") if cfg.resume else None
+    if resume:
+        net.load_state_dict(resume["model"])
+    model = ray.train.torch.prepare_model(net)
+
+    stats = {"stage_b_s": 0.0, "stage_a_images": 0, "stall_s": 0.0, "staleness": [], "max_staleness": 0}
+    best = resume["best_miou"] if resume else -1.0
+    global_epoch = resume["global_epoch"] if resume else 0
+    plan = phases(cfg)
+    for phase, (method, epochs) in enumerate(plan):
+        if resume and phase < resume["phase"]:
+            continue
+        optimizer = torch.optim.SGD(net.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        start = 0
+        if resume and phase == resume["phase"]:
+            optimizer.load_state_dict(resume["optimizer"])
+            start = resume["epoch"]
+        steps_per_epoch = max(1, len(loader))
+        step = start * steps_per_epoch
+        feed = None
+        if method == "grid-tr":
+            parts = [[train_samples[i].image_id for i in part] for part in chunks(len(train_samples), cfg.shard_size)]
+            feed = ProposalFeed(cfg.shard_base(), parts, sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness)
+        final = phase == len(plan) - 1
+        for epoch in range(start, epochs):
+            record = {"phase": method, "epoch": global_epoch + 1}
+            if feed is not None:
+                record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats))
+            t0 = time.perf_counter()
+            loss, step = engine.train_epoch(
+                model, loader, optimizer, method=method, eps=cfg.eps, nu=cfg.nu, device=device,
+                step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs,
+            )
+            stats["stage_b_s"] += time.perf_counter() - t0
+            record.update(loss=loss, lr=optimizer.param_groups[0]["lr"], stage_b_s=time.perf_counter() - t0)
+            global_epoch += 1
+            last = epoch == epochs - 1
+            if last or global_epoch % cfg.eval_every == 0:
+                record.update(_evaluate(model, valset, K, device, rank, world))
+                if rank == 0:
+                    write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, K)
+            state = {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
+                "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
+                "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
+            }
+            if final and "val_miou" in record and record["val_miou"] > best:
+                best = state["best_miou"] = record["val_miou"]
+                log.save_checkpoint("best.pt", state)
+            if last and not final:
+                log.save_checkpoint(f"{method}.pt", state)
+            log.save_checkpoint("last.pt", state)
+            log.log_epoch(record, global_epoch)
+            if rank == 0:
+                print(_progress_line(record, global_epoch, sum(e for _, e in plan)), flush=True)
+            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str))})
+    stats["mean_staleness"] = sum(stats["staleness"]) / len(stats["staleness"]) if stats["staleness"] else 0.0
+    del stats["staleness"]
+    log.write_json("trainer_summary.json", {**stats, "val_miou": record.get("val_miou"), "per_class_iou": record.get("per_class_iou"), "trimap": record.get("trimap"), "epochs": global_epoch})
+    log.close()
+
+
+def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, world, device, stats) -> dict:
+    """Snapshot at the start of each round, then the freshest proposals (SPEC §4)."""
+    r, first = divmod(epoch, cfg.epochs_per_round)[0], epoch % cfg.epochs_per_round == 0
+    base = cfg.shard_base()
+    n_parts = len(chunks(len(samples), cfg.shard_size))
+    record = {"round": r}
+    if first and not snapshot_complete(base, r, n_parts):
+        t0 = time.perf_counter()
+        n = write_snapshot_round(
+            net, train_eval, samples, base=base, r=r, shard_size=cfg.shard_size,
+            restrict_labels=cfg.solver.restrict_labels, device=device, rank=rank, world=world,
+        )
+        if world > 1:
+            dist.barrier()
+        record["snapshot_s"] = time.perf_counter() - t0
+        record["snapshot_images"] = n
+    got = feed.refresh(r, wait=first or cfg.schedule == "sync")
+    trainset.proposals = feed.labels
+    stats["stall_s"] += got["stall_s"]
+    stats["staleness"].append(got["mean_staleness"])
+    stats["max_staleness"] = max(stats["max_staleness"], got["max_staleness"])
+    record.update(stall_s=got["stall_s"], mean_staleness=got["mean_staleness"], max_staleness=got["max_staleness"])
+    return record
+
+
+def _evaluate(model, valset, K, device, rank, world) -> dict:
+    """Val confusions on this rank's share, summed over ranks."""
+    conf, trimap = engine.confusions(model, valset, K, device, indices=range(rank, len(valset), world))
+    if world > 1:
+        conf, trimap = conf.to(device), trimap.to(device)
+        dist.all_reduce(conf)
+        dist.all_reduce(trimap)
+    return engine.scores(conf.cpu(), trimap.cpu())
+
+
+def _progress_line(record: dict, epoch: int, total: int) -> str:
+    parts = [f"epoch {epoch}/{total} [{record['phase']}]", f"loss {record['loss']:.4f}"]
+    if "val_miou" in record:
+        parts.append(f"val mIoU {100 * record['val_miou']:.1f}")
+    if "round" in record:
+        parts.append(f"round {record['round']} stall {record['stall_s']:.1f}s staleness {record['mean_staleness']:.2f}")
+    return "  ".join(parts)

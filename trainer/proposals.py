@@ -1,0 +1,74 @@
+"""Stage B's input: the freshest proposal of every training image, staleness bounded.
+
+The trainer reads proposals only from the shards (SPEC §6). At round r it uses, for
+each part, the newest proposal round p ≤ r. `sync` needs p = r (Alg. 1 exactly);
+`overlapped` accepts p ≥ r − max_staleness and waits otherwise; that wait is stall.
+No proposal at all counts as round −1, i.e. the image is trained on its seeds alone,
+which `overlapped` allows in round 0 when max_staleness ≥ 1.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from shared import shards, storage
+from shared.errors import CorruptShardError, UserError
+
+
+class ProposalFeed:
+    def __init__(self, base: str, parts: list[list[str]], *, sync: bool, max_staleness: int, poll_s: float = 0.2):
+        self.base = base
+        self.parts = parts  # image ids of every part
+        self.min_lag = 0 if sync else max_staleness
+        self.poll_s = poll_s
+        self.current: dict[int, int] = {}  # part -> proposal round in use
+        self.labels: dict[str, np.ndarray] = {}
+        self.stall_s = 0.0
+
+    def _available(self, r: int) -> dict[int, tuple[int, str]]:
+        """Newest proposal round ≤ r of every part that has one."""
+        best = {}
+        for p in shards.list_rounds(self.base, "proposals"):
+            if p > r:
+                continue
+            for k, uri in shards.list_parts(shards.round_uri(self.base, "proposals", p)).items():
+                if k < len(self.parts) and best.get(k, (-1, ""))[0] < p:
+                    best[k] = (p, uri)
+        return best
+
+    def refresh(self, r: int, wait: bool) -> dict:
+        """Load newer proposals for round r; wait (stall) while the bound is not met."""
+        start = time.perf_counter()
+        while True:
+            for k, (p, uri) in self._available(r).items():
+                if p > self.current.get(k, -1):
+                    self._load(k, p, uri)
+            lags = [r - self.current.get(k, -1) for k in range(len(self.parts))]
+            if not wait or max(lags) <= self.min_lag:
+                break
+            if storage.exists(storage.join(self.base, shards.FARM_FAILED)):
+                why = storage.read_bytes(storage.join(self.base, shards.FARM_FAILED)).decode().strip()
+                raise UserError(f"stage A failed, no proposals for round {r}: {why}")
+            time.sleep(self.poll_s)
+        stall = time.perf_counter() - start if wait else 0.0
+        self.stall_s += stall
+        per_image = [lag for k, lag in enumerate(lags) for _ in self.parts[k]]
+        return {
+            "stall_s": stall,
+            "mean_staleness": float(np.mean(per_image)),
+            "max_staleness": int(max(per_image)),
+        }
+
+    def _load(self, k: int, p: int, uri: str) -> None:
+        try:
+            rows = shards.read_proposals(uri)
+        except CorruptShardError as e:
+            # The farm re-checks every part of a round and recomputes bad ones.
+            warnings.warn(f"{e}; deleting it so that stage A recomputes it")
+            storage.delete(uri)
+            return
+        for row in rows:
+            self.labels[row.image_id] = row.labels
+        self.current[k] = p

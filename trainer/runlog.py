@@ -1,0 +1,86 @@
+"""What a run writes into --out (SPEC §7): metrics.jsonl, TensorBoard events, checkpoints.
+
+Everything goes through shared.storage, so --out may be a local folder or an object
+store URI; TensorBoard events are written only for local folders (TensorBoard's own
+writer cannot commit atomically to object stores).
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import torch
+
+from shared import storage
+from shared.errors import UserError
+
+
+class RunLog:
+    def __init__(self, out: str, enabled: bool = True):
+        self.out = out.rstrip("/")
+        self.enabled = enabled
+        self.metrics_uri = storage.join(self.out, "metrics.jsonl")
+        self._lines = []
+        self._tb = None
+        if enabled and storage.exists(self.metrics_uri):  # a resumed run keeps its history
+            self._lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
+        if enabled and not storage.is_remote(out):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(storage.resolve(storage.join(self.out, "tensorboard"))[1])
+
+    def log_epoch(self, record: dict, step: int) -> None:
+        """Append one epoch's record to metrics.jsonl and its numbers to TensorBoard."""
+        if not self.enabled:
+            return
+        self._lines.append(json.dumps(record))
+        storage.write_bytes(self.metrics_uri, ("\n".join(self._lines) + "\n").encode())
+        if self._tb is not None:
+            for key, value in _flatten(record):
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def log_image(self, tag: str, image_hwc, step: int) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def write_json(self, name: str, obj: dict) -> None:
+        if self.enabled:
+            storage.write_bytes(storage.join(self.out, name), (json.dumps(obj, indent=2) + "\n").encode())
+
+    def save_checkpoint(self, name: str, state: dict) -> None:
+        if self.enabled:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            storage.write_bytes(storage.join(self.out, "checkpoints", name), buf.getvalue())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def load_checkpoint(uri: str) -> dict:
+    """A checkpoint written by RunLog.save_checkpoint (weights_only: never unpickles code)."""
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{uri}: checkpoint not found") from None
+    except Exception as e:  # torch raises many types for garbage files
+        raise UserError(f"{uri}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "num_classes" not in state:
+        raise UserError(f"{uri}: not a trseg checkpoint (no model weights)")
+    return state
+
+
+def _flatten(record: dict, prefix: str = ""):
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            yield name, value
+        elif isinstance(value, dict):
+            yield from _flatten(value, name + "/")
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            for i, v in enumerate(value):
+                yield f"{name}/{i}", v

@@ -1,0 +1,56 @@
+"""Stage A's input: the network's probabilities on every training image (Alg. 1 line 5).
+
+Eval mode, no augmentation, at the network's output resolution (stride 4), only over
+each image's label set L, stored as float16 −log q (SPEC §6). Parts are chunks of
+`shard_size` consecutive training images; DDP rank `rank` writes parts k ≡ rank.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from shared import shards
+from trainer.engine import autocast
+
+NEG_LOG_Q_MAX = 20.0  # −log(1e-8) ≈ 18.4 is the solver's floor; larger values carry nothing
+
+
+def chunks(n_images: int, shard_size: int) -> list[range]:
+    """Image indices of every part: part k holds chunk k of the sorted ids."""
+    return [range(i, min(i + shard_size, n_images)) for i in range(0, n_images, shard_size)]
+
+
+def snapshot_complete(base: str, r: int, n_parts: int) -> bool:
+    return len(shards.list_parts(shards.round_uri(base, "snapshots", r))) >= n_parts
+
+
+@torch.no_grad()
+def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restrict_labels, device, rank=0, world=1):
+    """Write this rank's parts of snapshot round r; returns the number of images written."""
+    model.eval()
+    written = 0
+    for k, part in enumerate(chunks(len(samples), shard_size)):
+        if k % world != rank:
+            continue
+        rows = []
+        for i in part:
+            item = dataset[i]
+            with autocast(device):
+                logits = model.forward_lowres(item["image"][None].to(device))
+            neg_log_q = (-torch.log_softmax(logits.float(), 1)[0]).clamp_(max=NEG_LOG_Q_MAX).cpu().numpy()
+            seeds = item["seeds"].numpy()
+            labels = shards.label_set(seeds, neg_log_q.shape[0], restrict_labels)
+            s = samples[i]
+            rows.append(
+                shards.Snapshot(
+                    image_id=s.image_id, round=r, image_uri=os.path.abspath(s.image_path),
+                    seeds_uri=os.path.abspath(s.seeds_path), height=seeds.shape[0], width=seeds.shape[1],
+                    num_classes=neg_log_q.shape[0], label_set=labels,
+                    neg_log_q=neg_log_q[labels].astype(np.float16),
+                )
+            )
+        shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", r, k))
+        written += len(rows)
+    return written
