@@ -20,7 +20,7 @@ from shared.config import TrainConfig, to_dict
 from shared.errors import UserError
 from solver_service.farm import Farm, solver_restarts
 from trainer.data import check_samples, load_split, read_classes
-from trainer.loop import train_loop_per_worker
+from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.snapshots import chunks
 
@@ -42,10 +42,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
     if not cfg.data or not os.path.exists(cfg.data):
         raise UserError(f"--data: no such data set folder: {cfg.data!r}")
     K = len(read_classes(cfg.data, cfg.format))
-    train = load_split(cfg.data, cfg.format, "train", cfg.scribbles)
+    train = train_split(cfg)
     val = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
-    check_samples(train, K, need_masks=cfg.method == "full")
-    check_samples(val, K, need_masks=True)
+    check_samples(train, K)
+    check_samples(val, K)
     if cfg.init:
         state = load_checkpoint(cfg.init)
         if state["num_classes"] != K:

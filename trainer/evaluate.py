@@ -36,7 +36,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, fmt: str, scribbles: str = "
     if len(classes) != state["num_classes"]:
         raise UserError(f"{checkpoint}: a {state['num_classes']}-class model, but {data} has {len(classes)} classes")
     samples = load_split(data, fmt, "val", scribbles)
-    check_samples(samples, len(classes), need_masks=True)
+    check_samples(samples, len(classes))
     conf, trimap = engine.confusions(model, EvalSet(samples, len(classes)), len(classes), device)
     return {**engine.scores(conf, trimap), "class_names": classes}
 

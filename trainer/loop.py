@@ -33,6 +33,12 @@ def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
     return [(cfg.method, cfg.epochs)]
 
 
+def train_split(cfg: TrainConfig):
+    """Full supervision needs the masks, every other method the scribbles."""
+    full = cfg.method == "full"
+    return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(TrainConfig, config)
     ctx = ray.train.get_context()
@@ -43,7 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     classes = read_classes(cfg.data, cfg.format)
     K = len(classes)
-    train_samples = load_split(cfg.data, cfg.format, "train", cfg.scribbles)
+    train_samples = train_split(cfg)
     val_samples = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
     trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank)
     valset = EvalSet(val_samples, K)
@@ -87,6 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
             record = {"phase": method, "epoch": global_epoch + 1}
             if feed is not None:
                 record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats))
+            trainset.set_epoch(global_epoch)
             t0 = time.perf_counter()
             loss, step = engine.train_epoch(
                 model, loader, optimizer, method=method, eps=cfg.eps, nu=cfg.nu, device=device,
