@@ -1,0 +1,80 @@
+"""The synthetic data set: layout, determinism, scribble coverage at each length."""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from trainer.data import check_samples, load_split, read_classes, read_image, read_label
+from trainer.synthetic import make_synthetic
+
+SUFFIXES = ["", "0.8", "0.5", "0.3", "0"]
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            p = os.path.join(dirpath, name)
+            h.update(os.path.relpath(p, root).encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn") / "a"
+    summary = make_synthetic(str(root), n_train=16, n_val=6, size=96, classes=4, seed=3)
+    return str(root), summary
+
+
+def test_layout_and_loading(synth):
+    root, summary = synth
+    assert read_classes(root, "synthetic") == ["background", "class1", "class2", "class3"]
+    for sfx in SUFFIXES:
+        train = load_split(root, "synthetic", "train", sfx)
+        assert len(train) == 16 and all(s.mask_path for s in train)
+        check_samples(train, 4)
+    val = load_split(root, "synthetic", "val")
+    assert len(val) == 6
+    check_samples(val, 4)
+    img = read_image(train[0].image_path)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+    # every object class appears somewhere; objects and background both present
+    present = set()
+    for s in train:
+        present |= set(np.unique(read_label(s.mask_path, 4)).tolist())
+    assert present == {0, 1, 2, 3}
+
+
+def test_deterministic(synth, tmp_path):
+    root, _ = synth
+    make_synthetic(str(tmp_path / "b"), n_train=16, n_val=6, size=96, classes=4, seed=3)
+    assert _digest(root) == _digest(str(tmp_path / "b"))
+    make_synthetic(str(tmp_path / "c"), n_train=16, n_val=6, size=96, classes=4, seed=4)
+    assert _digest(root) != _digest(str(tmp_path / "c"))
+
+
+def test_scribble_coverage_and_lengths(synth):
+    root, summary = synth
+    cov = summary["coverage"]
+    assert 0.015 <= cov[""] <= 0.05
+    assert cov[""] > cov["0.8"] > cov["0.5"] > cov["0.3"] > cov["0"] > 0
+    # the summary agrees with the files, and scribbles agree with the masks
+    train = load_split(root, "synthetic", "train")
+    labelled = wrong = 0
+    for s in train:
+        seeds = read_label(s.seeds_path, 4)
+        mask = read_label(s.mask_path, 4)
+        labelled += (seeds != 255).sum()
+        wrong += ((seeds != 255) & (seeds != mask)).sum()
+        assert set(np.unique(seeds[seeds != 255])) == set(np.unique(mask))  # every class scribbled
+    assert labelled / (16 * 96 * 96) == pytest.approx(cov[""])
+    assert wrong == 0
+
+
+def test_other_sizes(tmp_path):
+    s = make_synthetic(str(tmp_path / "d"), n_train=2, n_val=1, size=64, classes=3, seed=1)
+    assert s["classes"] == ["background", "class1", "class2"]
+    assert read_image(str(tmp_path / "d" / "images" / "val_0000.png")).shape == (64, 64, 3)

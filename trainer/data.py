@@ -1,0 +1,442 @@
+"""Data sets (SPEC §5): the `voc`, `folder` and `synthetic` layouts, reading and checking
+images and label PNGs, and the torch Datasets for training and evaluation.
+
+Layouts (ROOT is the data root, SUFFIX the scribble length: '', '0.8', '0.5', '0.3', '0'):
+
+- ``voc``: ROOT/JPEGImages/{id}.jpg, ROOT/pascal_2012_scribble{SUFFIX}/{id}.png,
+  ROOT/SegmentationClassAug/{id}.png (full labels), ROOT/SegmentationClass/{id}.png
+  (val labels; SegmentationClassAug is used when it is absent),
+  ROOT/ImageSets/SegmentationAug/{train,val}.txt. The 21 VOC classes.
+- ``folder``: ROOT/images/{id}.png|.jpg|.jpeg, ROOT/scribbles{SUFFIX}/{id}.png,
+  ROOT/masks/{id}.png (needed for val, optional for train), ROOT/train.txt,
+  ROOT/val.txt (one id a line), ROOT/classes.txt (one name a line, background first).
+- ``synthetic``: the ``folder`` layout, written by :func:`trainer.synthetic.make_synthetic`.
+
+Label PNGs are palette ('P') or grey ('L', 'I') images whose pixel value is the class
+id; 255 is "unlabelled" (scribbles) or "ignore" (masks). Any other value ≥ K is an error.
+
+Bad data raises :class:`shared.errors.UserError` with a one-line message naming the
+file. :func:`load_split` checks that files exist; :func:`check_samples` opens each
+file once (image headers, PNG integrity, label values and sizes) so a run fails
+before it trains.
+
+Caching: the Datasets keep every decoded image and label in memory after its first
+read (per Dataset object, hence per DataLoader worker). The data sets this project
+trains on are small (the synthetic set is a few MB); for full VOC that costs a few GB
+per worker — pass ``cache=False`` there.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import UserError
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+]
+IGNORE = 255
+SPLITS = ("train", "val")
+SCRIBBLE_SUFFIXES = ("", "0.8", "0.5", "0.3", "0")
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Sample:
+    """One image of a split: its id and the paths of its files (None: no such file)."""
+
+    image_id: str
+    image_path: str
+    seeds_path: str | None = None
+    mask_path: str | None = None
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _check_root(root: str, fmt: str) -> None:
+    if fmt not in ("voc", "folder", "synthetic"):
+        raise UserError(f"--format: must be one of ('voc', 'folder', 'synthetic'), got {fmt!r}")
+    if not root or not os.path.isdir(root):
+        raise UserError(f"{root}: data root not found (not a directory)")
+
+
+def _read_split_file(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: split file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read split file ({exc})") from None
+    ids = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        token = line.split()[0]
+        # tolerate lists of paths ("/JPEGImages/x.jpg /SegmentationClassAug/x.png")
+        ids.append(os.path.splitext(os.path.basename(token))[0] if "/" in token else token)
+    if not ids:
+        raise UserError(f"{path}: empty split file (no image ids)")
+    return ids
+
+
+def read_classes(root: str, fmt: str) -> list[str]:
+    """Class names, background first: VOC's 21 for ``voc``, ROOT/classes.txt otherwise."""
+    _check_root(root, fmt)
+    if fmt == "voc":
+        return list(VOC_CLASSES)
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: classes file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read classes file ({exc})") from None
+    if len(names) < 2:
+        raise UserError(f"{path}: needs at least 2 classes (background first), found {len(names)}")
+    if len(names) > 255:
+        raise UserError(f"{path}: at most 255 classes (255 is 'unlabelled'), found {len(names)}")
+    return names
+
+
+def load_split(
+    root: str,
+    fmt: str,
+    split: str,
+    scribbles: str = "",
+    *,
+    require_seeds: bool | None = None,
+    require_masks: bool | None = None,
+) -> list[Sample]:
+    """The samples of ``split`` ('train' or 'val') of the data set at ``root``.
+
+    ``scribbles`` picks the scribble folder (suffix '', '0.8', '0.5', '0.3', '0').
+    By default the scribbles are required for 'train' (a missing one is an error) and
+    optional for 'val'; the masks are required for 'val' and optional for 'train'
+    (``mask_path`` None when absent). ``require_seeds`` / ``require_masks`` override this
+    (e.g. full supervision needs train masks, not scribbles). Only existence is checked
+    here; see :func:`check_samples` for contents.
+    """
+    _check_root(root, fmt)
+    if split not in SPLITS:
+        raise UserError(f"split: must be 'train' or 'val', got {split!r}")
+    if scribbles not in SCRIBBLE_SUFFIXES:
+        raise UserError(f"--scribbles: must be one of {SCRIBBLE_SUFFIXES}, got {scribbles!r}")
+    need_seeds = (split == "train") if require_seeds is None else require_seeds
+    need_masks = (split == "val") if require_masks is None else require_masks
+
+    if fmt == "voc":
+        ids = _read_split_file(os.path.join(root, "ImageSets", "SegmentationAug", f"{split}.txt"))
+        image_dirs, image_exts = [os.path.join(root, "JPEGImages")], (".jpg", ".jpeg", ".png")
+        seeds_dir = os.path.join(root, f"pascal_2012_scribble{scribbles}")
+        mask_dirs = [os.path.join(root, "SegmentationClassAug")]
+        if split == "val":
+            mask_dirs.insert(0, os.path.join(root, "SegmentationClass"))
+    else:
+        ids = _read_split_file(os.path.join(root, f"{split}.txt"))
+        image_dirs, image_exts = [os.path.join(root, "images")], _IMAGE_EXTS
+        seeds_dir = os.path.join(root, f"scribbles{scribbles}")
+        mask_dirs = [os.path.join(root, "masks")]
+
+    if need_seeds and not os.path.isdir(seeds_dir):
+        raise UserError(f"{seeds_dir}: scribble folder not found")
+    samples = []
+    for image_id in ids:
+        image_path = None
+        for d in image_dirs:
+            for ext in image_exts:
+                p = os.path.join(d, image_id + ext)
+                if os.path.isfile(p):
+                    image_path = p
+                    break
+            if image_path:
+                break
+        if image_path is None:
+            raise UserError(f"{os.path.join(image_dirs[0], image_id + image_exts[0])}: image not found")
+        seeds_path = os.path.join(seeds_dir, image_id + ".png")
+        if not os.path.isfile(seeds_path):
+            if need_seeds:
+                raise UserError(f"{seeds_path}: scribble file not found (image id {image_id!r})")
+            seeds_path = None
+        mask_path = next(
+            (p for p in (os.path.join(d, image_id + ".png") for d in mask_dirs) if os.path.isfile(p)), None
+        )
+        if mask_path is None and need_masks:
+            raise UserError(f"{os.path.join(mask_dirs[0], image_id + '.png')}: mask file not found")
+        samples.append(Sample(image_id, image_path, seeds_path, mask_path))
+    return samples
+
+
+# --------------------------------------------------------------------------- files
+
+
+def palette(num_classes: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: ``num_classes``×3 uint8 (entry 255 is (224, 224, 192))."""
+    cmap = np.zeros((max(num_classes, 0), 3), dtype=np.uint8)
+    for i in range(len(cmap)):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+_PALETTE_BYTES = palette(256).tobytes()
+
+
+def write_label(path: str, label: np.ndarray) -> None:
+    """Write an H×W uint8 label map as a VOC-palette PNG (pixel value = class id)."""
+    img = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="P")
+    img.putpalette(_PALETTE_BYTES)
+    img.save(path)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An RGB image as H×W×3 uint8. Missing, unreadable or truncated files: UserError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def _label_array(img: Image.Image, path: str) -> np.ndarray:
+    if img.mode in ("P", "L"):
+        arr = np.asarray(img)
+    elif img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        arr = np.asarray(img.convert("I"))
+    elif img.mode in ("LA", "PA"):
+        arr = np.asarray(img.getchannel(0))
+    else:
+        raise UserError(f"{path}: label PNG has mode {img.mode}; expected a palette or grey image")
+    return arr
+
+
+def read_label(path: str, num_classes: int) -> np.ndarray:
+    """A label PNG as H×W uint8 (class id, 255 = unlabelled/ignore).
+
+    Values ≥ ``num_classes`` other than 255 are an error (UserError naming the file).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = _label_array(img, path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: label file not found") from None
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable or truncated label PNG ({exc})") from None
+    bad = (arr >= num_classes) & (arr != IGNORE)
+    if bad.any():
+        values = sorted(int(v) for v in np.unique(arr[bad]))[:5]
+        raise UserError(f"{path}: label values {values} are ≥ the number of classes {num_classes} (and not 255)")
+    return arr.astype(np.uint8)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(H, W) from the header; PNGs are also checked for integrity (chunk CRCs)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.format == "PNG":
+                img.verify()
+            return h, w
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable or truncated image ({exc})") from None
+
+
+def check_samples(samples: list[Sample], num_classes: int) -> None:
+    """Open every file of ``samples`` once so that bad data fails before training.
+
+    Checks: images readable (header; PNG integrity), label PNGs decodable with values
+    < K or 255, label sizes equal to the image's. Raises UserError naming the file.
+    """
+    if not samples:
+        raise UserError("empty split: no samples")
+    for s in samples:
+        size = _image_size(s.image_path)
+        for p in (s.seeds_path, s.mask_path):
+            if p is None:
+                continue
+            lab = read_label(p, num_classes)
+            if lab.shape != size:
+                raise UserError(
+                    f"{p}: label size {lab.shape[1]}×{lab.shape[0]} differs from image "
+                    f"{s.image_path} ({size[1]}×{size[0]})"
+                )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class _Base(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample], num_classes: int, cache: bool = True):
+        self.samples = list(samples)
+        self.num_classes = num_classes
+        self.cache = cache
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _get(self, path: str, kind: str) -> np.ndarray:
+        arr = self._cache.get(path)
+        if arr is None:
+            arr = read_image(path) if kind == "image" else read_label(path, self.num_classes)
+            if self.cache:
+                self._cache[path] = arr
+        return arr
+
+    def _load(self, index: int) -> tuple[Sample, np.ndarray, np.ndarray, np.ndarray]:
+        s = self.samples[index]
+        image = self._get(s.image_path, "image")
+        h, w = image.shape[:2]
+        maps = []
+        for p in (s.seeds_path, s.mask_path):
+            if p is None:
+                maps.append(np.full((h, w), IGNORE, np.uint8))
+                continue
+            lab = self._get(p, "label")
+            if lab.shape != (h, w):
+                raise UserError(
+                    f"{p}: label size {lab.shape[1]}×{lab.shape[0]} differs from image {s.image_path} ({w}×{h})"
+                )
+            maps.append(lab)
+        return s, image, maps[0], maps[1]
+
+
+def _to_item(image, seeds, proposal, mask, index) -> dict:
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
+        "seeds": torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)),
+        "proposal": torch.from_numpy(np.ascontiguousarray(proposal, dtype=np.int64)),
+        "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+        "index": index,
+    }
+
+
+class TrainSet(_Base):
+    """Training images with their seeds, proposals and masks, augmented jointly.
+
+    ``proposals`` (mutable: the trainer replaces entries between rounds) maps an image id
+    to its H×W uint8 proposal (255 = none); images without an entry get all-255.
+    Images without a mask get an all-255 mask.
+
+    Augmentation (``augment=True``), the same for image, seeds, proposal and mask, as in
+    the reference (VainF/DeepLabV3Plus-Pytorch): a random scale (image bilinear, label
+    maps nearest), a random crop of ``crop_size``×``crop_size`` (padding: 0 for the
+    image, 255 for the label maps), a horizontal flip with probability 0.5.
+    Scale range: ``scale_range`` if given; otherwise the reference's (0.5, 2.0) for
+    images whose short side is ≥ 200 px, and (0.75, 1.5) for smaller images (the
+    synthetic ones: at 0.5 their 1–3 px scribbles and fine textures are lost to
+    resampling). With ``crop_size`` 0 (whole images) no rescaling is done, only the
+    flip, so that images of one size still batch. ``augment=False``: no scale or flip,
+    a centred crop (padded if needed) when ``crop_size`` > 0.
+
+    Randomness: call ``set_epoch(e)`` each epoch for augmentations that are a
+    deterministic function of (seed, epoch, index); before the first call, draws come
+    from torch's global generator (which DataLoader seeds per worker and epoch).
+
+    Items: {"image": float32 3×h×w (0..255), "seeds", "proposal", "mask": int64 h×w,
+    "index": int}.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        num_classes: int,
+        crop_size: int,
+        augment: bool = True,
+        seed: int = 0,
+        *,
+        scale_range: tuple[float, float] | None = None,
+        cache: bool = True,
+    ):
+        super().__init__(samples, num_classes, cache)
+        self.crop_size = int(crop_size)
+        self.augment = augment
+        self.seed = seed
+        self.scale_range = scale_range
+        self.epoch: int | None = None
+        self.proposals: dict[str, np.ndarray] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if self.epoch is None:
+            return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __getitem__(self, index: int) -> dict:
+        s, image, seeds, mask = self._load(index)
+        h, w = image.shape[:2]
+        proposal = self.proposals.get(s.image_id)
+        if proposal is None:
+            proposal = np.full((h, w), IGNORE, np.uint8)
+        elif proposal.shape != (h, w):
+            raise UserError(
+                f"proposal for image {s.image_id!r} has size {proposal.shape[1]}×{proposal.shape[0]}, "
+                f"image {s.image_path} is {w}×{h}"
+            )
+        labels = [seeds, np.asarray(proposal, np.uint8), mask]
+        rng = self._rng(index) if self.augment else None
+        cs = self.crop_size
+
+        if rng is not None and cs > 0:
+            lo, hi = self.scale_range or ((0.5, 2.0) if min(h, w) >= 200 else (0.75, 1.5))
+            scale = rng.uniform(lo, hi)
+            nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+            if (nh, nw) != (h, w):
+                image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+                labels = [np.asarray(Image.fromarray(m).resize((nw, nh), Image.NEAREST)) for m in labels]
+                h, w = nh, nw
+        if cs > 0:
+            ph, pw = max(cs - h, 0), max(cs - w, 0)
+            if ph or pw:
+                # pad bottom/right as the reference's pad_if_needed (split evenly when not augmenting)
+                top, left = (0, 0) if rng is not None else (ph // 2, pw // 2)
+                pads = ((top, ph - top), (left, pw - left))
+                image = np.pad(image, pads + ((0, 0),), constant_values=0)
+                labels = [np.pad(m, pads, constant_values=IGNORE) for m in labels]
+                h, w = h + ph, w + pw
+            if rng is not None:
+                y0, x0 = int(rng.integers(0, h - cs + 1)), int(rng.integers(0, w - cs + 1))
+            else:
+                y0, x0 = (h - cs) // 2, (w - cs) // 2
+            image = image[y0:y0 + cs, x0:x0 + cs]
+            labels = [m[y0:y0 + cs, x0:x0 + cs] for m in labels]
+        if rng is not None and rng.random() < 0.5:
+            image = image[:, ::-1]
+            labels = [m[:, ::-1] for m in labels]
+        return _to_item(image, labels[0], labels[1], labels[2], index)
+
+
+class EvalSet(_Base):
+    """Whole images, no augmentation: the keys of :class:`TrainSet` (proposal all-255)
+    plus "image_id". Images of different sizes need batch size 1."""
+
+    def __getitem__(self, index: int) -> dict:
+        s, image, seeds, mask = self._load(index)
+        item = _to_item(image, seeds, np.full(seeds.shape, IGNORE, np.uint8), mask, index)
+        item["image_id"] = s.image_id
+        return item
