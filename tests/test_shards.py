@@ -1,0 +1,104 @@
+"""The shard contract (SPEC §6) on local disk: round trips, corruption, atomic writes."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from shared import shards
+from shared.errors import CorruptShardError
+
+
+def snap(i, r=2):
+    rng = np.random.default_rng(i)
+    L = np.array([0, 3], np.uint8)
+    return shards.Snapshot(
+        image_id=f"img{i}", round=r, image_uri=f"/d/images/img{i}.png", seeds_uri=f"/d/s/img{i}.png",
+        height=10, width=12, num_classes=5, label_set=L,
+        neg_log_q=rng.random((2, 5, 6)).astype(np.float16),
+    )
+
+
+def prop(i, r=2):
+    rng = np.random.default_rng(i)
+    return shards.Proposal(
+        image_id=f"img{i}", round=r, labels=rng.integers(0, 4, (10, 12)).astype(np.uint8),
+        energy=1.5 * i, unary_energy=0.5 * i, smooth_energy=1.0 * i, iterations=3, seconds=0.01,
+        warm_start=bool(i % 2), solver="node:1",
+    )
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_snapshot_round_trip(tmp_path, fmt):
+    rows = [snap(i) for i in range(3)]
+    uri = shards.part_uri(str(tmp_path), "snapshots", 2, 0, fmt)
+    shards.write_table(shards.snapshots_table(rows), uri)
+    back = shards.read_snapshots(uri)
+    assert [b.image_id for b in back] == ["img0", "img1", "img2"]
+    for a, b in zip(rows, back):
+        np.testing.assert_array_equal(a.neg_log_q, b.neg_log_q)
+        np.testing.assert_array_equal(a.label_set, b.label_set)
+        assert (b.round, b.height, b.width, b.num_classes) == (2, 10, 12, 5)
+        q = b.probs()
+        assert q.shape == (5, 5, 6) and np.all(q[[1, 2, 4]] == 0)
+        np.testing.assert_allclose(q[3], np.exp(-a.neg_log_q[1].astype(np.float32)))
+    assert shards.list_parts(shards.round_uri(str(tmp_path), "snapshots", 2)) == {0: uri}
+    assert shards.list_rounds(str(tmp_path), "snapshots") == [2]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_proposal_round_trip(tmp_path, fmt):
+    rows = [prop(i) for i in range(4)]
+    uri = shards.part_uri(str(tmp_path), "proposals", 2, 1, fmt)
+    shards.write_table(shards.proposals_table(rows), uri)
+    back = shards.read_proposals(uri)
+    for a, b in zip(rows, back):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert (a.image_id, a.energy, a.warm_start, a.solver) == (b.image_id, b.energy, b.warm_start, b.solver)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_truncated_shard_names_path(tmp_path, fmt):
+    uri = str(tmp_path / f"part-0.{fmt}")
+    shards.write_table(shards.proposals_table([prop(1)]), uri)
+    data = open(uri, "rb").read()
+    with open(uri, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(CorruptShardError) as e:
+        shards.read_proposals(uri)
+    assert uri in str(e.value) and e.value.path == uri
+
+
+def test_garbage_and_wrong_kind(tmp_path):
+    bad = tmp_path / "part-0.parquet"
+    bad.write_bytes(b"not a parquet file at all")
+    with pytest.raises(CorruptShardError, match="part-0.parquet"):
+        shards.read_snapshots(str(bad))
+    uri = str(tmp_path / "part-1.parquet")
+    shards.write_table(shards.proposals_table([prop(1)]), uri)
+    with pytest.raises(CorruptShardError, match="not a snapshots shard"):
+        shards.read_snapshots(uri)
+    # right metadata, wrong schema
+    t = pa.table({"image_id": ["a"]}).replace_schema_metadata(shards.PROPOSAL_SCHEMA.metadata)
+    shards.write_table(t, uri)
+    with pytest.raises(CorruptShardError, match="schema"):
+        shards.read_proposals(uri)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    folder = tmp_path / "proposals" / "round=0"
+    for k in range(3):
+        shards.write_table(shards.proposals_table([prop(k)]), str(folder / f"part-{k}.parquet"))
+    shards.write_table(shards.proposals_table([prop(9)]), str(folder / "part-0.parquet"))  # overwrite
+    assert sorted(os.listdir(folder)) == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert shards.read_proposals(str(folder / "part-0.parquet"))[0].image_id == "img9"
+
+
+def test_label_set():
+    seeds = np.full((4, 4), 255, np.uint8)
+    assert list(shards.label_set(seeds, 3)) == [0, 1, 2]
+    seeds[0, 0] = 2
+    assert list(shards.label_set(seeds, 3)) == [0, 1, 2]
+    seeds[1, 1] = 0
+    assert list(shards.label_set(seeds, 3)) == [0, 2]
+    assert list(shards.label_set(seeds, 3, restrict=False)) == [0, 1, 2]
