@@ -1,0 +1,219 @@
+"""Stage-B and baseline losses (SPEC §2, §3; Marin & Boykov ICCV 2021).
+
+Plain functions on tensors.  Shapes: logits N×K×H×W (any float dtype, also under
+autocast: every loss upcasts to float32 and runs with autocast disabled), seeds
+and proposals N×H×W long with 255 = unlabeled / no proposal, images N×3×H×W RGB
+with values 0..255, probabilities N×K×H×W.
+
+    partial_ce        eq. (6)                         PCE on the seeds
+    robust_ce         eq. (17, 18, 22, 24, 25), SPEC §2   stage-B loss L_B
+    grid_potts        eq. (7, 8), SPEC §3 Grid-GD       unweighted Potts term
+    dense_crf         SPEC §3 Dense-GD (Tang et al.)    −Σ_k q^kᵀ W q^k / N
+    bilateral_filter  W·x through a permutohedral lattice (trainer.permutohedral)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .permutohedral import bilateral_filter
+
+__all__ = [
+    "IGNORE",
+    "partial_ce",
+    "robust_ce",
+    "grid_potts",
+    "bilateral_filter",
+    "dense_crf",
+    "grid_weights",
+]
+
+IGNORE = 255
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be N×K×H×W, got {tuple(logits.shape)}")
+    if labels.shape != (logits.shape[0],) + tuple(logits.shape[2:]):
+        raise ValueError(f"{name} {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
+
+
+def _label_log_prob(logq: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q_i(labels_i) (N×H×W, 0 where unlabeled) and the mask of labeled pixels."""
+    mask = labels != IGNORE
+    K = logq.shape[1]
+    if mask.any():
+        bad = labels[mask]
+        if bool(((bad < 0) | (bad >= K)).any()):
+            raise ValueError(f"labels must be in [0, {K}) or {IGNORE}")
+    idx = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    picked = logq.gather(1, idx.unsqueeze(1)).squeeze(1)
+    return torch.where(mask, picked, torch.zeros_like(picked)), mask
+
+
+def partial_ce(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Partial cross-entropy, eq. (6) / SPEC §3 PCE: mean of −log q_i(y_i) over seeds.
+
+    ``seeds`` N×H×W long, 255 = unlabeled.  The mean is over all seeded pixels of
+    the batch.  Returns a float32 zero that still carries a gradient (of zeros)
+    when the batch has no seed.
+    """
+    _check(logits, seeds, "seeds")
+    with _no_autocast(logits.device):
+        logq = F.log_softmax(logits.float(), dim=1)
+        lp, mask = _label_log_prob(logq, seeds)
+        n = mask.sum()
+        if int(n) == 0:
+            return logq.sum() * 0.0
+        return -lp.sum() / n
+
+
+def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """Stage-B robust loss L_B, SPEC §2 (eq. 17, 18, 22, 24, 25).
+
+    With K classes, a = ε/(K−1), b = 1 − K·a:
+
+        ℓ_i = −log q_i(y_i)            seeded pixels (ε = 0 on seeds)
+        ℓ_i = −log(a + b·q_i(s_i))     unseeded pixels with a proposal (s_i ≠ 255)
+        other pixels are ignored
+        L_B = Σ_i ℓ_i / max(1, number of seeded pixels in the batch)
+
+    log(a + b·q) is computed as logsumexp(log a, log b + log_softmax z) in float32
+    with autocast disabled, so values and gradients stay finite for logits up to
+    ±1e4 whatever the input dtype.  ε = 0 gives plain cross-entropy on seeds and
+    proposals (normalised by the seed count).  ε must lie in [0, (K−1)/K).
+    """
+    _check(logits, seeds, "seeds")
+    _check(logits, proposals, "proposals")
+    K = logits.shape[1]
+    eps = float(eps)
+    if K < 2:
+        raise ValueError("robust_ce needs at least two classes")
+    if not (0.0 <= eps < (K - 1) / K):
+        raise ValueError(f"eps must be in [0, (K-1)/K) = [0, {(K - 1) / K:.4f}), got {eps}")
+    a = eps / (K - 1)
+    b = 1.0 - K * a
+    with _no_autocast(logits.device):
+        logq = F.log_softmax(logits.float(), dim=1)
+        seed_lp, seed_mask = _label_log_prob(logq, seeds)
+        prop = torch.where(seed_mask, torch.full_like(proposals, IGNORE), proposals)
+        prop_lp, prop_mask = _label_log_prob(logq, prop)
+        if a > 0.0:
+            robust = torch.logaddexp(torch.full_like(prop_lp, math.log(a)),
+                                     prop_lp + math.log(b))
+        else:
+            robust = prop_lp
+        robust = torch.where(prop_mask, robust, torch.zeros_like(robust))
+        total = -(seed_lp.sum() + robust.sum())
+        return total / max(1, int(seed_mask.sum()))
+
+
+def grid_weights(images: torch.Tensor) -> list[tuple[tuple[int, int], torch.Tensor]]:
+    """The N8 contrast weights w'_ij of SPEC §1/§3, without β and without H·W/|N8|.
+
+    Returns [((dy, dx), w)] for the four pair directions (0,1), (1,0), (1,1), (1,−1);
+    w is N×H'×W' for the pairs (i, i + (dy, dx)) with
+    w'_ij = exp(−‖I_i − I_j‖²/(2σ²)) / d_ij, σ² per image = mean over all N8 pairs
+    of ‖I_i − I_j‖² (1 if that is 0).
+    """
+    img = images.detach().float()
+    N, _, H, W = img.shape
+    shifts = [(0, 1), (1, 0), (1, 1), (1, -1)]
+    diffs = []
+    for dy, dx in shifts:
+        a, b = _pair_views(img, dy, dx)
+        diffs.append(((a - b) ** 2).sum(1))  # N×H'×W'
+    n_pairs = sum(d[0].numel() for d in diffs)
+    sq_sum = sum(d.flatten(1).sum(1) for d in diffs)  # N
+    sigma2 = sq_sum / max(n_pairs, 1)
+    sigma2 = torch.where(sigma2 > 0, sigma2, torch.ones_like(sigma2)).view(N, 1, 1)
+    out = []
+    for (dy, dx), d2 in zip(shifts, diffs):
+        dist = math.sqrt(2.0) if dy and dx else 1.0
+        out.append(((dy, dx), torch.exp(-d2 / (2.0 * sigma2)) / dist))
+    return out
+
+
+def _pair_views(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views x_i, x_j (…×H'×W') over the pairs j = i + (dy, dx) inside the grid."""
+    H, W = x.shape[-2:]
+    if dx >= 0:
+        a = x[..., : H - dy, : W - dx]
+        b = x[..., dy:, dx:]
+    else:
+        a = x[..., : H - dy, -dx:]
+        b = x[..., dy:, : W + dx]
+    return a, b
+
+
+def grid_potts(probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Grid-GD regulariser, SPEC §3 (eq. 7, 8), unweighted (ν is the caller's).
+
+        (1/|N8|) · Σ_{{i,j} ∈ N8} w'_ij · (1 − Σ_k q_i^k q_j^k)
+
+    per image, averaged over the batch; w'_ij as in :func:`grid_weights`,
+    |N8| = (H−1)W + H(W−1) + 2(H−1)(W−1).  ``probs`` N×K×H×W (softmax outputs);
+    if their size differs from the images' they are resized bilinearly to the
+    image size first (SPEC §1).  Computed in float32 with autocast disabled.
+    """
+    if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
+        raise ValueError(f"probs {tuple(probs.shape)} and images {tuple(images.shape)} must be N×C×H×W")
+    N = probs.shape[0]
+    H, W = images.shape[-2:]
+    with _no_autocast(probs.device):
+        q = probs.float()
+        if q.shape[-2:] != (H, W):
+            q = F.interpolate(q, size=(H, W), mode="bilinear", align_corners=False)
+        n_pairs = (H - 1) * W + H * (W - 1) + 2 * (H - 1) * (W - 1)
+        if n_pairs == 0:
+            return q.sum() * 0.0
+        total = q.new_zeros(N)
+        for (dy, dx), w in grid_weights(images.to(q.device)):
+            qa, qb = _pair_views(q, dy, dx)
+            total = total + (w * (1.0 - (qa * qb).sum(1))).flatten(1).sum(1)
+        return (total / n_pairs).mean()
+
+
+def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0,
+              sigma_xy: float = 100.0, scale: float = 0.5) -> torch.Tensor:
+    """Dense-GD regulariser, SPEC §3 (Tang et al.'s DenseCRF loss), unweighted.
+
+    Images and probabilities are resized bilinearly by ``scale`` (σ_xy, given in
+    full-resolution pixels, is multiplied by ``scale``); the value is
+
+        −Σ_k q^kᵀ W q^k / N,   W_ij = exp(−‖p_i−p_j‖²/(2σ_xy²) − ‖I_i−I_j‖²/(2σ_rgb²))
+
+    with W·q^k from :func:`bilateral_filter` (permutohedral lattice, normalised to
+    match the exact W·q on image content; Tang et al.'s C++ lattice returns
+    ``trainer.permutohedral.krahenbuhl_factor(5)`` ≈ 0.52 times this).  The
+    gradient (by autograd) is −(W + Wᵀ)q/N ≈ −2·W·q/N w.r.t. the resized q.
+
+    The weight ν is applied by the caller.  SPEC's default ν = 2e-9 was tuned for
+    VOC-sized inputs (≈ 500×375 images, i.e. ≈ 250×190 after scale 0.5): the value
+    grows with the squared number of pixels (q W q sums over all pixel pairs within
+    σ_xy), so other image sizes, σ's or scales need another ν.
+    """
+    if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
+        raise ValueError(f"probs {tuple(probs.shape)} and images {tuple(images.shape)} must be N×C×H×W")
+    N = probs.shape[0]
+    H, W = images.shape[-2:]
+    with _no_autocast(probs.device):
+        q = probs.float()
+        img = images.detach().float().to(q.device)
+        if scale != 1.0:
+            h, w = max(1, int(round(H * scale))), max(1, int(round(W * scale)))
+            img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
+        else:
+            h, w = H, W
+        if q.shape[-2:] != (h, w):
+            q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
+        Wq = bilateral_filter(q, img, sigma_rgb, sigma_xy * scale)
+        return -(q * Wq).sum() / N
+
