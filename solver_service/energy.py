@@ -46,18 +46,28 @@ def grid_edges_n8(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _squared_differences(image: np.ndarray) -> np.ndarray:
     """‖I_i − I_j‖² for every N8 pair, in `grid_edges_n8` order (float64)."""
-    img = np.asarray(image, np.float64)
-    pairs = [
-        (img[:, :-1], img[:, 1:]),
-        (img[:-1, :], img[1:, :]),
-        (img[:-1, :-1], img[1:, 1:]),
-        (img[:-1, 1:], img[1:, :-1]),
-    ]
-    out = []
-    for a, b in pairs:
-        d = a - b
-        out.append(np.einsum("...c,...c->...", d, d).ravel())
-    return np.concatenate(out)
+    planes = np.moveaxis(np.asarray(image, np.float64), -1, 0).copy()  # C×H×W
+    h, w = planes.shape[1:]
+    sizes = [h * (w - 1), (h - 1) * w, max(h - 1, 0) * max(w - 1, 0), max(h - 1, 0) * max(w - 1, 0)]
+    out = np.zeros(sum(sizes), np.float64)
+    views, start = [], 0
+    for size, shape in zip(sizes, [(h, w - 1), (h - 1, w), (h - 1, w - 1), (h - 1, w - 1)]):
+        views.append(out[start:start + size].reshape(shape) if size else None)
+        start += size
+    tmp = np.empty((h, w), np.float64)
+    for c in planes:  # 3 channels: a loop over colour planes, not pixels
+        for view, a, b in (
+            (views[0], c[:, :-1], c[:, 1:]),
+            (views[1], c[:-1, :], c[1:, :]),
+            (views[2], c[:-1, :-1], c[1:, 1:]),
+            (views[3], c[:-1, 1:], c[1:, :-1]),
+        ):
+            if view is None:
+                continue
+            d = np.subtract(a, b, out=tmp[: a.shape[0], : a.shape[1]])
+            np.multiply(d, d, out=d)
+            view += d
+    return out
 
 
 def contrast_sigma2(image: np.ndarray) -> float:
