@@ -10,4 +10,7 @@ class CorruptShardError(UserError):
 
     def __init__(self, path: str, why: str):
         super().__init__(f"{path}: corrupt or unreadable shard ({why})")
-        self.path = path
+        self.path, self.why = path, why
+
+    def __reduce__(self):  # picklable across processes and Ray workers
+        return CorruptShardError, (self.path, self.why)
