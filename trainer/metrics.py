@@ -1,0 +1,159 @@
+"""Evaluation metrics: confusion matrices, mIoU, and trimap mIoU (paper Fig. 6).
+
+Confusion matrices are numpy int64 arrays C (K×K) with C[g, p] = number of pixels
+of ground-truth class g predicted as p; they add up, so a val set is evaluated by
+summing per-image (or per-batch) matrices.  Inputs may be numpy arrays or torch
+tensors (any device) of integer labels, of any matching shape; 255 (by default)
+in the ground truth marks pixels that are not evaluated.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["confusion_matrix", "miou", "boundary_band", "boundary_distance",
+           "trimap_confusions", "trimap_miou"]
+
+
+def _as_long_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().long()
+    return torch.from_numpy(np.asarray(x).astype(np.int64, copy=False))
+
+
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """K×K int64 confusion matrix (rows ground truth, columns prediction).
+
+    Pixels whose ground truth is ``ignore_index`` (or outside [0, K)) are skipped;
+    predictions outside [0, K) raise ValueError.  Matrices add up across images.
+    """
+    p = _as_long_tensor(pred)
+    g = _as_long_tensor(gt).to(p.device)
+    if p.shape != g.shape:
+        raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} differ in shape")
+    K = int(num_classes)
+    valid = (g != ignore_index) & (g >= 0) & (g < K)
+    p = p[valid]
+    g = g[valid]
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= K):
+        raise ValueError(f"predictions must be in [0, {K})")
+    conf = torch.bincount(g * K + p, minlength=K * K).reshape(K, K)
+    return conf.cpu().numpy().astype(np.int64)
+
+
+def miou(conf) -> tuple[float, list[float]]:
+    """Mean IoU and per-class IoU from a confusion matrix.
+
+    IoU_k = C[k,k] / (Σ_p C[k,p] + Σ_g C[g,k] − C[k,k]); a class absent from both
+    ground truth and predictions has IoU NaN and is left out of the mean (NaN
+    when every class is).
+    """
+    c = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(c)
+    denom = c.sum(0) + c.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
+    valid = ~np.isnan(iou)
+    mean = float(iou[valid].mean()) if valid.any() else math.nan
+    return mean, [float(v) for v in iou]
+
+
+def _dilate(m: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
+    """One-pixel binary dilation of N×H×W bools along the rows and/or columns axis."""
+    out = m.clone()
+    if rows:
+        out[:, 1:, :] |= m[:, :-1, :]
+        out[:, :-1, :] |= m[:, 1:, :]
+    if cols:
+        m2 = out.clone()
+        out[:, :, 1:] |= m2[:, :, :-1]
+        out[:, :, :-1] |= m2[:, :, 1:]
+    return out
+
+
+def boundary_distance(gt, max_width: int) -> torch.Tensor:
+    """Smallest w in 1..max_width with the pixel in ``boundary_band(gt, w)``, else max_width+1.
+
+    gt: H×W or N×H×W labels (255 counts as a label here: VOC's void band marks
+    object boundaries).  Computed with binary dilations (boolean shifts, i.e. a
+    separable 3×3 max-pool): band(1) = pixels whose 3×3 window holds two labels,
+    band(w) = band(1) dilated by a (2w−1)×(2w−1) square.
+    Returns a long tensor of gt's shape (on gt's device for torch input).
+    """
+    g = _as_long_tensor(gt)
+    squeeze = g.dim() == 2
+    if squeeze:
+        g = g[None]
+    if g.dim() != 3:
+        raise ValueError(f"gt must be H×W or N×H×W, got {tuple(g.shape)}")
+    # band(1): the 3×3 window holds two labels <=> a differing horizontal or
+    # vertical neighbour pair lies in it.
+    hdiff = g[:, :, 1:] != g[:, :, :-1]  # pair (j, j+1)
+    vdiff = g[:, 1:, :] != g[:, :-1, :]
+    hpix = torch.zeros_like(g, dtype=torch.bool)  # pixel touches a differing h-pair
+    hpix[:, :, 1:] |= hdiff
+    hpix[:, :, :-1] |= hdiff
+    vpix = torch.zeros_like(g, dtype=torch.bool)
+    vpix[:, 1:, :] |= vdiff
+    vpix[:, :-1, :] |= vdiff
+    # The window must contain both pixels of the pair: dilate each by one step in
+    # the pair's transverse direction (and the pair's span covers its own axis).
+    band = _dilate(hpix, rows=True, cols=False) | _dilate(vpix, rows=False, cols=True)
+    dist = torch.full(g.shape, max_width + 1, dtype=torch.long, device=g.device)
+    dist[band] = 1
+    for w in range(2, max_width + 1):
+        if bool(band.all()) or not bool(band.any()):
+            break
+        band = _dilate(band, rows=True, cols=True)
+        dist = torch.where(band & (dist > w), torch.full_like(dist, w), dist)
+    return dist[0] if squeeze else dist
+
+
+def boundary_band(gt, width: int):
+    """Pixels within ``width`` px (Chebyshev) of a ground-truth label boundary.
+
+    A pixel is in the band when its (2·width+1)² window contains two different
+    labels (255 counts as a label, so the band also surrounds VOC's void
+    outlines).  Returns a bool array/tensor of gt's shape and kind (numpy/torch).
+    """
+    if width < 1:
+        raise ValueError("width must be >= 1")
+    band = boundary_distance(gt, width) <= width
+    if isinstance(gt, torch.Tensor):
+        return band.to(gt.device)
+    return band.cpu().numpy()
+
+
+def trimap_confusions(pred, gt, num_classes: int, widths, ignore_index: int = 255) -> np.ndarray:
+    """Confusion matrices restricted to the trimap band of each width.
+
+    Returns an int64 array of shape (len(widths), K, K): entry t is
+    ``confusion_matrix`` over the pixels of ``boundary_band(gt, widths[t])``.
+    Sum it over a val set and call :func:`trimap_miou` (paper Fig. 6: widths 1..40).
+    One distance map and one bincount serve all widths.
+    """
+    widths = [int(w) for w in widths]
+    if not widths or min(widths) < 1:
+        raise ValueError("widths must be positive integers")
+    p = _as_long_tensor(pred)
+    g = _as_long_tensor(gt).to(p.device)
+    if p.shape != g.shape:
+        raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} differ in shape")
+    K = int(num_classes)
+    wmax = max(widths)
+    dist = boundary_distance(g, wmax).to(p.device)
+    valid = (g != ignore_index) & (g >= 0) & (g < K)
+    p, g, dist = p[valid], g[valid], dist[valid]
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= K):
+        raise ValueError(f"predictions must be in [0, {K})")
+    counts = torch.bincount((dist - 1) * K * K + g * K + p, minlength=(wmax + 1) * K * K)
+    per_dist = counts.reshape(wmax + 1, K, K)[:wmax].cumsum(0)  # distance <= w
+    out = per_dist[torch.tensor([w - 1 for w in widths])]
+    return out.cpu().numpy().astype(np.int64)
+
+
+def trimap_miou(confs) -> list[float]:
+    """mIoU for each width from (summed) :func:`trimap_confusions` output."""
+    return [miou(c)[0] for c in np.asarray(confs)]
