@@ -62,14 +62,16 @@ def miou(conf) -> tuple[float, list[float]]:
 
 def _dilate(m: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
     """One-pixel binary dilation of N×H×W bools along the rows and/or columns axis."""
-    out = m.clone()
+    out = m
     if rows:
+        out = m.clone()
         out[:, 1:, :] |= m[:, :-1, :]
         out[:, :-1, :] |= m[:, 1:, :]
     if cols:
-        m2 = out.clone()
-        out[:, :, 1:] |= m2[:, :, :-1]
-        out[:, :, :-1] |= m2[:, :, 1:]
+        src = out
+        out = src.clone()
+        out[:, :, 1:] |= src[:, :, :-1]
+        out[:, :, :-1] |= src[:, :, 1:]
     return out
 
 
@@ -101,13 +103,17 @@ def boundary_distance(gt, max_width: int) -> torch.Tensor:
     # The window must contain both pixels of the pair: dilate each by one step in
     # the pair's transverse direction (and the pair's span covers its own axis).
     band = _dilate(hpix, rows=True, cols=False) | _dilate(vpix, rows=False, cols=True)
-    dist = torch.full(g.shape, max_width + 1, dtype=torch.long, device=g.device)
-    dist[band] = 1
+    # dist = 1 + number of the dilations band(1..max_width) that miss the pixel.
+    if not bool(band.any()):
+        return torch.full(g.shape if not squeeze else g.shape[1:], max_width + 1,
+                          dtype=torch.long, device=g.device)
+    missed = (~band).to(torch.int16)
     for w in range(2, max_width + 1):
-        if bool(band.all()) or not bool(band.any()):
-            break
+        if w % 8 == 0 and bool(band.all()):
+            break  # every later band is full: nothing more to count
         band = _dilate(band, rows=True, cols=True)
-        dist = torch.where(band & (dist > w), torch.full_like(dist, w), dist)
+        missed += ~band
+    dist = missed.long() + 1
     return dist[0] if squeeze else dist
 
 
