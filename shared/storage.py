@@ -19,6 +19,9 @@ def is_remote(uri: str) -> bool:
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it for a local path or a URI."""
     if is_remote(uri):
+        if uri.startswith("s3://") and "allow_delayed_open=" not in uri:
+            # no multipart upload opened up front: a file below the part size is one PUT
+            uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
         return pafs.FileSystem.from_uri(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -26,7 +29,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """base/part/...; a URI's query (s3://b/p?endpoint_override=...) stays at the end."""
+    query = ""
+    if is_remote(base) and "?" in base:
+        base, query = base.split("?", 1)
+        query = "?" + query
+    return "/".join([base.rstrip("/"), *parts]) + query
 
 
 def write_bytes(uri: str, data: bytes) -> None:

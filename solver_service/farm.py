@@ -29,15 +29,17 @@ class SolverActor:
     def __init__(self, solver: dict):
         self.cfg = from_dict(SolverConfig, solver)
         self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id()  # unique even when nodes share an IP
 
     def __call__(self, batch: dict) -> dict:
-        out = {"k": [], "images": [], "seconds": [], "solver": []}
+        out = {"k": [], "images": [], "seconds": [], "solver": [], "node_id": []}
         for k, snapshot, proposal, init in zip(batch["k"], batch["snapshot"], batch["proposal"], batch["init"]):
             stats = solve_part(str(snapshot), str(proposal), self.cfg, str(init) or None, self.name)
             out["k"].append(int(k))
             out["images"].append(stats["images"])
             out["seconds"].append(stats["seconds"])
             out["solver"].append(self.name)
+            out["node_id"].append(self.node_id)
         return out
 
 

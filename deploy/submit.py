@@ -1,0 +1,39 @@
+"""Entry script for `ray submit deploy/cluster.yaml deploy/submit.py -- <train args>`.
+
+Runs on the head node, joins the running cluster (`--address auto`) and runs the same
+training as local mode: `python -m trainer --address auto train <train args>`, with
+`--solver-resource solver_node` unless the arguments name another resource, so that
+solver actors land only on the solver node type of deploy/cluster.yaml.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+SOLVER_RESOURCE = "solver_node"  # advertised by the `solver` node type of deploy/cluster.yaml
+
+
+def build_argv(args: list[str], address: str = "auto") -> list[str]:
+    """The trainer CLI's argv for these train arguments."""
+    args = list(args)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if args[:1] == ["train"]:  # tolerate `... submit.py -- train --data ...`
+        args = args[1:]
+    has_resource = any(a == "--solver-resource" or a.startswith("--solver-resource=") for a in args)
+    if not has_resource:
+        args += ["--solver-resource", SOLVER_RESOURCE]
+    return ["--address", address, "train", *args]
+
+
+def main(argv: list[str] | None = None) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "trainer")) and root not in sys.path:
+        sys.path.insert(0, root)  # run from a checkout; on the cluster the package is installed
+    from trainer.cli import main as trainer_main
+
+    trainer_main(build_argv(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The solver farm on a multi-node Ray cluster on one machine (all nodes on 127.0.0.1):
+a head with no CPU, a trainer node and two solver nodes advertising `solver_node`."""
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPBACK = "127.0.0.1"
+
+
+def _node_args(**kw):
+    return {"node_ip_address": LOOPBACK, "include_dashboard": False, **kw}
+
+
+@pytest.fixture
+def cluster():
+    """head (0 CPU) + trainer (1 CPU, trainer_node) + 2 solver nodes (1 CPU, solver_node: 1)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    saved_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *([saved_path] if saved_path else [])])  # workers import the repo
+    c = Cluster(initialize_head=True, head_node_args=_node_args(num_cpus=0))
+    try:
+        trainer = c.add_node(**_node_args(num_cpus=1, resources={"trainer_node": 1}))
+        solvers = [c.add_node(**_node_args(num_cpus=1, resources={"solver_node": 1})) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address, _node_ip_address=LOOPBACK, log_to_driver=False)
+        yield c, trainer, solvers
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+        if saved_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_path
+
+
+def _png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def _make_round(base, data_dir, n_parts, per_part, size, classes=3, seed=0):
+    """Synthetic images + scribble seeds on disk and snapshot round 0 with random q."""
+    from shared import shards
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(data_dir, exist_ok=True)
+    ids = []
+    for k in range(n_parts):
+        rows = []
+        for j in range(per_part):
+            i = k * per_part + j
+            truth = np.minimum(np.arange(size) * classes // size, classes - 1)[None].repeat(size, 0).astype(np.uint8)
+            colours = rng.integers(0, 256, (classes, 3))
+            image = np.clip(colours[truth] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            seeds = np.full((size, size), 255, np.uint8)
+            for c in range(classes):
+                cols = np.flatnonzero(truth[0] == c)
+                seeds[size // 4: 3 * size // 4, cols[len(cols) // 2]] = c
+            image_path, seeds_path = os.path.join(data_dir, f"{i}.png"), os.path.join(data_dir, f"{i}_seeds.png")
+            _png(image_path, image)
+            _png(seeds_path, seeds)
+            labels = shards.label_set(seeds, classes)
+            q = rng.dirichlet(np.ones(len(labels)), size=(size // 4, size // 4)).transpose(2, 0, 1)
+            rows.append(shards.Snapshot(
+                image_id=f"img{i:04d}", round=0, image_uri=image_path, seeds_uri=seeds_path, height=size,
+                width=size, num_classes=classes, label_set=labels,
+                neg_log_q=(-np.log(q + 1e-6)).astype(np.float16)))
+            ids.append(f"img{i:04d}")
+        shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", 0, k))
+    return ids
+
+
+def _check_all_proposals(base, ids, n_parts, size):
+    from shared import shards
+
+    done = shards.list_parts(shards.round_uri(base, "proposals", 0))
+    assert sorted(done) == list(range(n_parts)), f"missing parts: {set(range(n_parts)) - set(done)}"
+    got = []
+    for k in range(n_parts):
+        for p in shards.read_proposals(done[k]):
+            assert p.round == 0 and p.labels.shape == (size, size) and np.isfinite(p.energy)
+            got.append(p.image_id)
+    assert sorted(got) == sorted(ids)
+
+
+def test_solve_round_runs_only_on_solver_nodes(cluster, tmp_path):
+    from shared.config import SolverConfig
+    from solver_service.farm import missing_parts, solve_round
+
+    c, trainer, solvers = cluster
+    base, n_parts, size = str(tmp_path / "shards"), 6, 48
+    ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=2, size=size)
+    t0 = time.perf_counter()
+    rows = solve_round(base, 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+    print(f"round of {n_parts} parts: {time.perf_counter() - t0:.1f}s")
+
+    assert sorted(int(r["k"]) for r in rows) == list(range(n_parts))
+    assert sum(int(r["images"]) for r in rows) == len(ids)
+    assert missing_parts(base, 0, verify=True) == {}
+    _check_all_proposals(base, ids, n_parts, size)
+    solver_ids = {n.node_id for n in solvers}
+    used = {str(r["node_id"]) for r in rows}
+    assert used <= solver_ids, f"solver actors ran off the solver nodes: {used - solver_ids}"
+    assert trainer.node_id not in used and c.head_node.node_id not in used
+
+
+def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
+    from shared import shards
+    from shared.config import SolverConfig
+    from solver_service.farm import solve_round
+
+    c, trainer, solvers = cluster
+    base, n_parts, size = str(tmp_path / "shards"), 12, 200
+    ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=1, size=size)
+    result, errors = {}, []
+
+    def run():
+        try:
+            result["rows"] = solve_round(base, 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.perf_counter()
+    thread.start()
+    proposals = shards.round_uri(base, "proposals", 0)
+
+    def solvers_seen():  # "<ip>:<pid>" of the actors that wrote proposals so far
+        return {p.solver for uri in shards.list_parts(proposals).values() for p in shards.read_proposals(uri)}
+
+    # wait until both solver actors (one per solver node) are working, so the node goes mid-solve
+    while len(solvers_seen()) < 2 and thread.is_alive() and time.perf_counter() - t0 < 60:
+        time.sleep(0.05)
+    n_before = len(shards.list_parts(proposals))
+    assert len(solvers_seen()) == 2, "the pool never ran two solver actors"
+    assert n_before < n_parts, f"{n_before} of {n_parts} parts done when the node would go: make the round longer"
+    c.remove_node(solvers[0])
+    t_removed = time.perf_counter() - t0
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the round did not finish after a solver node went away"
+    assert not errors, errors
+    print(f"node removed at {t_removed:.1f}s with {n_before}/{n_parts} parts done; round {time.perf_counter() - t0:.1f}s; "
+          f"{len(result['rows'])} part solves by {len({r['solver'] for r in result['rows']})} actor processes")
+    _check_all_proposals(base, ids, n_parts, size)
+    solver_ids = {n.node_id for n in solvers}
+    assert {str(r["node_id"]) for r in result["rows"]} <= solver_ids

@@ -1,0 +1,91 @@
+"""deploy/: the cluster-launcher config passes Ray's validator; submit.py builds the CLI argv."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_YAML = os.path.join(ROOT, "deploy", "cluster.yaml")
+sys.path.insert(0, os.path.join(ROOT, "deploy"))
+
+import submit  # noqa: E402  deploy/submit.py
+
+
+@pytest.fixture(scope="module")
+def config():
+    yaml = pytest.importorskip("yaml")  # pyyaml comes with ray
+    with open(CLUSTER_YAML) as f:
+        return yaml.safe_load(f)
+
+
+def test_cluster_yaml_passes_rays_validator(config):
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(config)
+
+
+def test_node_types(config):
+    types = config["available_node_types"]
+    assert config["head_node_type"] == "head"
+    assert {"head", "trainer", "solver"} <= set(types)
+    for name in ("trainer", "solver"):
+        assert 0 <= types[name]["min_workers"] <= types[name]["max_workers"], name
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= config["max_workers"]
+    assert types["solver"]["resources"].get("solver_node", 0) >= 1
+    assert types["solver"]["resources"]["solver_node"] <= types["solver"]["resources"]["CPU"]
+    assert types["solver"]["resources"].get("GPU", 0) == 0
+    assert types["trainer"]["resources"].get("GPU", 0) >= 1
+    assert "solver_node" not in types["trainer"]["resources"]
+    assert "solver_node" not in types["head"]["resources"]
+
+
+def test_setup_installs_the_working_tree(config):
+    mounts = config["file_mounts"]
+    remote = [dst for dst, src in mounts.items() if src == "."]
+    assert remote, "the working tree is not among file_mounts"
+    assert any("pip install" in c and remote[0] in c for c in config["setup_commands"])
+
+
+def test_solver_resource_matches_the_cli_default():
+    assert submit.SOLVER_RESOURCE == "solver_node"
+
+
+def test_build_argv_defaults_solver_resource():
+    args = ["--data", "/data/voc", "--method", "grid-tr", "--solvers", "4:64", "--shards", "s3://b/p"]
+    assert submit.build_argv(args) == ["--address", "auto", "train", *args, "--solver-resource", "solver_node"]
+
+
+@pytest.mark.parametrize("given", [["--solver-resource", "big_solver"], ["--solver-resource=big_solver"]])
+def test_build_argv_keeps_a_given_solver_resource(given):
+    args = ["--data", "d", *given]
+    argv = submit.build_argv(args)
+    assert argv == ["--address", "auto", "train", *args]
+    assert "solver_node" not in argv
+
+
+def test_build_argv_tolerates_separator_and_subcommand():
+    assert submit.build_argv(["--", "train", "--data", "d"]) == [
+        "--address", "auto", "train", "--data", "d", "--solver-resource", "solver_node"]
+
+
+def test_build_argv_parses_with_the_trainer_cli():
+    """The argv is one the trainer's click group accepts (without running anything)."""
+    from trainer.cli import cli
+
+    argv = submit.build_argv(["--data", "d", "--method", "grid-tr", "--solvers", "2:8", "--shards", "s3://b/p"])
+    ctx = cli.make_context("trainer", list(argv), resilient_parsing=True)
+    assert ctx.params["address"] == "auto"
+    sub = cli.get_command(ctx, "train")
+    sub_ctx = sub.make_context("train", argv[3:], parent=ctx, resilient_parsing=True)
+    assert sub_ctx.params["solver_resource"] == "solver_node"
+    assert sub_ctx.params["solvers"] == "2:8"
+    assert sub_ctx.params["shards"] == "s3://b/p"
+
+
+def test_submit_help_runs_without_a_cluster():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "submit.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "--solver-resource" in out.stdout and "--shards" in out.stdout

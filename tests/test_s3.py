@@ -1,0 +1,260 @@
+"""Shards on a local S3 endpoint: moto's server on 127.0.0.1, reached through pyarrow's
+S3FileSystem with the endpoint in the URI query (SPEC §6: one PUT per file, so a reader
+never sees half a file)."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.s3
+
+BUCKET = "trseg-test"
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 in a subprocess, with a bucket; stopped afterwards."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.2)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield endpoint, client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_prefix_counter = iter(range(10**6))
+
+
+@pytest.fixture
+def base(s3_endpoint):
+    """A fresh s3:// base URI whose query carries the endpoint to pyarrow."""
+    endpoint, _ = s3_endpoint
+    return f"s3://{BUCKET}/run{next(_prefix_counter)}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+
+def _keys(client, prefix):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def _png(array) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _make_images(base, n, size, classes, rng):
+    """n synthetic images (K vertical stripes of colour + noise) and scribble seeds on S3."""
+    from shared import storage
+
+    images = []
+    for i in range(n):
+        truth = np.minimum(np.arange(size) * classes // size, classes - 1)[None].repeat(size, 0).astype(np.uint8)
+        colours = rng.integers(0, 256, (classes, 3))
+        image = np.clip(colours[truth] + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+        seeds = np.full((size, size), 255, np.uint8)
+        for c in range(classes):
+            cols = np.flatnonzero(truth[0] == c)
+            seeds[size // 4: 3 * size // 4, cols[len(cols) // 2]] = c  # one vertical scribble per class
+        image_uri = storage.join(base, "data", f"img{i}.png")
+        seeds_uri = storage.join(base, "data", f"img{i}_seeds.png")
+        storage.write_bytes(image_uri, _png(image))
+        storage.write_bytes(seeds_uri, _png(seeds))
+        images.append((f"img{i:03d}", image_uri, seeds_uri, truth, seeds))
+    return images
+
+
+def _write_snapshot_round(base, r, images, per_part, classes, rng, stride=2):
+    from shared import shards
+
+    parts = {}
+    for k in range(0, len(images), per_part):
+        rows = []
+        for image_id, image_uri, seeds_uri, truth, seeds in images[k: k + per_part]:
+            h, w = seeds.shape
+            labels = shards.label_set(seeds, classes)
+            q = rng.dirichlet(np.ones(len(labels)), size=(h // stride, w // stride)).transpose(2, 0, 1)
+            rows.append(shards.Snapshot(
+                image_id=image_id, round=r, image_uri=image_uri, seeds_uri=seeds_uri, height=h, width=w,
+                num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16)))
+        uri = shards.part_uri(base, "snapshots", r, k // per_part)
+        shards.write_table(shards.snapshots_table(rows), uri)
+        parts[k // per_part] = rows
+    return parts
+
+
+def test_query_uri_round_trip(base, s3_endpoint):
+    """The endpoint query survives joining; pyarrow resolves it; objects land under the prefix."""
+    from shared import shards, storage
+
+    _, client = s3_endpoint
+    uri = shards.part_uri(base, "proposals", 3, 7)
+    assert uri.startswith(f"s3://{BUCKET}/") and "/proposals/round=3/part-7.parquet?" in uri
+    fs, path = storage.resolve(uri)
+    assert type(fs).__name__ == "S3FileSystem"
+    assert path.endswith("/proposals/round=3/part-7.parquet")
+    storage.write_bytes(uri, b"hello")
+    assert storage.exists(uri) and storage.read_bytes(uri) == b"hello"
+    prefix = base.split("?")[0][len(f"s3://{BUCKET}/"):]
+    assert _keys(client, prefix) == [f"{prefix}/proposals/round=3/part-7.parquet"]
+    assert storage.list_dir(shards.round_uri(base, "proposals", 3)) == ["part-7.parquet"]
+    assert shards.list_rounds(base, "proposals") == [3]
+    storage.delete(uri)
+    assert not storage.exists(uri)
+
+
+def test_whole_round_on_s3(base, s3_endpoint):
+    """Snapshot shards, images and seeds on S3 → solve_part per part → proposals on S3."""
+    from shared import shards
+    from shared.config import SolverConfig
+
+    parts_mod = pytest.importorskip("solver_service.parts", reason="solver_service/parts.py not written yet")
+    rng = np.random.default_rng(0)
+    classes, size = 3, 24
+    images = _make_images(base, 6, size, classes, rng)
+    written = _write_snapshot_round(base, 0, images, per_part=2, classes=classes, rng=rng)
+
+    assert shards.list_rounds(base, "snapshots") == [0]
+    snap_parts = shards.list_parts(shards.round_uri(base, "snapshots", 0))
+    assert sorted(snap_parts) == [0, 1, 2]
+    for k, uri in snap_parts.items():
+        back = shards.read_snapshots(uri)
+        assert [s.image_id for s in back] == [s.image_id for s in written[k]]
+        for a, b in zip(back, written[k]):
+            np.testing.assert_array_equal(a.neg_log_q, b.neg_log_q)
+            assert a.image_uri == b.image_uri and "endpoint_override=" in a.image_uri
+
+    cfg = SolverConfig(max_iter=2)
+    for r in (0, 1):
+        if r == 1:  # a second round, warm-started from round 0's proposals
+            _write_snapshot_round(base, 1, images, per_part=2, classes=classes, rng=rng)
+        for k, uri in sorted(shards.list_parts(shards.round_uri(base, "snapshots", r)).items()):
+            init = shards.part_uri(base, "proposals", 0, k) if r == 1 else None
+            stats = parts_mod.solve_part(uri, shards.part_uri(base, "proposals", r, k), cfg, init, "test:1")
+            assert stats["images"] == 2
+
+    assert shards.list_rounds(base, "proposals") == [0, 1]
+    seeds_of = {image_id: seeds for image_id, _, _, _, seeds in images}
+    for r in (0, 1):
+        done = shards.list_parts(shards.round_uri(base, "proposals", r))
+        assert sorted(done) == [0, 1, 2]
+        for k, uri in done.items():
+            props = shards.read_proposals(uri)
+            assert [p.image_id for p in props] == [s.image_id for s in written[k]]
+            for p in props:
+                assert p.round == r and p.solver == "test:1"
+                assert p.labels.shape == (size, size) and p.labels.max() < classes
+                seeded = seeds_of[p.image_id] != 255
+                np.testing.assert_array_equal(p.labels[seeded], seeds_of[p.image_id][seeded])
+                assert np.isfinite(p.energy)
+                assert p.warm_start == (r == 1)
+
+
+_PARTIAL_WRITER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from shared import storage
+    fs, path = storage.resolve({uri!r})
+    f = fs.open_output_stream(path)
+    f.write(b"x" * {n})
+    f.flush()
+    os._exit(1)  # killed mid-write: no close, no commit
+""")
+
+
+@pytest.mark.parametrize("n_bytes", [1000, 12 * 2**20], ids=["small", "multipart"])
+def test_killed_writer_leaves_no_object(base, s3_endpoint, n_bytes):
+    """A writer that dies mid-file leaves nothing (and an older object untouched)."""
+    from shared import shards, storage
+
+    _, client = s3_endpoint
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fresh = shards.part_uri(base, "proposals", 0, 0)
+    old = shards.part_uri(base, "proposals", 0, 1)
+    storage.write_bytes(old, b"old whole file")
+    for uri in (fresh, old):
+        code = _PARTIAL_WRITER.format(root=root, uri=uri, n=n_bytes)
+        proc = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), timeout=120,
+                              capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr
+    assert not storage.exists(fresh)
+    assert storage.read_bytes(old) == b"old whole file"
+    assert sorted(shards.list_parts(shards.round_uri(base, "proposals", 0))) == [1]
+    prefix = base.split("?")[0][len(f"s3://{BUCKET}/"):]
+    assert _keys(client, prefix) == [f"{prefix}/proposals/round=0/part-1.parquet"]
+
+
+def test_failed_serialisation_writes_nothing(base, s3_endpoint):
+    """write_table serialises in memory first: an error before the PUT leaves no object."""
+    from shared import shards, storage
+
+    uri = shards.part_uri(base, "proposals", 0, 0)
+    with pytest.raises(Exception):
+        shards.write_table(None, uri)  # fails while serialising, before any request
+    assert not storage.exists(uri)
+    assert shards.list_parts(shards.round_uri(base, "proposals", 0)) == {}
+
+
+def test_overwrite_is_whole(base, s3_endpoint):
+    """A re-solved part replaces the old file in one PUT; readers see old or new, whole."""
+    from shared import shards
+
+    uri = shards.part_uri(base, "proposals", 2, 0)
+    for value in (1, 2):
+        p = shards.Proposal(image_id="a", round=2, labels=np.full((5, 6), value, np.uint8), energy=1.0,
+                            unary_energy=0.5, smooth_energy=0.5, iterations=1, seconds=0.1,
+                            warm_start=False, solver="t:1")
+        shards.write_table(shards.proposals_table([p]), uri)
+        (back,) = shards.read_proposals(uri)
+        assert (back.labels == value).all()
