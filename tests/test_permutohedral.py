@@ -122,3 +122,13 @@ def test_cuda_matches_cpu():
     gpu = bilateral_filter(x.cuda(), img.cuda(), 15.0, 10.0).cpu()
     assert corr(cpu, gpu) > 0.999
     assert abs(cpu.mean().item() / gpu.mean().item() - 1) < 0.01
+
+
+def test_bf16_input_under_autocast():
+    img = smooth_image(16, 16)
+    x = torch.rand(1, 2, 16, 16)
+    ref = bilateral_filter(x, img, 15.0, 8.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bilateral_filter(x.to(torch.bfloat16), img, 15.0, 8.0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=5e-2)

@@ -300,17 +300,21 @@ def bilateral_filter(x: torch.Tensor, images: torch.Tensor, sigma_rgb: float,
     and shared by all channels.  Normalised to match the exact W·x (no constant
     factor; see the module docstring, and ``krahenbuhl_factor`` for the factor to
     the densecrf/rloss C++ lattice).  Differentiable w.r.t. ``x`` (not ``images``).
-    Computed in float32 (or float64 if x is float64); returns x's dtype.
+    Computed in float32 (or float64 if x is float64) with autocast disabled;
+    returns x's dtype.  The lattice hash packs the integer lattice coordinates
+    into 62 bits; a ValueError is raised for feature ranges beyond that (far
+    beyond VOC-sized images at the SPEC σ's).
     """
     if x.dim() != 4 or images.dim() != 4:
         raise ValueError("x and images must be N×C×H×W")
     N, C, H, W = x.shape
     if images.shape[0] != N or images.shape[2:] != x.shape[2:]:
         raise ValueError(f"images {tuple(images.shape)} do not match x {tuple(x.shape)}")
-    feats = bilateral_features(images.to(x.device), sigma_rgb, sigma_xy)
-    bidx = torch.arange(N, device=x.device).repeat_interleave(H * W) if N > 1 else None
-    lattice = PermutohedralLattice(feats, bidx)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    vals = x.to(work).permute(0, 2, 3, 1).reshape(N * H * W, C)
-    out = lattice.filter(vals)
-    return out.view(N, H, W, C).permute(0, 3, 1, 2).to(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        feats = bilateral_features(images.to(x.device), sigma_rgb, sigma_xy)
+        bidx = torch.arange(N, device=x.device).repeat_interleave(H * W) if N > 1 else None
+        lattice = PermutohedralLattice(feats, bidx)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        vals = x.to(work).permute(0, 2, 3, 1).reshape(N * H * W, C)
+        out = lattice.filter(vals)
+        return out.view(N, H, W, C).permute(0, 3, 1, 2).to(x.dtype)
