@@ -13,7 +13,7 @@ Images (``size``×``size`` RGB) hold a background and 1–4 objects of K−1 obj
   touching or occluding each other (painted in order; the mask is what stays visible).
 - Object extents are hard to get from appearance alone but easy from edges: inside
   each visible object region the appearance fades towards the local background over a
-  rim of 3–6 px (blend 0.55–0.8 at the boundary, decaying linearly with depth), and the
+  rim of 4–7 px (blend 0.65–0.9 at the boundary, decaying linearly with depth), and the
   region's boundary pixels are darkened (a 1-px outline). The boundary is therefore a
   sharp image edge (where a contrast-sensitive Potts model cuts), while the rim looks
   like background to a classifier that has only seen the interiors. Scribbles lie in
@@ -21,10 +21,10 @@ Images (``size``×``size`` RGB) hold a background and 1–4 objects of K−1 obj
   and places boundaries inside them; full supervision sees the rims.
 - Gaussian noise (σ = 4) on top.
 
-Scribbles imitate ScribbleSup's: a 1–3 px stroke along each object's medial line (the
+Scribbles imitate ScribbleSup's: a 2–3 px stroke along each object's medial line (the
 midpoints of the region's chords perpendicular to its principal axis, inside the region
-eroded by 2 px, ends trimmed), and 2–3 random smooth strokes in the background (at
-least 3 px from any object). About 3% of the pixels are labelled at full length
+eroded by 2 px, ends trimmed), and 2–3 random smooth 2–3 px strokes in the background
+(at least 3 px from any object). About 3% of the pixels are labelled at full length
 (see ``tests/test_synthetic.py``). The shorter lengths '0.8', '0.5', '0.3' and '0'
 (clicks) come from :func:`trainer.scribbles.shorten_scribble`.
 
@@ -231,7 +231,7 @@ def _make_image(rng: np.random.Generator, size: int, classes: int):
         col = _hsv(st.hue + rng.uniform(-st.hue_jitter, st.hue_jitter), rng.uniform(0.45, 0.9), rng.uniform(0.5, 0.95))
         tex = _stripes(h, w, st.angle + rng.normal(0, 0.25), st.period * rng.uniform(0.85, 1.2),
                        rng.uniform(8, 14), rng)
-        objects.append(dict(cls=c, col=col, tex=tex, rim=rng.uniform(3, 6) * s, blend=rng.uniform(0.55, 0.8)))
+        objects.append(dict(cls=c, col=col, tex=tex, rim=rng.uniform(4, 7) * s, blend=rng.uniform(0.65, 0.9)))
         label[m] = c
         owner[m] = len(objects) - 1
 
