@@ -118,7 +118,7 @@ class PermutohedralLattice:
         d1 = d + 1
         # Elevation matrix E (d+1 × d): column c (feature c, c = 0..d-1) is
         # s_c·(1,…,1 [c+1 times], −(c+1), 0,…), s_c = √(2/3)(d+1)/√((c+1)(c+2)).
-        # Built in float64 and applied in float64 on CPU for robust rounding.
+        # Computed in the features' dtype (float32 for images, float64 if given).
         inv_std = math.sqrt(2.0 / 3.0) * d1
         E = torch.zeros(d1, d, dtype=torch.float64)
         for c in range(d):
@@ -126,7 +126,7 @@ class PermutohedralLattice:
             s = inv_std / math.sqrt(i * (i + 1))
             E[:i, c] = s
             E[i, c] = -i * s
-        work = torch.float64 if device.type == "cpu" else torch.float32
+        work = torch.float64 if features.dtype == torch.float64 else torch.float32
         f = features.detach().to(work)
         el = f @ E.to(device=device, dtype=work).T  # (P, d+1), rows sum to 0
 
