@@ -92,11 +92,16 @@ def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int
 
 
 def solver_restarts() -> int:
-    """Restarts of solver actors so far, from Ray's state API."""
-    from ray.util.state import list_actors
+    """Restarts of solver actors so far, from the GCS actor table.
 
-    actors = list_actors(detail=True, limit=10000, raise_on_missing_output=False)
-    return sum(int(a.num_restarts or 0) for a in actors if "SolverActor" in (a.class_name or ""))
+    `ray.util.state` would need the dashboard, which local mode does not start; the
+    GCS table that it reads is available on every driver.
+    """
+    from ray._private import state
+
+    return sum(
+        int(a.get("NumRestarts", 0)) for a in state.actors().values() if "SolverActor" in a.get("ActorClassName", "")
+    )
 
 
 class Farm(threading.Thread):

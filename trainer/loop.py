@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from shared.config import TrainConfig, from_dict
+from shared.config import TrainConfig, default_eps, from_dict
 from trainer import engine
 from trainer.data import EvalSet, TrainSet, load_split, read_classes
 from trainer.model import DeepLabV3Plus, load_backbone_weights
@@ -49,6 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     classes = read_classes(cfg.data, cfg.format)
     K = len(classes)
+    eps = cfg.eps if cfg.eps is not None else default_eps(K)
     train_samples = train_split(cfg)
     val_samples = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
     trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank)
@@ -96,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainset.set_epoch(global_epoch)
             t0 = time.perf_counter()
             loss, step = engine.train_epoch(
-                model, loader, optimizer, method=method, eps=cfg.eps, nu=cfg.nu, device=device,
+                model, loader, optimizer, method=method, eps=eps, nu=cfg.nu, device=device,
                 step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs,
             )
             stats["stage_b_s"] += time.perf_counter() - t0
