@@ -30,6 +30,10 @@ def cli(ctx, local, address, out, quick, debug):
     """
     if local and address:
         raise UserError("--local and --address: give one of them")
+    if not address:
+        # Ray reads this when it is first imported: every Ray process then binds to
+        # 127.0.0.1 only. Nothing has imported ray yet (the commands import it lazily).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ctx.obj = {"address": address}
     if ctx.invoked_subcommand is None:
         from trainer.default_job import run_default_job

@@ -26,10 +26,13 @@ from trainer.snapshots import chunks
 
 
 def connect(address: str | None) -> None:
-    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard."""
+    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard.
+
+    Local mode also needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before ray is first
+    imported (the CLI does it), or worker sockets listen on every interface.
+    """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
