@@ -81,7 +81,9 @@ class TrainConfig:
         return lo, hi
 
     def shard_base(self) -> str:
-        return self.shards or f"{self.out.rstrip('/')}/shards"
+        from shared.storage import join
+
+        return self.shards or join(self.out, "shards")
 
     def validate(self) -> None:
         _check(self.method in METHODS, "--method", f"must be one of {METHODS}")

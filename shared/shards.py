@@ -169,7 +169,7 @@ def proposals_table(rows: list[Proposal]) -> pa.Table:
 def write_table(table: pa.Table, uri: str) -> None:
     """Serialise in memory, then commit the whole file atomically."""
     buf = io.BytesIO()
-    if uri.endswith(".arrow"):
+    if _is_arrow(uri):
         with ipc.new_file(buf, table.schema) as writer:
             writer.write_table(table)
     else:
@@ -177,11 +177,15 @@ def write_table(table: pa.Table, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
+def _is_arrow(uri: str) -> bool:
+    return uri.split("?", 1)[0].endswith(".arrow")
+
+
 def read_table(uri: str, kind: str) -> pa.Table:
     """Read one shard and check it against the contract; CorruptShardError if not."""
     try:
         data = pa.py_buffer(storage.read_bytes(uri))
-        if uri.endswith(".arrow"):
+        if _is_arrow(uri):
             table = ipc.open_file(data).read_all()
         else:
             table = pq.read_table(pa.BufferReader(data))

@@ -167,7 +167,7 @@ def solve_round(
     inits = shards.list_parts(init_round_uri) if init_round_uri else {}
     todo, skipped = [], 0
     for k, uri in sorted(parts.items()):
-        ext = uri.rsplit(".", 1)[1]
+        ext = uri.split("?", 1)[0].rsplit(".", 1)[1]
         out = storage.join(proposal_round_uri, f"part-{k}.{ext}")
         if _done(out):
             skipped += 1
