@@ -8,6 +8,7 @@ beside `TorchTrainer.fit()`, and writes summary.json (SPEC §7) when both are do
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -131,7 +132,23 @@ def _proposals_missing(base: str, n_images: int, shard_size: int) -> int:
 
 
 def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) -> None:
+    """One line a round, with the farm size that would keep the trainer from waiting."""
     images = sum(row["images"] for row in rows)
-    solve_s = sum(row["seconds"] for row in rows)
-    print(f"stage A round {r}: {images} images in {seconds:.1f}s ({images / max(seconds, 1e-9):.1f} images/s, "
-          f"{solve_s / max(images, 1):.3f} s/image on one solver)", flush=True)
+    per_image = sum(row["seconds"] for row in rows) / max(images, 1)
+    line = f"stage A round {r}: {images} images in {seconds:.1f}s, {per_image:.3f} s/image on one solver"
+    stage_b = _stage_b_seconds_per_round(cfg)
+    if images and stage_b:
+        needed = math.ceil(images * per_image / stage_b)
+        line += (f"; {needed} solver actor(s) keep the trainer from waiting "
+                 f"({images} images × {per_image:.3f} s ÷ {stage_b:.1f} s of stage B a round)")
+    print(line, flush=True)
+
+
+def _stage_b_seconds_per_round(cfg: TrainConfig) -> float | None:
+    """Mean stage-B seconds of a Grid-TR epoch so far × epochs per round."""
+    uri = storage.join(cfg.out, "metrics.jsonl")
+    if not storage.exists(uri):
+        return None
+    lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
+    seconds = [e["stage_b_s"] for e in lines if e.get("phase") == "grid-tr"]
+    return sum(seconds) / len(seconds) * cfg.epochs_per_round if seconds else None

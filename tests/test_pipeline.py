@@ -1,0 +1,128 @@
+"""End to end: the CLI, real Ray (local, 127.0.0.1), real GCO, real shards."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.synthetic import make_synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def epochs(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "syn"
+    make_synthetic(str(root), n_train=8, n_val=4, size=48, classes=4, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def sync_run(data, tmp_path_factory):
+    """grid-tr with the sync schedule, configured from a TOML file."""
+    out = tmp_path_factory.mktemp("sync") / "run"
+    config = tmp_path_factory.mktemp("cfg") / "run.toml"
+    config.write_text(
+        f'data = "{data}"\nformat = "synthetic"\nmethod = "grid-tr"\nepochs = 3\npretrain_epochs = 2\n'
+        f'epochs_per_round = 1\nschedule = "sync"\nbatch_size = 4\ncrop_size = 48\nshard_size = 3\n'
+        f"\n[solver]\ntr_weight = 0.1\n"
+    )
+    run_cli("--local", "train", "--config", str(config), "--out", str(out), "--max-iter", "3")
+    return str(out)
+
+
+def test_sync_run_writes_every_output(sync_run):
+    summary = json.load(open(os.path.join(sync_run, "summary.json")))
+    for key in ("method", "dataset", "scribble_length", "epochs", "train_images", "val_images", "val_miou",
+                "per_class_iou", "wall_s", "stage_b_s", "trainer_stall_s", "stage_a_images",
+                "proposals_missing", "solvers", "mean_staleness", "max_staleness", "solver_restarts"):
+        assert key in summary, key
+    assert summary["proposals_missing"] == 0
+    assert summary["stage_a_images"] == 8 * 3  # three rounds of eight images
+    assert 0 <= summary["val_miou"] <= 1
+    assert os.path.exists(os.path.join(sync_run, "checkpoints", "last.pt"))
+    assert os.path.exists(os.path.join(sync_run, "checkpoints", "best.pt"))
+
+
+def test_sync_never_uses_a_stale_proposal(sync_run):
+    tr = [e for e in epochs(sync_run) if e["phase"] == "grid-tr"]
+    assert len(tr) == 3 and [e["round"] for e in tr] == [0, 1, 2]
+    assert all(e["max_staleness"] == 0 for e in tr)
+
+
+def test_config_file_run_keeps_config_tensorboard_and_panels(sync_run):
+    config = open(os.path.join(sync_run, "config.toml")).read()
+    assert 'schedule = "sync"' in config and "max_iter = 3" in config  # the flag overrode nothing else
+    events = os.listdir(os.path.join(sync_run, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    panels = os.path.join(sync_run, "panels")
+    last = sorted(os.listdir(panels))[-1]
+    pngs = os.listdir(os.path.join(panels, last))
+    assert any(p.startswith("val-") for p in pngs) and any(p.startswith("train-") for p in pngs)
+    assert Image.open(os.path.join(panels, last, pngs[0])).size[0] > 48 * 4
+
+
+def test_eval_reproduces_training_miou(sync_run, data):
+    summary = json.load(open(os.path.join(sync_run, "summary.json")))
+    out = run_cli("eval", "--checkpoint", os.path.join(sync_run, "checkpoints", "last.pt"), "--data", data, "--json")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["val_miou"] == pytest.approx(summary["val_miou"], abs=1e-6)
+    assert len(result["trimap"]) > 5
+
+
+def test_predict_writes_masks_at_image_size(sync_run, data, tmp_path):
+    image = os.path.join(data, "images", open(os.path.join(data, "val.txt")).read().split()[0] + ".png")
+    out = run_cli("predict", "--checkpoint", os.path.join(sync_run, "checkpoints", "last.pt"), image, "--out", str(tmp_path))
+    written = out.stdout.strip().splitlines()
+    assert len(written) == 1
+    mask = Image.open(written[0])
+    assert mask.size == Image.open(image).size and mask.mode == "P"
+    assert np.asarray(mask).max() < 4
+
+
+def test_overlapped_staleness_stays_within_bound(data, tmp_path):
+    out = tmp_path / "run"
+    run_cli("--local", "train", "--data", data, "--method", "grid-tr", "--epochs", "4", "--pretrain-epochs", "1",
+            "--epochs-per-round", "1", "--max-staleness", "1", "--batch-size", "4", "--crop-size", "48",
+            "--shard-size", "2", "--out", str(out))
+    tr = [e for e in epochs(str(out)) if e["phase"] == "grid-tr"]
+    assert max(e["max_staleness"] for e in tr) <= 1
+    summary = json.load(open(out / "summary.json"))
+    assert summary["max_staleness"] <= 1 and summary["proposals_missing"] == 0
+    assert summary["schedule"] == "overlapped"
+
+
+def readme_quick_start() -> str:
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    return re.search(r"^(python -m trainer --local --quick.*)$", readme, re.M).group(1)
+
+
+@pytest.mark.slow
+def test_readme_quick_start(tmp_path):
+    """The README's quick-start command, as a user types it."""
+    command = readme_quick_start().split()
+    assert command[:3] == ["python", "-m", "trainer"]
+    run_cli(*command[3:], "--out", str(tmp_path / "run"), env={"TRSEG_CACHE": str(tmp_path / "cache")}, timeout=900)
+    pce = json.load(open(tmp_path / "run" / "pce-init" / "summary.json"))
+    tr = json.load(open(tmp_path / "run" / "grid-tr" / "summary.json"))
+    assert tr["proposals_missing"] == 0 and tr["stage_a_images"] > 0
+    assert "trainer_stall_s" in tr and "mean_staleness" in tr
+    assert tr["val_miou"] > pce["val_miou"]
