@@ -10,6 +10,7 @@ cluster, a custom resource that only solver nodes advertise.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import traceback
@@ -70,8 +71,15 @@ def missing_parts(base: str, r: int, verify: bool = False) -> dict[int, str]:
     return missing
 
 
-def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None) -> list[dict]:
-    """Stage A for every part of snapshot round r that lacks a proposal; blocks."""
+def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, n_images: int | None = None) -> list[dict]:
+    """Stage A for every part of snapshot round r that lacks a proposal; blocks.
+
+    A progress bar (images solved, images/s, ETA) is drawn when stdout is a terminal.
+    """
+    from tqdm import tqdm
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
+    bar = tqdm(total=n_images, desc=f"stage A round {r}", unit="img", disable=not sys.stdout.isatty())
     rows = []
     while todo := missing_parts(base, r, verify=bool(rows)):
         items = [
@@ -87,7 +95,10 @@ def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int
             num_cpus=1,
             resources={resource: 1} if resource else None,
         )
-        rows += list(ds.iter_rows())
+        for row in ds.iter_rows():
+            rows.append(row)
+            bar.update(row["images"])
+    bar.close()
     return rows
 
 
@@ -107,9 +118,10 @@ def solver_restarts() -> int:
 class Farm(threading.Thread):
     """Runs in the driver beside the trainer: solves each snapshot round once it is whole."""
 
-    def __init__(self, base: str, n_parts: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, on_round=None):
+    def __init__(self, base: str, n_parts: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, on_round=None, n_images: int | None = None):
         super().__init__(name="solver-farm", daemon=True)
         self.base, self.n_parts, self.solver, self.solvers, self.resource = base, n_parts, solver, solvers, resource
+        self.n_images = n_images
         self.on_round = on_round or (lambda r, rows, seconds: None)
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
@@ -131,7 +143,7 @@ class Farm(threading.Thread):
                     time.sleep(SNAPSHOT_POLL_S)
                     continue
                 start = time.perf_counter()
-                rows = solve_round(self.base, r, self.solver, self.solvers, self.resource)
+                rows = solve_round(self.base, r, self.solver, self.solvers, self.resource, self.n_images)
                 self.images += sum(row["images"] for row in rows)
                 self.on_round(r, rows, time.perf_counter() - start)
         except BaseException as e:  # tell the trainer, which would otherwise wait forever

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import ray
@@ -71,13 +72,13 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
     if cfg.method == "grid-tr":
         farm = Farm(
             base, len(chunks(n_train, cfg.shard_size)), cfg.solver, cfg.solver_range(), cfg.solver_resource,
-            on_round=lambda r, rows, s: _report_round(r, rows, s, cfg),
+            on_round=lambda r, rows, s: _report_round(r, rows, s, cfg), n_images=n_train,
         )
         farm.start()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             name="ray_train",

@@ -62,7 +62,7 @@ def predict(model, image: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS):
+def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS, progress=None):
     """The val confusion matrix and the per-band-width trimap confusions, summed."""
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     trimap = torch.zeros(len(widths), num_classes, num_classes, dtype=torch.int64)
@@ -71,6 +71,8 @@ def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_
         pred = predict(model, item["image"], device).cpu()
         conf += torch.as_tensor(confusion_matrix(pred, item["mask"], num_classes))
         trimap += torch.as_tensor(np.stack(trimap_confusions(pred, item["mask"], num_classes, widths)))
+        if progress is not None:
+            progress.update(1)
     return conf, trimap
 
 

@@ -12,6 +12,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from torch.utils.data import DataLoader
 
 from shared.config import TrainConfig, default_eps, from_dict
@@ -39,10 +40,23 @@ def train_split(cfg: TrainConfig):
     return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
 
 
+def progress_bar(enabled: bool, desc: str, total: int, unit: str = "img"):
+    """A bar that Ray draws in the driver's terminal; None when the driver has none."""
+    return tqdm_ray.tqdm(desc=desc, total=total, unit=unit) if enabled else None
+
+
+def close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
 def train_loop_per_worker(config: dict) -> None:
+    config = dict(config)
+    show = config.pop("progress", False)
     cfg = from_dict(TrainConfig, config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    show = show and rank == 0
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
     log = RunLog(cfg.out, enabled=rank == 0)
@@ -93,19 +107,23 @@ def train_loop_per_worker(config: dict) -> None:
         for epoch in range(start, epochs):
             record = {"phase": method, "epoch": global_epoch + 1}
             if feed is not None:
-                record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats))
+                record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats, show))
             trainset.set_epoch(global_epoch)
             t0 = time.perf_counter()
+            bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * cfg.batch_size)
             loss, step = engine.train_epoch(
                 model, loader, optimizer, method=method, eps=eps, nu=cfg.nu, device=device,
-                step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs,
+                step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
             )
+            close(bar)
             stats["stage_b_s"] += time.perf_counter() - t0
             record.update(loss=loss, lr=optimizer.param_groups[0]["lr"], stage_b_s=time.perf_counter() - t0)
             global_epoch += 1
             last = epoch == epochs - 1
             if last or global_epoch % cfg.eval_every == 0:
-                record.update(_evaluate(model, valset, K, device, rank, world))
+                bar = progress_bar(show, "evaluation", len(range(rank, len(valset), world)))
+                record.update(_evaluate(model, valset, K, device, rank, world, bar))
+                close(bar)
                 if rank == 0:
                     write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, K)
             state = {
@@ -129,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
     log.close()
 
 
-def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, world, device, stats) -> dict:
+def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, world, device, stats, show) -> dict:
     """Snapshot at the start of each round, then the freshest proposals (SPEC §4)."""
     r, first = divmod(epoch, cfg.epochs_per_round)[0], epoch % cfg.epochs_per_round == 0
     base = cfg.shard_base()
@@ -137,10 +155,12 @@ def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, 
     record = {"round": r}
     if first and not snapshot_complete(base, r, n_parts):
         t0 = time.perf_counter()
+        bar = progress_bar(show, f"snapshot round {r}", len(samples))
         n = write_snapshot_round(
             net, train_eval, samples, base=base, r=r, shard_size=cfg.shard_size,
-            restrict_labels=cfg.solver.restrict_labels, device=device, rank=rank, world=world,
+            restrict_labels=cfg.solver.restrict_labels, device=device, rank=rank, world=world, progress=bar,
         )
+        close(bar)
         if world > 1:
             dist.barrier()
         record["snapshot_s"] = time.perf_counter() - t0
@@ -154,9 +174,9 @@ def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, 
     return record
 
 
-def _evaluate(model, valset, K, device, rank, world) -> dict:
+def _evaluate(model, valset, K, device, rank, world, progress=None) -> dict:
     """Val confusions on this rank's share, summed over ranks."""
-    conf, trimap = engine.confusions(model, valset, K, device, indices=range(rank, len(valset), world))
+    conf, trimap = engine.confusions(model, valset, K, device, indices=range(rank, len(valset), world), progress=progress)
     if world > 1:
         conf, trimap = conf.to(device), trimap.to(device)
         dist.all_reduce(conf)

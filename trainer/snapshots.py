@@ -27,7 +27,7 @@ def snapshot_complete(base: str, r: int, n_parts: int) -> bool:
 
 
 @torch.no_grad()
-def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restrict_labels, device, rank=0, world=1):
+def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restrict_labels, device, rank=0, world=1, progress=None):
     """Write this rank's parts of snapshot round r; returns the number of images written."""
     model.eval()
     written = 0
@@ -53,4 +53,6 @@ def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restri
             )
         shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", r, k))
         written += len(rows)
+        if progress is not None:
+            progress.update(len(rows))
     return written
