@@ -21,7 +21,7 @@ from shared import shards, storage
 from shared.config import TrainConfig, to_dict
 from shared.errors import UserError
 from solver_service.farm import Farm, solver_restarts
-from trainer.data import check_samples, load_split, read_classes
+from trainer.data import IGNORE, check_samples, load_split, read_classes, read_label
 from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.snapshots import chunks
@@ -60,11 +60,21 @@ def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
     return K, len(train), len(val)
 
 
+def images_without_scribbles(samples, num_classes: int) -> list[str]:
+    """Ids of training images whose scribble file labels no pixel: not an error (SPEC §1:
+    stage A then uses all K labels), but counted and reported."""
+    return [s.image_id for s in samples if s.seeds_path and (read_label(s.seeds_path, num_classes) == IGNORE).all()]
+
+
 def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
     """One training run end to end; returns the summary (also written to OUT/summary.json)."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     cfg.data = os.path.abspath(cfg.data) if cfg.data else cfg.data
     K, n_train, n_val = check_inputs(cfg)
+    unscribbled = [] if cfg.method == "full" else images_without_scribbles(train_split(cfg), K)
+    if unscribbled:
+        print(f"{len(unscribbled)} training image(s) without any scribble, trained on without seeds "
+              f"(stage A over all labels): {', '.join(unscribbled[:10])}{' …' if len(unscribbled) > 10 else ''}", flush=True)
     base = cfg.shard_base()
     storage.delete(storage.join(base, shards.FARM_FAILED))
     t0 = time.perf_counter()
@@ -100,6 +110,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
         "scribble_length": _scribble_length(cfg.scribbles),
         "epochs": cfg.epochs,
         "train_images": n_train,
+        "images_without_scribbles": len(unscribbled),
         "val_images": n_val,
         "val_miou": trained["val_miou"],
         "per_class_iou": trained["per_class_iou"],

@@ -1,0 +1,150 @@
+"""Bad input ends with a non-zero exit and one line `error: …` naming the file or option,
+before Ray starts; an image without any scribble is trained on and reported."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from trainer.synthetic import make_synthetic
+
+    root = str(tmp_path_factory.mktemp("bad_input") / "data")
+    make_synthetic(root, n_train=4, n_val=2, size=48, classes=4)
+    return root
+
+
+@pytest.fixture
+def data(dataset, tmp_path):
+    """A fresh copy of the data set, to break."""
+    root = str(tmp_path / "data")
+    shutil.copytree(dataset, root)
+    return root
+
+
+def _train_ids(root):
+    with open(os.path.join(root, "train.txt")) as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def _assert_one_line_error(proc, *names):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in: {lines[0]}"
+    return lines[0]
+
+
+def _train(root, tmp_path, *extra):
+    return run_cli("train", "--data", root, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out", *extra)
+
+
+def test_missing_scribble(data, tmp_path):
+    path = os.path.join(data, "scribbles", _train_ids(data)[1] + ".png")
+    os.remove(path)
+    _assert_one_line_error(_train(data, tmp_path), path)
+
+
+def test_label_not_below_k(data, tmp_path):
+    path = os.path.join(data, "scribbles", _train_ids(data)[0] + ".png")
+    seeds = np.asarray(Image.open(path)).copy()
+    seeds[0, :5] = 7  # K = 4; 7 is neither a class nor 255
+    Image.fromarray(seeds, mode="L").save(path)
+    line = _assert_one_line_error(_train(data, tmp_path), path)
+    assert "7" in line
+
+
+def test_image_scribble_size_mismatch(data, tmp_path):
+    path = os.path.join(data, "scribbles", _train_ids(data)[2] + ".png")
+    Image.open(path).resize((40, 48), Image.NEAREST).save(path)
+    _assert_one_line_error(_train(data, tmp_path), path)
+
+
+def test_truncated_image(data, tmp_path):
+    path = os.path.join(data, "images", _train_ids(data)[3] + ".png")
+    with open(path, "rb") as f:
+        head = f.read()
+    with open(path, "wb") as f:
+        f.write(head[: len(head) // 2])
+    _assert_one_line_error(_train(data, tmp_path), path)
+
+
+def test_empty_split_file(data, tmp_path):
+    path = os.path.join(data, "train.txt")
+    open(path, "w").close()
+    _assert_one_line_error(_train(data, tmp_path), path)
+
+
+def test_missing_classes_file(data, tmp_path):
+    path = os.path.join(data, "classes.txt")
+    os.remove(path)
+    _assert_one_line_error(_train(data, tmp_path), path)
+
+
+def test_garbage_init_checkpoint(data, tmp_path):
+    path = str(tmp_path / "garbage.pt")
+    with open(path, "wb") as f:
+        f.write(os.urandom(4096))
+    _assert_one_line_error(_train(data, tmp_path, "--init", path), path)
+
+
+def test_pickled_code_init_checkpoint_is_refused(data, tmp_path):
+    """weights_only=True: a checkpoint that would run code on load is an error, not an exploit."""
+    import torch
+
+    path, marker = str(tmp_path / "evil.pt"), tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Evil(), "num_classes": 4}, path)
+    _assert_one_line_error(_train(data, tmp_path, "--init", path), path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", 0), ("--solvers", 0)])
+def test_bad_option(data, tmp_path, option, value):
+    _assert_one_line_error(_train(data, tmp_path, option, value), option)
+
+
+def test_missing_data_path(tmp_path):
+    missing = str(tmp_path / "no_such_data")
+    proc = run_cli("train", "--data", missing, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out")
+    _assert_one_line_error(proc, "--data", missing)
+
+
+def test_debug_shows_the_traceback(data, tmp_path):
+    os.remove(os.path.join(data, "classes.txt"))
+    proc = run_cli("--debug", "train", "--data", data, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_image_without_scribbles_is_trained_and_reported(data, tmp_path):
+    """Not an error: trained on (stage A over all labels), counted in summary.json."""
+    from shared import shards
+
+    image_id = _train_ids(data)[0]
+    path = os.path.join(data, "scribbles", image_id + ".png")
+    Image.fromarray(np.full((48, 48), 255, np.uint8), mode="L").save(path)
+    assert shards.label_set(np.full((48, 48), 255, np.uint8), 4).tolist() == [0, 1, 2, 3]
+    out = tmp_path / "out"
+    proc = run_cli("train", "--data", data, "--method", "pce", "--epochs", 1, "--batch-size", 4, "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_without_scribbles"] == 1
+    assert summary["train_images"] == 4
+    assert image_id in proc.stdout + proc.stderr  # reported by id
