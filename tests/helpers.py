@@ -42,46 +42,69 @@ def read_metrics(out: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def session_processes(sid: int) -> list:
-    """Live processes of session `sid` (a CLI started by popen_cli and its local Ray)."""
-    import psutil
+class Proc:
+    """A process seen in /proc (Linux): pid, parent pid, session id and command line."""
 
+    def __init__(self, pid: int):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        self.pid, self.state, self.ppid, self.sid = pid, fields[0], int(fields[1]), int(fields[3])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+
+    def __repr__(self):
+        return f"Proc({self.pid}, {self.cmdline[:60]!r})"
+
+
+def all_processes() -> list[Proc]:
     out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                p = Proc(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+            if p.state != "Z":
                 out.append(p)
-        except (OSError, psutil.Error):
-            continue
+    return out
+
+
+def session_processes(sid: int) -> list[Proc]:
+    """Live processes of session `sid` (a CLI started by popen_cli and its local Ray)."""
+    return [p for p in all_processes() if p.sid == sid]
+
+
+def descendants(pid: int) -> list[Proc]:
+    procs = all_processes()
+    children: dict[int, list[Proc]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c.pid)
     return out
 
 
 def kill_processes(procs) -> None:
-    import psutil
+    """SIGKILL the given processes (only ever ones this test started) and wait for them."""
+    import signal
+    import time
 
     for p in procs:
         try:
-            p.kill()
-        except psutil.Error:
+            os.kill(p.pid, signal.SIGKILL)
+        except OSError:
             pass
-    psutil.wait_procs(procs, timeout=10)
+    deadline = time.monotonic() + 10
+    alive = {p.pid for p in procs}
+    while alive and time.monotonic() < deadline:
+        alive = {q.pid for q in all_processes() if q.pid in alive}
+        time.sleep(0.1)
 
 
-def solver_processes(roots) -> list:
-    """`ray::…SolverActor…` worker processes among the descendants of `roots` (psutil processes)."""
-    import psutil
-
-    found = {}
-    for root in roots:
-        try:
-            family = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for p in family:
-            try:
-                cmd = " ".join(p.cmdline())
-            except psutil.Error:
-                continue
-            if cmd.startswith("ray::") and "SolverActor" in cmd:
-                found[p.pid] = p
-    return list(found.values())
+def solver_processes(root_pid: int) -> list[Proc]:
+    """`ray::…SolverActor…` worker processes among the descendants of `root_pid`."""
+    return [p for p in descendants(root_pid) if p.cmdline.startswith("ray::") and "SolverActor" in p.cmdline]
