@@ -71,6 +71,19 @@ def missing_parts(base: str, r: int, verify: bool = False) -> dict[int, str]:
     return missing
 
 
+def readable_snapshots(parts: dict[int, str]) -> dict[int, str]:
+    """The parts whose snapshot reads. An unreadable one is reported with its path and
+    left alone: the trainer rewrites it (trainer.loop), and the farm solves it then."""
+    ok = {}
+    for k, uri in parts.items():
+        try:
+            shards.read_snapshots(uri)
+            ok[k] = uri
+        except shards.CorruptShardError as e:
+            print(f"warning: {e}; not solved until the trainer rewrites it", flush=True)
+    return ok
+
+
 def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, n_images: int | None = None) -> list[dict]:
     """Stage A for every part of snapshot round r that lacks a proposal; blocks.
 
@@ -81,7 +94,8 @@ def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     bar = tqdm(total=n_images, desc=f"stage A round {r}", unit="img", disable=not sys.stdout.isatty())
     rows = []
-    while todo := missing_parts(base, r, verify=bool(rows)):
+    # verify every pass: a truncated proposal (e.g. left by an earlier run) is solved again
+    while todo := readable_snapshots(missing_parts(base, r, verify=True)):
         items = [
             {"k": k, "snapshot": uri, "proposal": shards.part_uri(base, "proposals", r, k),
              "init": previous_proposal(base, r, k)}
@@ -145,6 +159,11 @@ class Farm(threading.Thread):
                 start = time.perf_counter()
                 rows = solve_round(self.base, r, self.solver, self.solvers, self.resource, self.n_images)
                 self.images += sum(row["images"] for row in rows)
+                if not rows:  # only unreadable snapshots left: wait for the trainer to rewrite them
+                    if self.stop_event.is_set():
+                        return
+                    time.sleep(SNAPSHOT_POLL_S)
+                    continue
                 self.on_round(r, rows, time.perf_counter() - start)
         except BaseException as e:  # tell the trainer, which would otherwise wait forever
             self.error = e

@@ -6,6 +6,7 @@ the run's outputs; every rank trains on its share of the data (DDP).
 """
 from __future__ import annotations
 
+import json
 import time
 
 import ray.train
@@ -15,7 +16,9 @@ import torch.distributed as dist
 from ray.experimental import tqdm_ray
 from torch.utils.data import DataLoader
 
+from shared import shards
 from shared.config import TrainConfig, default_eps, from_dict
+from shared.errors import CorruptShardError
 from trainer import engine
 from trainer.data import EvalSet, TrainSet, load_split, read_classes
 from trainer.model import DeepLabV3Plus, load_backbone_weights
@@ -82,6 +85,8 @@ def train_loop_per_worker(config: dict) -> None:
     resume = load_checkpoint(f"{cfg.out}/checkpoints/last.pt") if cfg.resume else None
     if resume:
         net.load_state_dict(resume["model"])
+        # metrics.jsonl may hold the epoch after the checkpoint (killed in between): it is run again
+        log._lines = [ln for ln in log._lines if json.loads(ln).get("epoch", 0) <= resume["global_epoch"]]
     model = ray.train.torch.prepare_model(net)
 
     stats = {"stage_b_s": 0.0, "stage_a_images": 0, "stall_s": 0.0, "staleness": [], "max_staleness": 0}
@@ -91,12 +96,9 @@ def train_loop_per_worker(config: dict) -> None:
     for phase, (method, epochs) in enumerate(plan):
         if resume and phase < resume["phase"]:
             continue
-        optimizer = torch.optim.SGD(net.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
-        start = 0
-        if resume and phase == resume["phase"]:
-            optimizer.load_state_dict(resume["optimizer"])
-            start = resume["epoch"]
+        same_phase = bool(resume) and phase == resume["phase"]
+        optimizer, base_lrs = make_optimizer(net, cfg, resume["optimizer"] if same_phase else None)
+        start = resume["epoch"] if same_phase else 0
         steps_per_epoch = max(1, len(loader))
         step = start * steps_per_epoch
         feed = None
@@ -107,7 +109,8 @@ def train_loop_per_worker(config: dict) -> None:
         for epoch in range(start, epochs):
             record = {"phase": method, "epoch": global_epoch + 1}
             if feed is not None:
-                record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats, show))
+                record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats, show,
+                                              verify=same_phase and epoch == start))
             trainset.set_epoch(global_epoch)
             t0 = time.perf_counter()
             bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * cfg.batch_size)
@@ -136,8 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
                 log.save_checkpoint("best.pt", state)
             if last and not final:
                 log.save_checkpoint(f"{method}.pt", state)
+            log.log_epoch(record, global_epoch)  # before last.pt: a resume drops lines past it
             log.save_checkpoint("last.pt", state)
-            log.log_epoch(record, global_epoch)
             if rank == 0:
                 print(_progress_line(record, global_epoch, sum(e for _, e in plan)), flush=True)
             ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str))})
@@ -147,13 +150,40 @@ def train_loop_per_worker(config: dict) -> None:
     log.close()
 
 
-def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, world, device, stats, show) -> dict:
-    """Snapshot at the start of each round, then the freshest proposals (SPEC §4)."""
+def make_optimizer(net, cfg: TrainConfig, state: dict | None = None):
+    """SGD over the model's parameter groups, and their base learning rates (before any
+    decay); `state` (a checkpoint's optimizer state: momentum buffers, rates) is loaded."""
+    optimizer = torch.optim.SGD(net.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    if state is not None:
+        optimizer.load_state_dict(state)
+    return optimizer, base_lrs
+
+
+def snapshot_round_readable(base: str, r: int, n_parts: int) -> bool:
+    """Every part of snapshot round r is there and reads; a bad one is reported with its path."""
+    if not snapshot_complete(base, r, n_parts):
+        return False
+    ok = True
+    for uri in shards.list_parts(shards.round_uri(base, "snapshots", r)).values():
+        try:
+            shards.read_snapshots(uri)
+        except CorruptShardError as e:
+            print(f"warning: {e}; writing snapshot round {r} again", flush=True)
+            ok = False
+    return ok
+
+
+def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, world, device, stats, show, verify=False) -> dict:
+    """Snapshot at the start of each round, then the freshest proposals (SPEC §4).
+
+    `verify` (the first epoch of a resumed run): the round's snapshot parts are read back
+    and the round is written again if one is unreadable (a truncated file, say)."""
     r, first = divmod(epoch, cfg.epochs_per_round)[0], epoch % cfg.epochs_per_round == 0
     base = cfg.shard_base()
     n_parts = len(chunks(len(samples), cfg.shard_size))
     record = {"round": r}
-    if first and not snapshot_complete(base, r, n_parts):
+    if (first or verify) and not (snapshot_round_readable if verify else snapshot_complete)(base, r, n_parts):
         t0 = time.perf_counter()
         bar = progress_bar(show, f"snapshot round {r}", len(samples))
         n = write_snapshot_round(

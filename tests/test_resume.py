@@ -1,0 +1,140 @@
+"""The trainer killed mid-round, then `train --resume DIR`: same round, epoch and optimizer
+state, the proposal shards already written are reused, a truncated snapshot is rewritten."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import kill_processes, popen_cli, read_metrics, run_cli, session_processes
+
+pytestmark = pytest.mark.faults
+
+
+def test_optimizer_state_survives_a_checkpoint(tmp_path):
+    """make_optimizer loads the momentum buffers that last.pt holds (weights_only load)."""
+    from shared.config import TrainConfig
+    from trainer.loop import make_optimizer
+    from trainer.model import DeepLabV3Plus
+    from trainer.runlog import RunLog, load_checkpoint
+
+    cfg = TrainConfig(lr=0.01, momentum=0.9)
+    net = DeepLabV3Plus(3)
+    opt, base_lrs = make_optimizer(net, cfg)
+    net(torch.rand(1, 3, 32, 32) * 255).logsumexp(1).mean().backward()
+    opt.step()
+    for g in opt.param_groups:
+        g["lr"] *= 0.5  # a decayed rate, as the poly schedule leaves it
+    log = RunLog(str(tmp_path), enabled=True)
+    log.save_checkpoint("last.pt", {"model": net.state_dict(), "optimizer": opt.state_dict(), "num_classes": 3})
+    log.close()
+
+    state = load_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
+    net2 = DeepLabV3Plus(3)
+    net2.load_state_dict(state["model"])
+    opt2, base_lrs2 = make_optimizer(net2, cfg, state["optimizer"])
+    assert base_lrs2 == base_lrs  # the schedule restarts from the base rates, not the decayed ones
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    bufs = [(p, opt.state[p]["momentum_buffer"]) for p in net.parameters() if p in opt.state]
+    bufs2 = [(p, opt2.state[p]["momentum_buffer"]) for p in net2.parameters() if p in opt2.state]
+    assert len(bufs) == len(bufs2) > 0
+    for (_, a), (_, b) in zip(bufs, bufs2):
+        assert torch.equal(a, b)
+
+
+def test_truncated_snapshot_part_is_reported(tmp_path, capsys):
+    from shared import shards
+    from trainer.loop import snapshot_round_readable
+
+    base = str(tmp_path / "shards")
+    for k in range(2):
+        rows = [shards.Snapshot(
+            image_id=f"img{k}", round=0, image_uri="i.png", seeds_uri="s.png", height=8, width=8, num_classes=3,
+            label_set=np.arange(3, dtype=np.uint8), neg_log_q=np.ones((3, 2, 2), np.float16))]
+        shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", 0, k))
+    assert snapshot_round_readable(base, 0, 2)
+    bad = shards.part_uri(base, "snapshots", 0, 1)
+    _truncate(bad)
+    assert not snapshot_round_readable(base, 0, 2)
+    assert bad in capsys.readouterr().out
+    assert not snapshot_round_readable(base, 0, 3)  # a part missing
+
+
+def _core_processes(sid):
+    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
+    return [p for p in session_processes(sid) if not any(a in p.cmdline for a in agents)]
+
+
+def _truncate(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_kill_trainer_mid_round_then_resume(tmp_path):
+    from shared import shards
+    from trainer.runlog import load_checkpoint
+    from trainer.synthetic import make_synthetic
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    make_synthetic(data, n_train=8, n_val=2, size=112, classes=4)
+    base = os.path.join(out, "shards")
+    args = ["train", "--data", data, "--method", "grid-tr", "--epochs", 4, "--pretrain-epochs", 1,
+            "--epochs-per-round", 2, "--shard-size", 2, "--schedule", "sync", "--solvers", 1, "--batch-size", 4,
+            "--out", out]
+    proc = popen_cli(*args, log_path=str(tmp_path / "first.log"))
+    try:
+        # kill once two grid-tr epochs (round 0) are logged and round 1's snapshot is whole: mid-round 1
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            tr = [m for m in read_metrics(out) if m["phase"] == "grid-tr"]
+            if len(tr) >= 2 and len(shards.list_parts(shards.round_uri(base, "snapshots", 1))) == 4:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # the local Ray of that run dies with it: no GCS, raylet or worker left of its session.
+        # (Ray's dashboard and runtime-env agents may outlive it a while: ended below.)
+        deadline = time.monotonic() + 60
+        while (orphans := _core_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_processes(session_processes(proc.pid))
+    assert not orphans, f"processes left after the trainer was killed: {orphans}"
+
+    epochs_before = [m["epoch"] for m in read_metrics(out)]
+    ckpt = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))
+    assert ckpt["phase"] == 1 and ckpt["epoch"] >= 2 and ckpt["optimizer"]["state"], "momentum buffers checkpointed"
+    resume_round = ckpt["epoch"] // 2
+    proposals = {uri: os.stat(uri).st_mtime_ns for r in shards.list_rounds(base, "proposals")
+                 for uri in shards.list_parts(shards.round_uri(base, "proposals", r)).values()}
+    assert proposals, "no proposal written before the kill"
+    snap = shards.part_uri(base, "snapshots", resume_round, 3)
+    _truncate(snap)
+
+    resumed = run_cli("train", "--resume", out, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    log = resumed.stdout + resumed.stderr
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5], (epochs_before, [m["epoch"] for m in metrics])
+    first_resumed = metrics[ckpt["global_epoch"]]
+    assert first_resumed["phase"] == "grid-tr" and first_resumed["round"] == resume_round
+    # the optimizer went on from the checkpoint: the poly schedule's rate continues, not restarts
+    assert first_resumed["lr"] < metrics[ckpt["global_epoch"] - 1]["lr"]
+    assert snap in log, "the truncated snapshot was not reported with its path"
+    shards.read_snapshots(snap)  # rewritten whole
+    changed = [uri for uri, t in proposals.items() if os.stat(uri).st_mtime_ns != t]
+    assert not changed, f"proposal shards recomputed on resume: {changed}"
+    for r in shards.list_rounds(base, "snapshots"):
+        assert sorted(shards.list_parts(shards.round_uri(base, "proposals", r))) == [0, 1, 2, 3]
+    summary = __import__("json").loads(open(os.path.join(out, "summary.json")).read())
+    assert summary["proposals_missing"] == 0
+    assert load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))["global_epoch"] == 5
