@@ -94,3 +94,163 @@ def test_grid_tr_survives_two_solver_kills(big_data, tmp_path):
     # the images a killed actor held were solved again: a round of 8 images, all there
     assert summary["stage_a_images"] >= 8 * len(read_metrics(out)) - 8
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- corrupt shards
+
+
+def _write_snapshot_parts(base, data_dir, n_parts, size=40, classes=3, r=0):
+    """Small images, seeds and snapshot round r (random q) on disk."""
+    from PIL import Image
+
+    from shared import shards
+
+    rng = np.random.default_rng(0)
+    os.makedirs(data_dir, exist_ok=True)
+    for k in range(n_parts):
+        truth = np.minimum(np.arange(size) * classes // size, classes - 1)[None].repeat(size, 0).astype(np.uint8)
+        image = np.clip(rng.integers(0, 256, (classes, 3))[truth] + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        seeds = np.full((size, size), 255, np.uint8)
+        for c in range(classes):
+            seeds[size // 4: 3 * size // 4, np.flatnonzero(truth[0] == c)[0] + 2] = c
+        image_path, seeds_path = os.path.join(data_dir, f"{k}.png"), os.path.join(data_dir, f"{k}_s.png")
+        Image.fromarray(image).save(image_path)
+        Image.fromarray(seeds).save(seeds_path)
+        labels = shards.label_set(seeds, classes)
+        q = rng.dirichlet(np.ones(len(labels)), size=(size // 4, size // 4)).transpose(2, 0, 1)
+        row = shards.Snapshot(
+            image_id=f"img{k}", round=r, image_uri=image_path, seeds_uri=seeds_path, height=size, width=size,
+            num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16))
+        shards.write_table(shards.snapshots_table([row]), shards.part_uri(base, "snapshots", r, k))
+
+
+def _truncate(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _solve_parts_locally(base, n_parts, r=0):
+    from shared import shards
+    from shared.config import SolverConfig
+    from solver_service.parts import solve_part
+
+    for k in range(n_parts):
+        solve_part(shards.part_uri(base, "snapshots", r, k), shards.part_uri(base, "proposals", r, k), SolverConfig(max_iter=1))
+
+
+def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):
+    """The farm's check names the file; solve_round (Ray) solves that part again, only that one."""
+    import ray
+
+    from shared import shards
+    from shared.config import SolverConfig
+    from solver_service.farm import missing_parts, solve_round
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 3)
+    _solve_parts_locally(base, 3)
+    bad = shards.part_uri(base, "proposals", 0, 1)
+    good = {k: os.stat(shards.part_uri(base, "proposals", 0, k)).st_mtime_ns for k in (0, 2)}
+    _truncate(bad)
+    with pytest.raises(shards.CorruptShardError, match="part-1"):
+        shards.read_proposals(bad)
+    assert missing_parts(base, 0) == {}  # without verify, a present file counts as done
+    assert sorted(missing_parts(base, 0, verify=True)) == [1]
+    assert bad in capsys.readouterr().out
+
+    ray.init(num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        rows = solve_round(base, 0, SolverConfig(max_iter=1), (1, 1))
+    finally:
+        ray.shutdown()
+    assert [int(r["k"]) for r in rows] == [1]
+    assert [p.image_id for p in shards.read_proposals(bad)] == ["img1"]
+    assert {k: os.stat(shards.part_uri(base, "proposals", 0, k)).st_mtime_ns for k in (0, 2)} == good
+
+
+def test_proposal_feed_never_reads_a_truncated_shard(tmp_path):
+    """The trainer's feed reports the path, drops the file (the farm recomputes it) and
+    keeps the part at its previous proposal (here: none, seeds only)."""
+    from shared import shards
+    from trainer.proposals import ProposalFeed
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 2)
+    _solve_parts_locally(base, 2)
+    bad = shards.part_uri(base, "proposals", 0, 0)
+    _truncate(bad)
+    feed = ProposalFeed(base, [["img0"], ["img1"]], sync=False, max_staleness=1)
+    with pytest.warns(UserWarning, match=bad.replace(".", r"\.")):
+        got = feed.refresh(0, wait=False)
+    assert not os.path.exists(bad)
+    assert "img0" not in feed.labels and feed.labels["img1"].shape == (40, 40)
+    assert got["max_staleness"] == 1  # img0 has no proposal: round −1
+
+
+def test_unreadable_snapshot_is_reported_not_solved(tmp_path, capsys):
+    """The farm leaves a truncated snapshot part to the trainer (which rewrites it) and
+    never solves from it."""
+    from shared import shards
+    from solver_service.farm import missing_parts, readable_snapshots
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 2)
+    bad = shards.part_uri(base, "snapshots", 0, 1)
+    _truncate(bad)
+    assert sorted(readable_snapshots(missing_parts(base, 0, verify=True))) == [0]
+    assert bad in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- atomic writes, no pickles
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    """A write that fails before its rename leaves the old file whole and no visible part."""
+    from shared import shards, storage
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 1)
+    uri = shards.part_uri(base, "snapshots", 0, 0)
+    before = open(uri, "rb").read()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        storage.write_bytes(uri, b"garbage")
+    with pytest.raises(OSError):
+        storage.write_bytes(shards.part_uri(base, "snapshots", 0, 1), b"garbage")
+    monkeypatch.undo()
+    assert open(uri, "rb").read() == before
+    assert list(shards.list_parts(shards.round_uri(base, "snapshots", 0))) == [0]  # temp files are not parts
+
+
+def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
+    """Shards: the contract's plain Arrow types, no pandas/pickle metadata. Checkpoints:
+    loaded with weights_only=True (a pickled object is refused; see test_bad_input)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shared import shards
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 1)
+    _solve_parts_locally(base, 1)
+    for kind in shards.KINDS:
+        uri = shards.part_uri(base, kind, 0, 0)
+        schema = pq.read_schema(uri)
+        assert schema.remove_metadata().equals(shards.SCHEMAS[kind].remove_metadata())
+        assert not any(isinstance(f.type, pa.ExtensionType) for f in schema)
+        meta = b" ".join(k + b"=" + v for k, v in (schema.metadata or {}).items())
+        assert b"pandas" not in meta and b"pickle" not in meta
+        with open(uri, "rb") as f:
+            raw = f.read()
+        assert b"\x80\x04\x95" not in raw and b"\x80\x05\x95" not in raw  # pickle protocol 4/5 frames
+    import inspect
+
+    from trainer import runlog
+
+    assert "weights_only=True" in inspect.getsource(runlog.load_checkpoint)
