@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import kill_processes, popen_cli, read_metrics, session_processes, solver_processes
+from tests.test_cluster import cluster  # noqa: F401 - the multi-node fixture
 
 pytestmark = pytest.mark.faults
 
@@ -254,3 +255,46 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
     from trainer import runlog
 
     assert "weights_only=True" in inspect.getsource(runlog.load_checkpoint)
+
+
+# --------------------------------------------------------------------------- a solver node removed
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_node_removal_is_reported_as_solver_restarts(cluster, tmp_path):
+    """test_cluster covers the proposals when a solver node goes mid-round; here: the
+    actor lost with it is counted by solver_restarts() (summary.json's solver_restarts)."""
+    from shared import shards
+    from shared.config import SolverConfig
+    from solver_service.farm import solve_round, solver_restarts
+    from tests.test_cluster import _check_all_proposals, _make_round
+
+    c, trainer, solvers = cluster
+    base, n_parts, size = str(tmp_path / "shards"), 8, 160
+    ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=1, size=size)
+    result, errors = {}, []
+
+    def run():
+        try:
+            result["rows"] = solve_round(base, 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    assert solver_restarts() == 0
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    proposals = shards.round_uri(base, "proposals", 0)
+    deadline = time.monotonic() + 120
+
+    def solvers_seen():
+        return {p.solver for uri in shards.list_parts(proposals).values() for p in shards.read_proposals(uri)}
+
+    while len(solvers_seen()) < 2 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(shards.list_parts(proposals)) < n_parts, "round over before the node went: make it longer"
+    c.remove_node(solvers[0])
+    thread.join(timeout=180)
+    assert not thread.is_alive() and not errors, errors
+    _check_all_proposals(base, ids, n_parts, size)
+    assert solver_restarts() >= 1
