@@ -1,0 +1,64 @@
+"""benchmarks/run.py: the shard-size part against its targets, and the command line.
+
+The full benchmark (training runs, solver farm) is not run here: see benchmarks/README.md.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(ROOT, "benchmarks", "run.py")
+
+
+def load_run():
+    spec = importlib.util.spec_from_file_location("trseg_bench_run", RUN_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shard_sizes_meet_targets(tmp_path):
+    run = load_run()
+    out = run.measure_sizes(n_images=4, workdir=str(tmp_path))
+    for key in ("snapshot_bytes_per_image", "proposal_bytes_per_image"):
+        assert isinstance(out[key], int) and out[key] > 0
+    # a VOC-sized row: -log q over 3 present labels at stride 4, float16
+    assert out["snapshot_shape"] == [3, 94, 125]
+    assert out["snapshot_raw_bytes_per_image"] == 3 * 94 * 125 * 2
+    assert out["proposal_raw_bytes_per_image"] == 375 * 500
+    assert out["snapshot_bytes_per_image"] <= 100_000
+    assert out["proposal_bytes_per_image"] <= 20_000
+    met = run.check_targets(out)
+    assert met == {"snapshot_bytes_per_image": True, "proposal_bytes_per_image": True}
+    # the shards that were measured are on disk and follow the contract
+    assert (tmp_path / "snapshots" / "round=3" / "part-0.parquet").exists()
+    assert (tmp_path / "proposals" / "round=3" / "part-0.parquet").exists()
+
+
+def test_check_targets_directions():
+    run = load_run()
+    met = run.check_targets({"tr_vs_pce": 1.2, "solver_scaling_2": 0.9, "solver_vs_raw_gco": 1.0, "stall_fraction": 0.06})
+    assert met == {"tr_vs_pce": False, "solver_scaling_2": True, "solver_vs_raw_gco": True, "stall_fraction": False}
+
+
+def test_help():
+    proc = subprocess.run([sys.executable, RUN_PY, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--only" in proc.stdout
+
+
+def test_only_sizes_prints_json_last(tmp_path):
+    proc = subprocess.run([sys.executable, RUN_PY, "--only", "sizes", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["snapshot_bytes_per_image"] <= 100_000
+    assert result["proposal_bytes_per_image"] <= 20_000
+    assert "solver_ms_per_image" not in result and "machine" in result
+
+
+def test_bad_part_is_an_error():
+    proc = subprocess.run([sys.executable, RUN_PY, "--only", "nope"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "--only" in proc.stderr
