@@ -1,7 +1,7 @@
 """Stage A's input: the network's probabilities on every training image (Alg. 1 line 5).
 
 Eval mode, no augmentation, at the network's output resolution (stride 4), only over
-each image's label set L, stored as float16 −log q (SPEC §6). Parts are chunks of
+each image's label set L, stored as 8-bit codes of −log q (SPEC §6). Parts are chunks of
 `shard_size` consecutive training images; DDP rank `rank` writes parts k ≡ rank.
 """
 from __future__ import annotations
@@ -27,6 +27,21 @@ def snapshot_complete(base: str, r: int, n_parts: int) -> bool:
 
 
 @torch.no_grad()
+def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]:
+    """−log q at the output resolution for each image; images of one size share a batch."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(i)
+    for idx in by_size.values():
+        with autocast(device):
+            logits = model.forward_lowres(torch.stack([images[i] for i in idx]).to(device))
+        neg = (-torch.log_softmax(logits.float(), 1)).clamp_(max=NEG_LOG_Q_MAX).cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = neg[j]
+    return out
+
+
 def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restrict_labels, device, rank=0, world=1, progress=None):
     """Write this rank's parts of snapshot round r; returns the number of images written."""
     model.eval()
@@ -34,12 +49,9 @@ def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restri
     for k, part in enumerate(chunks(len(samples), shard_size)):
         if k % world != rank:
             continue
+        items = [dataset[i] for i in part]
         rows = []
-        for i in part:
-            item = dataset[i]
-            with autocast(device):
-                logits = model.forward_lowres(item["image"][None].to(device))
-            neg_log_q = (-torch.log_softmax(logits.float(), 1)[0]).clamp_(max=NEG_LOG_Q_MAX).cpu().numpy()
+        for i, item, neg_log_q in zip(part, items, neg_log_probs(model, [it["image"] for it in items], device)):
             seeds = item["seeds"].numpy()
             labels = shards.label_set(seeds, neg_log_q.shape[0], restrict_labels)
             s = samples[i]
@@ -47,8 +59,7 @@ def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restri
                 shards.Snapshot(
                     image_id=s.image_id, round=r, image_uri=os.path.abspath(s.image_path),
                     seeds_uri=os.path.abspath(s.seeds_path), height=seeds.shape[0], width=seeds.shape[1],
-                    num_classes=neg_log_q.shape[0], label_set=labels,
-                    neg_log_q=neg_log_q[labels].astype(np.float16),
+                    num_classes=neg_log_q.shape[0], label_set=labels, neg_log_q=neg_log_q[labels],
                 )
             )
         shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", r, k))
