@@ -271,7 +271,7 @@ def test_node_removal_is_reported_as_solver_restarts(cluster, tmp_path):
     from tests.test_cluster import _check_all_proposals, _make_round
 
     c, trainer, solvers = cluster
-    base, n_parts, size = str(tmp_path / "shards"), 8, 160
+    base, n_parts, size = str(tmp_path / "shards"), 10, 160
     ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=1, size=size)
     result, errors = {}, []
 
@@ -287,13 +287,19 @@ def test_node_removal_is_reported_as_solver_restarts(cluster, tmp_path):
     proposals = shards.round_uri(base, "proposals", 0)
     deadline = time.monotonic() + 120
 
-    def solvers_seen():
-        return {p.solver for uri in shards.list_parts(proposals).values() for p in shards.read_proposals(uri)}
+    def busy_solver_node():  # a solver node that runs a live SolverActor, once one has solved a part
+        from ray._private import state
 
-    while len(solvers_seen()) < 2 and thread.is_alive() and time.monotonic() < deadline:
+        if not shards.list_parts(proposals):
+            return None
+        alive = {a["Address"]["NodeID"] for a in state.actors().values()
+                 if "SolverActor" in a.get("ActorClassName", "") and a.get("State") == "ALIVE"}
+        return next((n for n in solvers if n.node_id in alive), None)
+
+    while (node := busy_solver_node()) is None and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(shards.list_parts(proposals)) < n_parts, "round over before the node went: make it longer"
-    c.remove_node(solvers[0])
+    assert node is not None and len(shards.list_parts(proposals)) < n_parts, "round over before the node went"
+    c.remove_node(node)
     thread.join(timeout=180)
     assert not thread.is_alive() and not errors, errors
     _check_all_proposals(base, ids, n_parts, size)
