@@ -11,6 +11,7 @@ import click
 from shared import storage
 from shared.config import FORMATS, METHODS, SCHEDULES, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
+from trainer.presets import PRESETS
 
 SOLVER_FIELDS = {"tr_weight", "potts_weight", "max_iter", "algorithm", "restrict_labels"}
 
@@ -83,12 +84,13 @@ def _train_options(f):
 
 
 def resolve_train_config(params: dict) -> TrainConfig:
-    """Defaults ← --resume DIR's config.toml ← --config FILE ← flags given."""
+    """Defaults ← --preset ← --resume DIR's config.toml ← --config FILE ← flags given."""
     from trainer.tomlio import read_toml
 
     values: dict = {}
     resume_dir = params.pop("resume_dir")
     config_file = params.pop("config_file")
+    preset = params.pop("preset", None)
     if resume_dir:
         values.update(read_toml(os.path.join(resume_dir, "config.toml")))
     if config_file:
@@ -104,6 +106,13 @@ def resolve_train_config(params: dict) -> TrainConfig:
     for key in list(values):
         if key.replace("-", "_") in SOLVER_FIELDS:
             solver[key.replace("-", "_")] = values.pop(key)
+    if preset:  # the preset fills only what nothing above set (trainer/presets.py)
+        from trainer.presets import SOLVER_KEYS, preset_values
+
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        solver = {k.replace("-", "_"): v for k, v in solver.items()}
+        for key, value in preset_values(preset, values.get("scribbles", "")).items():
+            (solver if key in SOLVER_KEYS else values).setdefault(key, value)
     cfg = from_dict(TrainConfig, {k.replace("-", "_"): v for k, v in values.items()})
     cfg.solver = from_dict(SolverConfig, solver)
     if resume_dir:
@@ -115,6 +124,8 @@ def resolve_train_config(params: dict) -> TrainConfig:
 
 @cli.command()
 @_train_options
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Settings per scribble length (paper: VOC, SPEC §4); --config and flags override it.")
 @click.pass_context
 def train(ctx, **params):
     """Train one method on one data set."""
@@ -200,6 +211,57 @@ def convert_scribblesup_cmd(src, out, width):
 
     convert_scribblesup(src, out, width=width)
     click.echo(out)
+
+
+@cli.command("table1")
+@click.option("--data", default=None, help="Data set root [the built-in synthetic set].")
+@click.option("--format", type=click.Choice(FORMATS), default="synthetic")
+@click.option("--quick", is_flag=True, help="A tiny synthetic table, for tests (minutes on 2 cores).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings per scribble length (paper: VOC).")
+@click.option("--epochs", type=int, default=None, help="GD/TR epochs after the PCE model.")
+@click.option("--pretrain-epochs", type=int, default=None, help="Epochs of the PCE cells.")
+@click.option("--solvers", default=None, help="Solver actors of the Grid-TR cells: N or MIN:MAX.")
+@click.option("--out", required=True, help="Folder of the table, the plots and one run folder per cell.")
+@click.pass_context
+def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, out):
+    """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
+
+    Resumes: cells whose summary.json exists are skipped."""
+    from trainer.driver import connect
+    from trainer.table1 import run_table1
+
+    if data and not os.path.isdir(data):
+        raise UserError(f"--data: no such data set folder: {data!r}")
+    overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers)) if v is not None}
+    connect(ctx.obj["address"])
+    run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
+               log=lambda m: click.echo(m))
+    click.echo(open(os.path.join(out, "table1.csv")).read().rstrip())
+
+
+@cli.command("sweep-tr-weight")
+@click.option("--data", default=None, help="Data set root [the built-in synthetic set].")
+@click.option("--format", type=click.Choice(FORMATS), default="synthetic")
+@click.option("--quick", is_flag=True, help="A tiny synthetic sweep, for tests.")
+@click.option("--values", default="0,0.01,0.05,0.1,0.5", help="Comma-separated λ values (0: fixed proposals).")
+@click.option("--scribbles", "length", default="1", help="Scribble length: 0, 0.3, 0.5, 0.8, 1.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None)
+@click.option("--out", required=True)
+@click.pass_context
+def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, out):
+    """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
+    from trainer.driver import connect
+    from trainer.sweep import parse_values, run_sweep
+
+    lams = parse_values(values)
+    if length not in ("0", "0.3", "0.5", "0.8", "1"):
+        raise UserError(f"--scribbles: must be one of 0, 0.3, 0.5, 0.8, 1, got {length!r}")
+    if data and not os.path.isdir(data):
+        raise UserError(f"--data: no such data set folder: {data!r}")
+    connect(ctx.obj["address"])
+    run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
+              log=lambda m: click.echo(m))
+    click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,152 @@
+"""`python -m trainer table1 --quick`: every cell of Table 1, resume, the markdown and the
+plots; the tables and plots from fake summaries; the λ sweep's bookkeeping."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer import table1
+from trainer.table1 import LENGTHS, METHODS, PAPER_TABLE1, cell_config, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "trainer", "--local", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _read_csv(path):
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    return rows[0], {r[0]: r[1:] for r in rows[1:]}
+
+
+def test_paper_numbers_are_table1():
+    # paper Table 1: PCE-GD 0.50 … 0.61, Grid-TR 0.57 … 0.67, full supervision 0.70
+    assert [PAPER_TABLE1["pce"][L] for L in LENGTHS] == [0.50, 0.57, 0.59, 0.61, 0.61]
+    assert [PAPER_TABLE1["grid-tr"][L] for L in LENGTHS] == [0.57, 0.63, 0.64, 0.66, 0.67]
+    assert set(PAPER_TABLE1["full"].values()) == {0.70}
+
+
+def test_plan_and_cell_configs(tmp_path):
+    out = str(tmp_path)
+    cells = plan(out)
+    assert len(cells) == 21 and cells[0] == ("full", "1")
+    for method, length in cells[1:]:  # PCE of a length comes before the methods that start from it
+        if method != "pce":
+            assert cells.index(("pce", length)) < cells.index((method, length))
+    size = table1.QUICK
+    tr = cell_config(out, "grid-tr", "0.3", "d", "synthetic", size)
+    assert tr.init == os.path.join(out, "pce-0.3", "checkpoints", "last.pt") and tr.scribbles == "0.3"
+    assert cell_config(out, "pce", "1", "d", "synthetic", size).scribbles == ""
+    assert cell_config(out, "pce", "0", "d", "synthetic", size).init is None
+    full = cell_config(out, "full", "1", "d", "synthetic", size)
+    assert full.epochs == size.pretrain_epochs + size.epochs
+    paper = cell_config(out, "grid-tr", "0.8", "d", "voc", size, preset="paper", overrides={"epochs": 2})
+    assert (paper.eps, paper.solver.tr_weight, paper.epochs, paper.batch_size) == (0.946, 0.075, 2, 12)
+
+
+def _fake_results(tmp_path):
+    out = str(tmp_path)
+    for i, (method, length) in enumerate(plan(out)):
+        d = table1.cell_dir(out, method, length)
+        os.makedirs(d)
+        s = {"method": method, "dataset": "fake", "epochs": 2, "train_images": 8, "val_images": 4,
+             "val_miou": 0.1 + 0.01 * i, "wall_s": 1.0, "trimap": {"1": 0.2, "5": 0.3 + 0.01 * i}}
+        with open(os.path.join(d, "summary.json"), "w") as f:
+            json.dump(s, f)
+    return out
+
+
+def test_outputs_from_summaries(tmp_path):
+    out = _fake_results(tmp_path)
+    table1.write_outputs(out, table1.load_results(out))
+    header, rows = _read_csv(os.path.join(out, "table1.csv"))
+    assert header == ["method", "0", "0.3", "0.5", "0.8", "1"]
+    assert list(rows) == list(METHODS)
+    assert rows["full"] == ["0.1000"] * 5
+    assert all(v for r in rows.values() for v in r)
+    md = open(os.path.join(out, "table1.md")).read()
+    assert "Grid-TR (our)" in md and "0.67" in md and "starting model" in md
+    for png in ("fig5_miou_vs_length.png", "fig6_trimap.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_cli_rejects_bad_data(tmp_path):
+    res = _cli("table1", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), timeout=120)
+    assert res.returncode != 0 and "--data" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sweep_values():
+    from shared.errors import UserError
+    from trainer.sweep import _config, parse_values
+
+    assert parse_values("0,0.1, 0.05,0.1") == [0.0, 0.05, 0.1]
+    with pytest.raises(UserError):
+        parse_values("a")
+    with pytest.raises(UserError):
+        parse_values("-1")
+    size = table1.QUICK
+    zero = _config("/o", "grid-tr", "d", "synthetic", size, "", None, 0.0)
+    assert zero.solver.tr_weight == 0 and zero.epochs_per_round >= zero.epochs  # one stage A
+    some = _config("/o", "grid-tr", "d", "synthetic", size, "", None, 0.1)
+    assert some.solver.tr_weight == 0.1 and some.init == "/o/pce/checkpoints/last.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_table1_quick_fills_every_cell_and_resumes(tmp_path):
+    # 21 trainings; each costs ~10-15 s of Ray Train start/stop on an idle 2-core
+    # machine (~5 min in all), several times that when the machine is shared.
+    out = tmp_path / "t1"
+    t0 = time.time()
+    res = _cli("table1", "--quick", "--out", str(out), timeout=2400)
+    first = time.time() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    header, rows = _read_csv(out / "table1.csv")
+    assert header == ["method", "0", "0.3", "0.5", "0.8", "1"]
+    assert list(rows) == list(METHODS)
+    for method, values in rows.items():
+        assert len(values) == 5 and all(values), (method, values)
+        assert all(0.0 <= float(v) <= 1.0 for v in values)
+    assert len(set(rows["full"])) == 1
+    for method, length in plan(str(out)):
+        s = json.loads((out / os.path.relpath(table1.summary_path(str(out), method, length), str(out))).read_text())
+        assert s["method"] == method
+        if method == "grid-tr":
+            assert s["stage_a_images"] > 0
+    md = (out / "table1.md").read_text()
+    assert "PCE-GD" in md and "0.61" in md
+    assert (out / "fig5_miou_vs_length.png").stat().st_size > 1000
+    assert (out / "fig6_trimap.png").stat().st_size > 1000
+    print(f"table1 --quick: {first:.0f}s")
+
+    (out / "table1.csv").unlink()
+    t0 = time.time()
+    res = _cli("table1", "--quick", "--out", str(out), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("skipped") == 21
+    assert time.time() - t0 < 60
+    assert _read_csv(out / "table1.csv")[1] == rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sweep_quick_lambda_zero_is_one_stage_a(tmp_path):
+    out = tmp_path / "sweep"
+    res = _cli("sweep-tr-weight", "--quick", "--values", "0,0.1", "--out", str(out), timeout=1100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(out / "sweep.csv") as f:
+        rows = {r["tr_weight"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"0", "0.1"}
+    assert rows["0"]["stage_a_rounds"] == "1" and int(rows["0"]["stage_a_images"]) > 0  # fixed proposals
+    assert int(rows["0.1"]["stage_a_rounds"]) >= 2  # the network in the loop
+    assert all(0 <= float(r["val_miou"]) <= 1 for r in rows.values())
+    assert "λ = 0" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").stat().st_size > 1000
