@@ -28,6 +28,7 @@ from trainer.snapshots import chunks, snapshot_complete, write_snapshot_round
 from trainer.visualize import write_panels
 
 REGULARISED = ("grid-gd", "dense-gd", "grid-tr")
+CACHE_MAX_IMAGES = 2000  # decoded images kept in memory: the synthetic sets, not VOC's 10,582
 
 
 def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
@@ -69,9 +70,10 @@ def train_loop_per_worker(config: dict) -> None:
     eps = cfg.eps if cfg.eps is not None else default_eps(K)
     train_samples = train_split(cfg)
     val_samples = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
-    trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank)
-    valset = EvalSet(val_samples, K)
-    train_eval = EvalSet(train_samples, K)  # unaugmented: snapshots and panels
+    cache = len(train_samples) <= CACHE_MAX_IMAGES
+    trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank, cache=cache)
+    valset = EvalSet(val_samples, K, cache=cache)
+    train_eval = EvalSet(train_samples, K, cache=cache)  # unaugmented: snapshots and panels
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(trainset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(trainset) > cfg.batch_size),
         move_to_device=False,
