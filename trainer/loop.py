@@ -6,7 +6,6 @@ the run's outputs; every rank trains on its share of the data (DDP).
 """
 from __future__ import annotations
 
-import json
 import time
 
 import ray.train
@@ -88,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
     if resume:
         net.load_state_dict(resume["model"])
         # metrics.jsonl may hold the epoch after the checkpoint (killed in between): it is run again
-        log._lines = [ln for ln in log._lines if json.loads(ln).get("epoch", 0) <= resume["global_epoch"]]
+        log.drop_epochs_after(resume["global_epoch"])
     model = ray.train.torch.prepare_model(net)
 
     stats = {"stage_b_s": 0.0, "stage_a_images": 0, "stall_s": 0.0, "staleness": [], "max_staleness": 0}

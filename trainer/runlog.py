@@ -40,6 +40,10 @@ class RunLog:
                 self._tb.add_scalar(key, value, step)
             self._tb.flush()
 
+    def drop_epochs_after(self, epoch: int) -> None:
+        """Forget records past `epoch`: a resumed run trains them again."""
+        self._lines = [line for line in self._lines if json.loads(line).get("epoch", 0) <= epoch]
+
     def log_image(self, tag: str, image_hwc, step: int) -> None:
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
