@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from shared import storage
 from shared.config import TrainConfig
 from trainer.driver import run_train
-from trainer.synthetic import make_synthetic
+from trainer.synthetic import VERSION, make_synthetic
 
 
 @dataclass
@@ -34,7 +34,7 @@ QUICK = JobSize(n_train=16, n_val=8, size=64, pretrain_epochs=6, epochs=4, epoch
 def synthetic_dataset(n_train: int, n_val: int, size: int, classes: int = 4, seed: int = 0) -> str:
     """The synthetic set, generated once into a cache folder and reused."""
     cache = os.environ.get("TRSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trseg"))
-    root = os.path.join(cache, f"synthetic-{n_train}-{n_val}-{size}-{classes}-{seed}")
+    root = os.path.join(cache, f"synthetic-v{VERSION}-{n_train}-{n_val}-{size}-{classes}-{seed}")
     if not os.path.exists(os.path.join(root, ".complete")):
         make_synthetic(root, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed)
         open(os.path.join(root, ".complete"), "w").close()

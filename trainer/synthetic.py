@@ -13,7 +13,7 @@ Images (``size``×``size`` RGB) hold a background and 1–4 objects of K−1 obj
   touching or occluding each other (painted in order; the mask is what stays visible).
 - Object extents are hard to get from appearance alone but easy from edges: inside
   each visible object region the appearance fades towards the local background over a
-  rim of 4–7 px (blend 0.65–0.9 at the boundary, decaying linearly with depth), and the
+  rim of 6–10 px (blend 0.85–0.97 at the boundary, decaying linearly with depth), and the
   region's boundary pixels are darkened (a 1-px outline). The boundary is therefore a
   sharp image edge (where a contrast-sensitive Potts model cuts), while the rim looks
   like background to a classifier that has only seen the interiors. Scribbles lie in
@@ -47,6 +47,7 @@ from shared.errors import UserError
 from trainer.data import IGNORE, write_label
 from trainer.scribbles import shorten_scribble
 
+VERSION = 2  # bump when the generated images change: cached copies are keyed by it
 SUFFIXES = {"": 1.0, "0.8": 0.8, "0.5": 0.5, "0.3": 0.3, "0": 0.0}
 
 
@@ -231,7 +232,7 @@ def _make_image(rng: np.random.Generator, size: int, classes: int):
         col = _hsv(st.hue + rng.uniform(-st.hue_jitter, st.hue_jitter), rng.uniform(0.45, 0.9), rng.uniform(0.5, 0.95))
         tex = _stripes(h, w, st.angle + rng.normal(0, 0.25), st.period * rng.uniform(0.85, 1.2),
                        rng.uniform(8, 14), rng)
-        objects.append(dict(cls=c, col=col, tex=tex, rim=rng.uniform(4, 7) * s, blend=rng.uniform(0.65, 0.9)))
+        objects.append(dict(cls=c, col=col, tex=tex, rim=rng.uniform(6, 10) * s, blend=rng.uniform(0.85, 0.97)))
         label[m] = c
         owner[m] = len(objects) - 1
 
