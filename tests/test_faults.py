@@ -6,14 +6,12 @@ removed mid-round at the solve_round level is in test_cluster.py.)
 import json
 import os
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from tests.helpers import kill_processes, popen_cli, read_metrics, session_processes, solver_processes
-from tests.test_cluster import cluster  # noqa: F401 - the multi-node fixture
 
 pytestmark = pytest.mark.faults
 
@@ -258,49 +256,3 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
 
 
 # --------------------------------------------------------------------------- a solver node removed
-
-
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_node_removal_is_reported_as_solver_restarts(cluster, tmp_path):
-    """test_cluster covers the proposals when a solver node goes mid-round; here: the
-    actor lost with it is counted by solver_restarts() (summary.json's solver_restarts)."""
-    from shared import shards
-    from shared.config import SolverConfig
-    from solver_service.farm import solve_round, solver_restarts
-    from tests.test_cluster import _check_all_proposals, _make_round
-
-    c, trainer, solvers = cluster
-    base, n_parts, size = str(tmp_path / "shards"), 10, 160
-    ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=1, size=size)
-    result, errors = {}, []
-
-    def run():
-        try:
-            result["rows"] = solve_round(base, 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-
-    assert solver_restarts() == 0
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    proposals = shards.round_uri(base, "proposals", 0)
-    deadline = time.monotonic() + 120
-
-    def busy_solver_node():  # a solver node that runs a live SolverActor, once one has solved a part
-        from ray._private import state
-
-        if not shards.list_parts(proposals):
-            return None
-        alive = {a["Address"]["NodeID"] for a in state.actors().values()
-                 if "SolverActor" in a.get("ActorClassName", "") and a.get("State") == "ALIVE"}
-        return next((n for n in solvers if n.node_id in alive), None)
-
-    while (node := busy_solver_node()) is None and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert node is not None and len(shards.list_parts(proposals)) < n_parts, "round over before the node went"
-    c.remove_node(node)
-    thread.join(timeout=180)
-    assert not thread.is_alive() and not errors, errors
-    _check_all_proposals(base, ids, n_parts, size)
-    assert solver_restarts() >= 1

@@ -1,5 +1,4 @@
 """Permutohedral lattice vs the exact O(N²) bilateral filter (SPEC §3 Dense-GD)."""
-import math
 
 import pytest
 import torch

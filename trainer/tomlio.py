@@ -1,14 +1,9 @@
 """Config files: read with tomllib, write the resolved config back as TOML."""
 from __future__ import annotations
 
-import sys
+import tomllib
 
 from shared.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def read_toml(path: str) -> dict:
