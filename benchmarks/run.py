@@ -56,7 +56,7 @@ VOC_H, VOC_W, VOC_K, VOC_PRESENT = 375, 500, 21, 3
 STRIDE = 4  # the network's output stride
 SHARD_IMAGES = 8  # images per shard file: parquet has a fixed cost per file
 
-AUTHORS_SOLVER_MS = 200.0  # the authors' stage A per VOC image (issue's reference figure)
+AUTHORS_SOLVER_MS = 404.0  # the authors' C++ α-expansion per 375×500 image on this kind of machine (issue 8)
 
 TARGETS = {
     "solver_vs_raw_gco": ("<=", 1.15),

@@ -163,10 +163,7 @@ def grid_potts(probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     if their size differs from the images' they are resized bilinearly to the
     image size first (SPEC §1).  Computed in float32 with autocast disabled.
     """
-    if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
-        raise ValueError(f"probs {tuple(probs.shape)} and images {tuple(images.shape)} must be N×C×H×W")
-    N = probs.shape[0]
-    H, W = images.shape[-2:]
+    N, H, W = _batch_size(probs, images)
     with _no_autocast(probs.device):
         q = probs.float()
         if q.shape[-2:] != (H, W):
@@ -179,6 +176,13 @@ def grid_potts(probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
             qa, qb = _pair_views(q, dy, dx)
             total = total + (w * (1.0 - (qa * qb).sum(1))).flatten(1).sum(1)
         return (total / n_pairs).mean()
+
+
+def _batch_size(probs: torch.Tensor, images: torch.Tensor) -> tuple[int, int, int]:
+    """N, H, W of a batch of probabilities and its images (both N×C×H×W)."""
+    if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
+        raise ValueError(f"probs {tuple(probs.shape)} and images {tuple(images.shape)} must be N×C×H×W")
+    return probs.shape[0], images.shape[-2], images.shape[-1]
 
 
 def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0,
@@ -200,10 +204,7 @@ def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0
     grows with the squared number of pixels (q W q sums over all pixel pairs within
     σ_xy), so other image sizes, σ's or scales need another ν.
     """
-    if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
-        raise ValueError(f"probs {tuple(probs.shape)} and images {tuple(images.shape)} must be N×C×H×W")
-    N = probs.shape[0]
-    H, W = images.shape[-2:]
+    N, H, W = _batch_size(probs, images)
     with _no_autocast(probs.device):
         q = probs.float()
         img = images.detach().float().to(q.device)

@@ -21,7 +21,7 @@ import time
 
 from shared.config import TrainConfig
 from trainer.presets import apply_preset
-from trainer.table1 import FULL, QUICK, Table1Size, _pyplot, suffix
+from trainer.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, suffix
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
 # The sweep's own quick size: two stage-A rounds, so λ > 0 differs from λ = 0.
@@ -64,15 +64,10 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None) -> TrainC
 
 def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str = "synthetic",
               quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print) -> list[dict]:
-    from trainer.default_job import synthetic_dataset
     from trainer.driver import run_train
 
     size = QUICK_SWEEP if quick else FULL
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    if not data:
-        data, fmt = synthetic_dataset(size.n_train, size.n_val, size.size), "synthetic"
-    data = os.path.abspath(data)
+    out, data, fmt = prepare(out, data, fmt, size)
     sfx = suffix(scribbles)
     runs = [("pce", None)] + [("grid-tr", float(v)) for v in values]
     for i, (method, lam) in enumerate(runs, 1):

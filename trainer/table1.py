@@ -129,19 +129,25 @@ def summary_path(out, method, length) -> str:
     return os.path.join(cell_dir(out, method, length), "summary.json")
 
 
-def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick: bool = False,
-               preset: str | None = None, overrides: dict | None = None, log=print) -> dict:
-    """Train every missing cell, then write the table and the plots. Returns
-    {method: {length: summary}}."""
+def prepare(out: str, data: str | None, fmt: str, size) -> tuple[str, str, str]:
+    """The run folder (created) and the data set: the cached synthetic one without --data."""
     from trainer.default_job import synthetic_dataset
-    from trainer.driver import run_train
 
-    size = QUICK if quick else FULL
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     if not data:
         data, fmt = synthetic_dataset(size.n_train, size.n_val, size.size), "synthetic"
-    data = os.path.abspath(data)
+    return out, os.path.abspath(data), fmt
+
+
+def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick: bool = False,
+               preset: str | None = None, overrides: dict | None = None, log=print) -> dict:
+    """Train every missing cell, then write the table and the plots. Returns
+    {method: {length: summary}}."""
+    from trainer.driver import run_train
+
+    size = QUICK if quick else FULL
+    out, data, fmt = prepare(out, data, fmt, size)
     log(f"data: {data} ({fmt})\nout: {out}")
     cells = plan(out)
     t_all = time.perf_counter()
