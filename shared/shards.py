@@ -213,14 +213,30 @@ def read_table(uri: str, kind: str) -> pa.Table:
             table = pq.read_table(pa.BufferReader(data))
     except (OSError, pa.ArrowException) as e:
         raise CorruptShardError(uri, str(e).splitlines()[0] if str(e) else type(e).__name__)
-    meta = table.schema.metadata or {}
+    _check_schema(uri, table.schema, kind)
+    return table
+
+
+def check_shard(uri: str, kind: str) -> None:
+    """Check a shard's footer and schema without reading its rows (a truncated file
+    fails here); CorruptShardError if it does not follow the contract."""
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            schema = ipc.open_file(f).schema if _is_arrow(uri) else pq.read_schema(f)
+    except (OSError, pa.ArrowException) as e:
+        raise CorruptShardError(uri, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    _check_schema(uri, schema, kind)
+
+
+def _check_schema(uri: str, schema: pa.Schema, kind: str) -> None:
+    meta = schema.metadata or {}
     if meta.get(b"trseg.kind") != kind.encode():
         raise CorruptShardError(uri, f"not a {kind} shard")
     if meta.get(b"trseg.format_version") != FORMAT_VERSION.encode():
         raise CorruptShardError(uri, f"format version {meta.get(b'trseg.format_version')!r}")
-    if not table.schema.remove_metadata().equals(SCHEMAS[kind].remove_metadata()):
+    if not schema.remove_metadata().equals(SCHEMAS[kind].remove_metadata()):
         raise CorruptShardError(uri, "schema differs from the contract")
-    return table
 
 
 def read_snapshots(uri: str) -> list[Snapshot]:

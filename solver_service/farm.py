@@ -61,7 +61,7 @@ def missing_parts(base: str, r: int, verify: bool = False) -> dict[int, str]:
     for k, uri in snaps.items():
         if k in done and verify:
             try:
-                shards.read_proposals(done[k])
+                shards.check_shard(done[k], "proposals")
                 continue
             except shards.CorruptShardError as e:
                 print(f"warning: {e}; solving it again", flush=True)
@@ -72,12 +72,13 @@ def missing_parts(base: str, r: int, verify: bool = False) -> dict[int, str]:
 
 
 def readable_snapshots(parts: dict[int, str]) -> dict[int, str]:
-    """The parts whose snapshot reads. An unreadable one is reported with its path and
-    left alone: the trainer rewrites it (trainer.loop), and the farm solves it then."""
+    """The parts whose snapshot file is whole (footer and schema; rows are read by the
+    actors). An unreadable one is reported with its path and left alone: the trainer
+    rewrites it (trainer.loop), and the farm solves it then."""
     ok = {}
     for k, uri in parts.items():
         try:
-            shards.read_snapshots(uri)
+            shards.check_shard(uri, "snapshots")
             ok[k] = uri
         except shards.CorruptShardError as e:
             print(f"warning: {e}; not solved until the trainer rewrites it", flush=True)

@@ -110,3 +110,16 @@ def test_neg_log_q_codes_cover_the_solver_floor():
     assert codes.tolist() == [0, 0, 221, 255]
     assert 255 * shards.NEG_LOG_Q_STEP > -np.log(1e-8)
 
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_check_shard_reads_only_the_footer_and_catches_truncation(tmp_path, fmt):
+    uri = shards.part_uri(str(tmp_path), "snapshots", 0, 0, fmt)
+    shards.write_table(shards.snapshots_table([snap(0)]), uri)
+    shards.check_shard(uri, "snapshots")
+    with pytest.raises(shards.CorruptShardError, match="not a proposals shard"):
+        shards.check_shard(uri, "proposals")
+    path = tmp_path / "snapshots" / "round=0" / f"part-0.{fmt}"
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(shards.CorruptShardError, match=f"part-0.{fmt}"):
+        shards.check_shard(uri, "snapshots")
+
