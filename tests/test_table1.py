@@ -36,7 +36,7 @@ def test_paper_numbers_are_table1():
 
 def test_plan_and_cell_configs(tmp_path):
     out = str(tmp_path)
-    cells = plan(out)
+    cells = plan()
     assert len(cells) == 21 and cells[0] == ("full", "1")
     for method, length in cells[1:]:  # PCE of a length comes before the methods that start from it
         if method != "pce":
@@ -54,7 +54,7 @@ def test_plan_and_cell_configs(tmp_path):
 
 def _fake_results(tmp_path):
     out = str(tmp_path)
-    for i, (method, length) in enumerate(plan(out)):
+    for i, (method, length) in enumerate(plan()):
         d = table1.cell_dir(out, method, length)
         os.makedirs(d)
         s = {"method": method, "dataset": "fake", "epochs": 2, "train_images": 8, "val_images": 4,
@@ -116,7 +116,7 @@ def test_table1_quick_fills_every_cell_and_resumes(tmp_path):
         assert len(values) == 5 and all(values), (method, values)
         assert all(0.0 <= float(v) <= 1.0 for v in values)
     assert len(set(rows["full"])) == 1
-    for method, length in plan(str(out)):
+    for method, length in plan():
         s = json.loads((out / os.path.relpath(table1.summary_path(str(out), method, length), str(out))).read_text())
         assert s["method"] == method
         if method == "grid-tr":

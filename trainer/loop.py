@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.drop_epochs_after(resume["global_epoch"])
     model = ray.train.torch.prepare_model(net)
 
-    stats = {"stage_b_s": 0.0, "stage_a_images": 0, "stall_s": 0.0, "staleness": [], "max_staleness": 0}
+    stats = {"stage_b_s": 0.0, "stall_s": 0.0, "staleness": [], "max_staleness": 0}
     best = resume["best_miou"] if resume else -1.0
     global_epoch = resume["global_epoch"] if resume else 0
     plan = phases(cfg)

@@ -120,7 +120,7 @@ def _shape_polygon(rng, cx, cy, r, kind) -> list[tuple[float, float]]:
     return [(float(cx + x * ca - y * sa), float(cy + x * sa + y * ca)) for x, y in zip(px, py)]
 
 
-def _medial_stroke(region: np.ndarray, erode: int, trim: float, rng):
+def _medial_stroke(region: np.ndarray, erode: int, trim: float):
     """Points (x, y) of a line along ``region``'s medial line, or None if too small."""
     inner = region
     for e in range(erode, -1, -1):
@@ -260,7 +260,7 @@ def _make_image(rng: np.random.Generator, size: int, classes: int):
     for ob, region in zip(objects, regions):
         if region is None:
             continue
-        res = _medial_stroke(region, erode=max(1, int(round(2 * s))), trim=0.08, rng=rng)
+        res = _medial_stroke(region, erode=max(1, int(round(2 * s))), trim=0.08)
         if res is None:
             continue
         pts, inner = res

@@ -89,7 +89,7 @@ def cell_dir(out: str, method: str, length: str) -> str:
     return os.path.join(out, "full") if method == "full" else os.path.join(out, f"{method}-{length}")
 
 
-def plan(out: str) -> list[tuple[str, str]]:
+def plan() -> list[tuple[str, str]]:
     """(method, length) in training order: full, then per length PCE before the methods
     that start from it."""
     cells = [("full", "1")]
@@ -149,7 +149,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
     size = QUICK if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size)
     log(f"data: {data} ({fmt})\nout: {out}")
-    cells = plan(out)
+    cells = plan()
     t_all = time.perf_counter()
     for i, (method, length) in enumerate(cells, 1):
         path = summary_path(out, method, length)
@@ -172,7 +172,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
 
 def load_results(out: str) -> dict:
     results: dict = {m: {} for m in METHODS}
-    for method, length in plan(out):
+    for method, length in plan():
         path = summary_path(out, method, length)
         if os.path.exists(path):
             with open(path) as f:
