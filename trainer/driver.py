@@ -28,17 +28,24 @@ from trainer.snapshots import chunks
 
 
 def connect(address: str | None) -> None:
-    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard.
+    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard; either way
+    every worker runs `shared.ray_logging`'s hook, so the terminal shows each epoch
+    line once and none of Ray Train's per-report chatter.
 
     Local mode also needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before ray is first
     imported (the CLI does it), or worker sockets listen on every interface.
     """
     if ray.is_initialized():
         return
+    hook = "quiet_workers" if address else "quiet_local_workers"
+    # Ray Train's print patch tees every worker print into a logger that Ray forwards
+    # too, so each epoch line would reach the terminal twice.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+                   "worker_process_setup_hook": f"shared.ray_logging.{hook}"}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:

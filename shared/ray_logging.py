@@ -1,0 +1,30 @@
+"""Log hygiene for Ray worker processes, installed through runtime_env's
+`worker_process_setup_hook` (it runs in every worker before any task or actor).
+
+Ray Train logs every `train.report` call at INFO ("Reporting training result …",
+one per epoch) and, without a dashboard, its placement-group cleaner warns every
+second that the state API is unavailable. Both bury the epoch lines users read.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+# Ray Train names this module's logger after its *file*, so the name is a path.
+_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_workers() -> None:
+    """Drop Ray Train's per-report INFO lines; warnings and errors still show."""
+    spec = importlib.util.find_spec(_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
+def quiet_local_workers() -> None:
+    """`quiet_workers`, and silence the placement-group cleaner: a local Ray has no
+    dashboard, so the cleaner can never query the state API, and its placement groups
+    die with the driver's Ray anyway."""
+    quiet_workers()
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
