@@ -45,7 +45,8 @@ def sync_run(data, tmp_path_factory):
         f'epochs_per_round = 1\nschedule = "sync"\nbatch_size = 4\ncrop_size = 48\nshard_size = 3\n'
         f"\n[solver]\ntr_weight = 0.1\n"
     )
-    run_cli("--local", "train", "--config", str(config), "--out", str(out), "--max-iter", "3")
+    proc = run_cli("--local", "train", "--config", str(config), "--out", str(out), "--max-iter", "3")
+    (out.parent / "terminal.log").write_text(proc.stdout + proc.stderr)
     return str(out)
 
 
@@ -60,6 +61,37 @@ def test_sync_run_writes_every_output(sync_run):
     assert 0 <= summary["val_miou"] <= 1
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "last.pt"))
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "best.pt"))
+
+
+def test_terminal_shows_each_epoch_once_without_ray_train_chatter(sync_run):
+    log = open(os.path.join(os.path.dirname(sync_run), "terminal.log")).read()
+    assert len(re.findall(r"epoch \d+/5 \[", log)) == 5  # 2 PCE + 3 Grid-TR epochs, each once
+    assert "Reporting training result" not in log
+    assert "Failed to query Ray Train Controller" not in log
+
+
+def test_local_workers_state_api_never_reaches_another_ray():
+    """Ray Train's placement-group cleaner asks the state API whether the controller is
+    alive; in local mode that must not reach the newest Ray on the machine."""
+    probe = (
+        "from trainer.driver import connect, NO_API_SERVER\n"
+        "import os, ray\n"
+        "from ray.util.state import list_actors\n"
+        "from ray.util.state.exception import RayStateApiException\n"
+        "@ray.remote\n"
+        "def ask():\n"
+        "    try:\n"
+        "        list_actors()\n"
+        "        return 'answered'\n"
+        "    except RayStateApiException:\n"
+        "        return os.environ['RAY_API_SERVER_ADDRESS']\n"
+        "connect(None)\n"
+        "print('worker:', ray.get(ask.remote()), NO_API_SERVER)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "worker: http://127.0.0.1:1 http://127.0.0.1:1" in proc.stdout
 
 
 def test_sync_never_uses_a_stale_proposal(sync_run):

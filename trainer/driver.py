@@ -26,6 +26,8 @@ from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.snapshots import chunks
 
+NO_API_SERVER = "http://127.0.0.1:1"  # tcpmux: nothing listens there, connects are refused
+
 
 def connect(address: str | None) -> None:
     """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard; either way
@@ -37,15 +39,22 @@ def connect(address: str | None) -> None:
     """
     if ray.is_initialized():
         return
-    hook = "quiet_workers" if address else "quiet_local_workers"
     # Ray Train's print patch tees every worker print into a logger that Ray forwards
     # too, so each epoch line would reach the terminal twice.
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
-                   "worker_process_setup_hook": f"shared.ray_logging.{hook}"}
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=True, runtime_env={
+            "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_workers"})
+        return
+    # Without a dashboard of its own, the state API in our workers would look for the
+    # newest Ray on this machine (/tmp/ray/ray_current_cluster). Ray Train's
+    # placement-group cleaner asks it every second whether our train controller is
+    # alive; another local Ray with a dashboard answers "no such actor", and the
+    # cleaner tears down this run's placement group mid-training. Point the state API
+    # at a closed loopback port instead: every query fails fast and changes nothing.
+    env_vars["RAY_API_SERVER_ADDRESS"] = NO_API_SERVER
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env={
+        "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
