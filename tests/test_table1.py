@@ -37,8 +37,8 @@ def test_paper_numbers_are_table1():
 def test_plan_and_cell_configs(tmp_path):
     out = str(tmp_path)
     cells = plan()
-    assert len(cells) == 21 and cells[0] == ("full", "1")
-    for method, length in cells[1:]:  # PCE of a length comes before the methods that start from it
+    assert len(cells) == 26 and cells[0] == ("full", "1")
+    for method, length in cells[1:]:  # PCE of a length comes before the cells that start from it
         if method != "pce":
             assert cells.index(("pce", length)) < cells.index((method, length))
     size = table1.QUICK
@@ -46,6 +46,10 @@ def test_plan_and_cell_configs(tmp_path):
     assert tr.init == os.path.join(out, "pce-0.3", "checkpoints", "last.pt") and tr.scribbles == "0.3"
     assert cell_config(out, "pce", "1", "d", "synthetic", size).scribbles == ""
     assert cell_config(out, "pce", "0", "d", "synthetic", size).init is None
+    control = cell_config(out, "pce-continued", "0.5", "d", "synthetic", size)
+    assert control.method == "pce" and control.epochs == tr.epochs == size.epochs
+    assert control.init == os.path.join(out, "pce-0.5", "checkpoints", "last.pt")
+    assert control.out == os.path.join(out, "pce-continued-0.5")
     full = cell_config(out, "full", "1", "d", "synthetic", size)
     assert full.epochs == size.pretrain_epochs + size.epochs
     paper = cell_config(out, "grid-tr", "0.8", "d", "voc", size, preset="paper", overrides={"epochs": 2})
@@ -74,6 +78,9 @@ def test_outputs_from_summaries(tmp_path):
     assert all(v for r in rows.values() for v in r)
     md = open(os.path.join(out, "table1.md")).read()
     assert "Grid-TR (our)" in md and "0.67" in md and "starting model" in md
+    control = next(line for line in md.splitlines() if line.startswith("| PCE-GD continued"))
+    assert control.count("**") == 10 and "—" in control  # ours in every column, no paper value
+    assert "all 26 cells" in md
     for png in ("fig5_miou_vs_length.png", "fig6_trimap.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
 
@@ -102,7 +109,7 @@ def test_sweep_values():
 @pytest.mark.slow
 @pytest.mark.timeout(2700)
 def test_table1_quick_fills_every_cell_and_resumes(tmp_path):
-    # 21 trainings; each costs ~10-15 s of Ray Train start/stop on an idle 2-core
+    # 26 trainings; each costs ~10-15 s of Ray Train start/stop on an idle 2-core
     # machine (~5 min in all), several times that when the machine is shared.
     out = tmp_path / "t1"
     t0 = time.time()
@@ -118,7 +125,7 @@ def test_table1_quick_fills_every_cell_and_resumes(tmp_path):
     assert len(set(rows["full"])) == 1
     for method, length in plan():
         s = json.loads((out / os.path.relpath(table1.summary_path(str(out), method, length), str(out))).read_text())
-        assert s["method"] == method
+        assert s["method"] == ("pce" if method == "pce-continued" else method)
         if method == "grid-tr":
             assert s["stage_a_images"] > 0
     md = (out / "table1.md").read_text()
@@ -131,7 +138,7 @@ def test_table1_quick_fills_every_cell_and_resumes(tmp_path):
     t0 = time.time()
     res = _cli("table1", "--quick", "--out", str(out), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("skipped") == 21
+    assert res.stdout.count("skipped") == 26
     assert time.time() - t0 < 60
     assert _read_csv(out / "table1.csv")[1] == rows
 

@@ -218,7 +218,7 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--format", type=click.Choice(FORMATS), default="synthetic")
 @click.option("--quick", is_flag=True, help="A tiny synthetic table, for tests (minutes on 2 cores).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings per scribble length (paper: VOC).")
-@click.option("--epochs", type=int, default=None, help="GD/TR epochs after the PCE model.")
+@click.option("--epochs", type=int, default=None, help="Epochs of the GD/TR cells and the PCE control, after the PCE model.")
 @click.option("--pretrain-epochs", type=int, default=None, help="Epochs of the PCE cells.")
 @click.option("--solvers", default=None, help="Solver actors of the Grid-TR cells: N or MIN:MAX.")
 @click.option("--out", required=True, help="Folder of the table, the plots and one run folder per cell.")
