@@ -70,10 +70,12 @@ def test_terminal_shows_each_epoch_once_without_ray_train_chatter(sync_run):
     assert "Failed to query Ray Train Controller" not in log
 
 
-def test_local_workers_state_api_never_reaches_another_ray():
+def test_local_workers_state_api_never_reaches_another_ray(tmp_path):
     """Ray Train's placement-group cleaner asks the state API whether the controller is
-    alive; in local mode that must not reach the newest Ray on the machine."""
+    alive; in local mode that must not reach the newest Ray on the machine. The driver
+    runs outside the checkout: workers still find the packages (the setup hook's too)."""
     probe = (
+        f"import sys; sys.path.insert(0, {ROOT!r})\n"
         "from trainer.driver import connect, NO_API_SERVER\n"
         "import os, ray\n"
         "from ray.util.state import list_actors\n"
@@ -84,14 +86,16 @@ def test_local_workers_state_api_never_reaches_another_ray():
         "        list_actors()\n"
         "        return 'answered'\n"
         "    except RayStateApiException:\n"
-        "        return os.environ['RAY_API_SERVER_ADDRESS']\n"
+        "        import shared.ray_logging\n"
+        "        return os.environ['RAY_API_SERVER_ADDRESS'], shared.ray_logging.__file__\n"
         "connect(None)\n"
-        "print('worker:', ray.get(ask.remote()), NO_API_SERVER)\n"
+        "print('worker:', *ray.get(ask.remote()), NO_API_SERVER)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "worker: http://127.0.0.1:1 http://127.0.0.1:1" in proc.stdout
+    hook = os.path.join(ROOT, "shared", "ray_logging.py")
+    assert f"worker: http://127.0.0.1:1 {hook} http://127.0.0.1:1" in proc.stdout
 
 
 def test_sync_never_uses_a_stale_proposal(sync_run):

@@ -27,6 +27,7 @@ from trainer.runlog import load_checkpoint
 from trainer.snapshots import chunks
 
 NO_API_SERVER = "http://127.0.0.1:1"  # tcpmux: nothing listens there, connects are refused
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(shards.__file__)))
 
 
 def connect(address: str | None) -> None:
@@ -53,6 +54,9 @@ def connect(address: str | None) -> None:
     # cleaner tears down this run's placement group mid-training. Point the state API
     # at a closed loopback port instead: every query fails fast and changes nothing.
     env_vars["RAY_API_SERVER_ADDRESS"] = NO_API_SERVER
+    # Workers import the setup hook before Ray adds the driver's folder to their path:
+    # give them this checkout's packages whether or not it is pip-installed.
+    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env={
         "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
 
