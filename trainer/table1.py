@@ -276,7 +276,7 @@ def plot_fig5(path: str, table: dict) -> None:
     """mIoU against scribble length per method (paper Fig. 5), ours beside the paper's."""
     plt = _pyplot()
     xs = [float(L) for L in LENGTHS]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True)
     for ax, source, title in ((axes[0], table, "this run"), (axes[1], PAPER_TABLE1, "paper (VOC, Table 1)")):
         for method in ROWS:
             if method not in source:
@@ -291,8 +291,9 @@ def plot_fig5(path: str, table: dict) -> None:
         ax.set_ylabel("val mIoU")
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)  # below: the curves fill the axes
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
