@@ -55,8 +55,10 @@ def connect(address: str | None) -> None:
     # at a closed loopback port instead: every query fails fast and changes nothing.
     env_vars["RAY_API_SERVER_ADDRESS"] = NO_API_SERVER
     # Workers import the setup hook before Ray adds the driver's folder to their path:
-    # give them this checkout's packages whether or not it is pip-installed.
-    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # give them a source checkout's packages whether or not it is pip-installed (an
+    # installed wheel's folder is site-packages, which must not go before the stdlib).
+    if os.path.exists(os.path.join(PROJECT_ROOT, "pyproject.toml")):
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env={
         "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
 
