@@ -116,6 +116,14 @@ def _check(ok: bool, option: str, why: str) -> None:
         raise UserError(f"{option}: {why}")
 
 
+SOLVER_FIELDS = frozenset(f.name for f in dataclasses.fields(SolverConfig))
+
+
+def set_option(cfg: TrainConfig, name: str, value) -> None:
+    """Set one option by its flat name: stage-A options live on cfg.solver."""
+    setattr(cfg.solver if name in SOLVER_FIELDS else cfg, name, value)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -9,11 +9,10 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import FORMATS, METHODS, SCHEDULES, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import FORMATS, METHODS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from trainer.presets import PRESETS
-
-SOLVER_FIELDS = {"tr_weight", "potts_weight", "max_iter", "algorithm", "restrict_labels"}
+from trainer.table1 import LENGTHS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,15 +105,12 @@ def resolve_train_config(params: dict) -> TrainConfig:
     for key in list(values):
         if key.replace("-", "_") in SOLVER_FIELDS:
             solver[key.replace("-", "_")] = values.pop(key)
-    if preset:  # the preset fills only what nothing above set (trainer/presets.py)
-        from trainer.presets import SOLVER_KEYS, preset_values
-
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        solver = {k.replace("-", "_"): v for k, v in solver.items()}
-        for key, value in preset_values(preset, values.get("scribbles", "")).items():
-            (solver if key in SOLVER_KEYS else values).setdefault(key, value)
-    cfg = from_dict(TrainConfig, {k.replace("-", "_"): v for k, v in values.items()})
+    cfg = from_dict(TrainConfig, values)
     cfg.solver = from_dict(SolverConfig, solver)
+    if preset:  # the preset fills only what nothing above set (trainer/presets.py)
+        from trainer.presets import apply_preset
+
+        apply_preset(cfg, preset, explicit=[*values, *solver])
     if resume_dir:
         cfg.out, cfg.resume = resume_dir, True
     if not cfg.data:
@@ -230,8 +226,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     from trainer.driver import connect
     from trainer.table1 import run_table1
 
-    if data and not os.path.isdir(data):
-        raise UserError(f"--data: no such data set folder: {data!r}")
+    _check_data_folder(data)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers)) if v is not None}
     connect(ctx.obj["address"])
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
@@ -244,7 +239,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 @click.option("--format", type=click.Choice(FORMATS), default="synthetic")
 @click.option("--quick", is_flag=True, help="A tiny synthetic sweep, for tests.")
 @click.option("--values", default="0,0.01,0.05,0.1,0.5", help="Comma-separated λ values (0: fixed proposals).")
-@click.option("--scribbles", "length", default="1", help="Scribble length: 0, 0.3, 0.5, 0.8, 1.")
+@click.option("--scribbles", "length", type=click.Choice(LENGTHS), default="1", help="Scribble length (0: clicks).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None)
 @click.option("--out", required=True)
 @click.pass_context
@@ -254,14 +249,17 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, out):
     from trainer.sweep import parse_values, run_sweep
 
     lams = parse_values(values)
-    if length not in ("0", "0.3", "0.5", "0.8", "1"):
-        raise UserError(f"--scribbles: must be one of 0, 0.3, 0.5, 0.8, 1, got {length!r}")
-    if data and not os.path.isdir(data):
-        raise UserError(f"--data: no such data set folder: {data!r}")
+    _check_data_folder(data)
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m))
     click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
+
+
+def _check_data_folder(data: str | None) -> None:
+    """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
+    if data and not os.path.isdir(data):
+        raise UserError(f"--data: no such data set folder: {data!r}")
 
 
 def main(argv=None) -> None:

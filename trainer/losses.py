@@ -163,7 +163,7 @@ def grid_potts(probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     if their size differs from the images' they are resized bilinearly to the
     image size first (SPEC §1).  Computed in float32 with autocast disabled.
     """
-    N, H, W = _batch_size(probs, images)
+    N, H, W = _batch_shape(probs, images)
     with _no_autocast(probs.device):
         q = probs.float()
         if q.shape[-2:] != (H, W):
@@ -178,7 +178,7 @@ def grid_potts(probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         return (total / n_pairs).mean()
 
 
-def _batch_size(probs: torch.Tensor, images: torch.Tensor) -> tuple[int, int, int]:
+def _batch_shape(probs: torch.Tensor, images: torch.Tensor) -> tuple[int, int, int]:
     """N, H, W of a batch of probabilities and its images (both N×C×H×W)."""
     if probs.dim() != 4 or images.dim() != 4 or probs.shape[0] != images.shape[0]:
         raise ValueError(f"probs {tuple(probs.shape)} and images {tuple(images.shape)} must be N×C×H×W")
@@ -204,7 +204,7 @@ def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0
     grows with the squared number of pixels (q W q sums over all pixel pairs within
     σ_xy), so other image sizes, σ's or scales need another ν.
     """
-    N, H, W = _batch_size(probs, images)
+    N, H, W = _batch_shape(probs, images)
     with _no_autocast(probs.device):
         q = probs.float()
         img = images.detach().float().to(q.device)

@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from shared.config import TrainConfig
+from shared.config import TrainConfig, set_option
 from trainer.presets import apply_preset
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
@@ -120,10 +120,7 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     else:
         cfg.epochs, cfg.pretrain_epochs = size.epochs, size.pretrain_epochs
     for key, value in overrides.items():
-        if key in ("tr_weight", "potts_weight", "max_iter"):
-            setattr(cfg.solver, key, value)
-        else:
-            setattr(cfg, key, value)
+        set_option(cfg, key, value)
     pretrain, epochs = cfg.pretrain_epochs, cfg.epochs
     if method == "pce":
         cfg.epochs = pretrain
