@@ -188,7 +188,7 @@ def _epoch_stats(out: str) -> dict:
 
 def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
     from shared.config import TrainConfig
-    from trainer.default_job import synthetic_dataset
+    from experiments.default_job import synthetic_dataset
     from trainer.driver import run_train
 
     n_train, n_val, size = 64, 32, 96  # the default job's full synthetic set

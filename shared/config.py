@@ -1,7 +1,7 @@
 """Typed configuration, in one place. The command line and TOML files map onto it.
 
 Defaults are the ones that suit the built-in synthetic data set on a laptop; the
-paper's VOC settings (SPEC §4) are the `paper` preset (`trainer.presets`).
+paper's VOC settings (SPEC §4) are the `paper` preset (`experiments.presets`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ METHODS = ("full", "pce", "grid-gd", "dense-gd", "grid-tr")
 FORMATS = ("voc", "folder", "synthetic")
 SCHEDULES = ("overlapped", "sync")
 ALGORITHMS = ("expansion", "swap")
+OPTIMIZERS = ("sgd", "adamw")
 SCRIBBLE_SUFFIXES = ("", "0.8", "0.5", "0.3", "0")
 
 
@@ -43,9 +44,11 @@ class TrainConfig:
     scribbles: str = ""  # scribble length suffix: '' (full), '0.8', '0.5', '0.3', '0' (clicks)
     method: str = "pce"
     epochs: int = 20
+    arch: str = ""  # trainer.architectures; "": --init's, else the paper's with --backbone-weights, else unet
+    optimizer: str = "adamw"  # sgd (the paper's, with momentum) or adamw
     batch_size: int = 8
-    lr: float = 0.01  # backbone rate; the decoder trains at 10×
-    momentum: float = 0.9
+    lr: float = 0.003  # peak rate, poly decay; DeepLab's decoder trains at 10× it
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     crop_size: int = 64  # training crops; 0 trains on whole images
     init: str | None = None  # checkpoint to start from (Alg. 1 line 2: the PCE model)
@@ -93,6 +96,10 @@ class TrainConfig:
         _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
+        _check(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {OPTIMIZERS}")
+        from trainer.architectures import ARCHITECTURES
+
+        _check(self.arch in ("", *ARCHITECTURES), "--arch", f"must be one of {tuple(ARCHITECTURES)}")
         _check(self.pretrain_epochs >= 1, "--pretrain-epochs", "must be ≥ 1")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")

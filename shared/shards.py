@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from shared import storage
 from shared.errors import CorruptShardError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 NEG_LOG_Q_STEP = 1 / 12  # nats per code: 255 codes reach 21.25 > −log(1e-8), the solver's floor
 FARM_FAILED = "FARM_FAILED"  # marker under the base URI: stage A failed, stop waiting
 KINDS = ("snapshots", "proposals")
@@ -60,6 +60,7 @@ PROPOSAL_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("warm_start", pa.bool_()),
         ("solver", pa.string()),  # "<node>:<pid>" of the process that solved it
+        ("changed", pa.float32()),  # fraction of unseeded pixels where labels ≠ the network's argmax
     ],
     metadata={"trseg.kind": "proposals", "trseg.format_version": FORMAT_VERSION},
 )
@@ -108,7 +109,7 @@ class Proposal:
     seconds: float
     warm_start: bool
     solver: str
-
+    changed: float = 0.0  # fraction of unseeded pixels where stage A overrode the network
 
 def quantize_neg_log_q(neg_log_q: np.ndarray, step: float = NEG_LOG_Q_STEP) -> np.ndarray:
     """8-bit codes of −log q, rounded to `step` nats and clipped at 255 codes.
@@ -175,6 +176,7 @@ def proposals_table(rows: list[Proposal]) -> pa.Table:
         "seconds": [p.seconds for p in rows],
         "warm_start": [p.warm_start for p in rows],
         "solver": [p.solver for p in rows],
+        "changed": [p.changed for p in rows],
     }
     return pa.table(cols, schema=PROPOSAL_SCHEMA)
 
@@ -273,6 +275,7 @@ def read_proposals(uri: str) -> list[Proposal]:
                 energy=t["energy"][i], unary_energy=t["unary_energy"][i],
                 smooth_energy=t["smooth_energy"][i], iterations=t["iterations"][i],
                 seconds=t["seconds"][i], warm_start=t["warm_start"][i], solver=t["solver"][i],
+                changed=t["changed"][i],
             )
         )
     return out

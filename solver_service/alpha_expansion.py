@@ -55,6 +55,7 @@ class SolveResult:
     scale: float = 1.0  # integer scale used for GCO (see the module docstring)
     gco_energy: float = float("nan")  # GCO's integer energy / scale, for checks
     warm_start: bool = False
+    changed: float = 0.0  # fraction of unseeded pixels where labels ≠ the network's argmax over L
 
 
 class Solver(Protocol):
@@ -281,8 +282,11 @@ def solve(
         if i_total < total:
             idx, total, un, sm = init_idx, i_total, i_un, i_sm
     out = L[idx].reshape(h, w).astype(np.uint8)
+    free = ~seeded
+    network = np.argmin(p["unary"], axis=0)  # argmax of q over L (unary is λ·(−log q))
+    changed = float(np.mean(idx[free] != network[free])) if free.any() and tr_weight > 0 else 0.0
     return SolveResult(
         labels=out, energy=total, unary_energy=un, smooth_energy=sm, iterations=iterations,
         seconds=time.perf_counter() - t0, scale=p["scale"], gco_energy=gco_energy,
-        warm_start=init is not None,
+        warm_start=init is not None, changed=changed,
     )

@@ -33,12 +33,13 @@ class SolverActor:
         self.node_id = ray.get_runtime_context().get_node_id()  # unique even when nodes share an IP
 
     def __call__(self, batch: dict) -> dict:
-        out = {"k": [], "images": [], "seconds": [], "solver": [], "node_id": []}
+        out = {"k": [], "images": [], "seconds": [], "changed_sum": [], "solver": [], "node_id": []}
         for k, snapshot, proposal, init in zip(batch["k"], batch["snapshot"], batch["proposal"], batch["init"]):
             stats = solve_part(str(snapshot), str(proposal), self.cfg, str(init) or None, self.name)
             out["k"].append(int(k))
             out["images"].append(stats["images"])
             out["seconds"].append(stats["seconds"])
+            out["changed_sum"].append(stats["changed_sum"])
             out["solver"].append(self.name)
             out["node_id"].append(self.node_id)
         return out

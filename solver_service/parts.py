@@ -106,7 +106,7 @@ def solve_part(
                 image_id=row.image_id, round=row.round, labels=res.labels, energy=res.energy,
                 unary_energy=res.unary_energy, smooth_energy=res.smooth_energy,
                 iterations=res.iterations, seconds=res.seconds, warm_start=init is not None,
-                solver=solver_id,
+                solver=solver_id, changed=res.changed,
             )
         )
     shards.write_table(shards.proposals_table(out), proposal_uri)
@@ -116,6 +116,7 @@ def solve_part(
         "energy_sum": float(sum(p.energy for p in out)),
         "iterations": int(sum(p.iterations for p in out)),
         "warm_starts": int(sum(p.warm_start for p in out)),
+        "changed_sum": float(sum(p.changed for p in out)),
         "part_uri": proposal_uri,
         "snapshot_uri": snapshot_uri,
         "solver": solver_id,

@@ -83,3 +83,23 @@ def test_corrupt_proposal_is_reported_and_removed(tmp_path):
     with pytest.warns(UserWarning, match="part-1.parquet"):
         feed.refresh(0, wait=False)
     assert "c" not in feed.labels and not (tmp_path / "proposals" / "round=0" / "part-1.parquet").exists(), uri
+
+
+def test_diagnostics_score_the_proposals_in_use_against_masks(tmp_path):
+    base = str(tmp_path)
+    rows = []
+    for i, changed in (("a", 0.1), ("b", 0.3)):
+        labels = np.zeros((4, 4), np.uint8)
+        labels[:, 2:] = 1
+        rows.append(shards.Proposal(image_id=i, round=0, labels=labels, energy=1.0, unary_energy=0.5,
+                                    smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t",
+                                    changed=changed))
+    shards.write_table(shards.proposals_table(rows), shards.part_uri(base, "proposals", 0, 0))
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:, 1:] = 1  # the proposals miss one column of class 1: IoU 8/12 (class 1), 4/8 (class 0)
+    feed = ProposalFeed(base, [["a", "b"]], sync=True, max_staleness=0, num_classes=2,
+                        mask_of=lambda image_id: mask if image_id == "a" else None)
+    feed.refresh(0, wait=True)
+    d = feed.diagnostics()
+    assert d["proposal_changed"] == pytest.approx(0.2)
+    assert d["proposal_miou"] == pytest.approx((8 / 12 + 4 / 8) / 2)

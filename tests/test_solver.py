@@ -178,3 +178,20 @@ def test_degenerate_sizes():
         res = solve(image, probs, seeds)
         assert res.labels.shape == (H, W)
         assert res.energy == pytest.approx(E.potts_energy(res.labels, image, probs, seeds, 0.1, 100.0)[0])
+
+
+def test_changed_counts_unseeded_pixels_where_stage_a_overrides_the_network():
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[:, 10:] = 200
+    probs = np.full((2, 20, 20), 0.5, np.float32)
+    probs[0, :, :5] = probs[1, :, 5:] = 0.6  # the network puts the boundary at column 5
+    probs[1, :, :5] = probs[0, :, 5:] = 0.4
+    seeds = np.full((20, 20), 255, np.uint8)
+    seeds[10, 2] = 0
+    seeds[10, 17] = 1
+    weak = solve(image, probs, seeds, tr_weight=1.0, potts_weight=0.0)
+    assert weak.changed == 0.0  # no Potts term: the network's argmax wins everywhere
+    strong = solve(image, probs, seeds, tr_weight=0.1, potts_weight=100.0)
+    # the image edge is at column 10: stage A moves columns 5..9 to class 0 (100 of 398 free pixels)
+    assert (strong.labels[:, :10] == 0).all() and (strong.labels[:, 10:] == 1).all()
+    assert strong.changed == pytest.approx(100 / 398)

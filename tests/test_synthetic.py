@@ -4,6 +4,9 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from shared.errors import UserError
 
 from trainer.data import check_samples, load_split, read_classes, read_image, read_label
 from trainer.synthetic import make_synthetic
@@ -78,3 +81,20 @@ def test_other_sizes(tmp_path):
     s = make_synthetic(str(tmp_path / "d"), n_train=2, n_val=1, size=64, classes=3, seed=1)
     assert s["classes"] == ["background", "class1", "class2"]
     assert read_image(str(tmp_path / "d" / "images" / "val_0000.png")).shape == (64, 64, 3)
+
+
+def test_hard_variant_is_deterministic_and_harder(tmp_path):
+    """Weak outlines, more and smaller objects, false edges; the default set is unchanged by it."""
+    from trainer.synthetic import make_synthetic
+
+    a = make_synthetic(str(tmp_path / "a"), n_train=6, n_val=1, variant="hard")
+    make_synthetic(str(tmp_path / "b"), n_train=6, n_val=1, variant="hard")
+    make_synthetic(str(tmp_path / "d"), n_train=6, n_val=1)
+    hard = [np.asarray(Image.open(tmp_path / "a" / "masks" / f"train_{i:04d}.png")) for i in range(6)]
+    again = [np.asarray(Image.open(tmp_path / "b" / "masks" / f"train_{i:04d}.png")) for i in range(6)]
+    easy = [np.asarray(Image.open(tmp_path / "d" / "masks" / f"train_{i:04d}.png")) for i in range(6)]
+    assert all((x == y).all() for x, y in zip(hard, again))
+    assert not all((x == y).all() for x, y in zip(hard, easy))
+    assert 0.01 < a["coverage"][""] < 0.06
+    with pytest.raises(UserError, match="--variant"):
+        make_synthetic(str(tmp_path / "c"), n_train=1, n_val=1, variant="nope")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from trainer import table1
-from trainer.table1 import LENGTHS, METHODS, PAPER_TABLE1, cell_config, plan
+from experiments import table1
+from experiments.table1 import LENGTHS, METHODS, PAPER_TABLE1, cell_config, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +92,7 @@ def test_cli_rejects_bad_data(tmp_path):
 
 def test_sweep_values():
     from shared.errors import UserError
-    from trainer.sweep import _config, parse_values
+    from experiments.sweep import _config, parse_values
 
     assert parse_values("0,0.1, 0.05,0.1") == [0.0, 0.05, 0.1]
     with pytest.raises(UserError):

@@ -9,10 +9,11 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import FORMATS, METHODS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import FORMATS, METHODS, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
-from trainer.presets import PRESETS
-from trainer.table1 import LENGTHS
+from trainer.architectures import ARCHITECTURES
+from experiments.presets import PRESETS
+from experiments.table1 import LENGTHS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +37,7 @@ def cli(ctx, local, address, out, quick, debug):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ctx.obj = {"address": address}
     if ctx.invoked_subcommand is None:
-        from trainer.default_job import run_default_job
+        from experiments.default_job import run_default_job
         from trainer.driver import connect
 
         connect(address)
@@ -52,8 +53,11 @@ def _train_options(f):
         click.option("--method", type=click.Choice(METHODS), default=None),
         click.option("--epochs", type=int, default=None),
         click.option("--pretrain-epochs", type=int, default=None, help="PCE epochs first when there is no --init."),
+        click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=None,
+                     help="Network [--init's; else the paper's with --backbone-weights; else unet]."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="sgd (the paper's) or adamw [adamw]."),
         click.option("--batch-size", type=int, default=None),
-        click.option("--lr", type=float, default=None, help="Backbone learning rate (decoder: 10×)."),
+        click.option("--lr", type=float, default=None, help="Peak learning rate, poly decay (DeepLab's decoder: 10×)."),
         click.option("--crop-size", type=int, default=None),
         click.option("--init", default=None, help="Checkpoint to start from."),
         click.option("--backbone-weights", default=None, help="torchvision mobilenet_v2 ImageNet state_dict."),
@@ -107,8 +111,8 @@ def resolve_train_config(params: dict) -> TrainConfig:
             solver[key.replace("-", "_")] = values.pop(key)
     cfg = from_dict(TrainConfig, values)
     cfg.solver = from_dict(SolverConfig, solver)
-    if preset:  # the preset fills only what nothing above set (trainer/presets.py)
-        from trainer.presets import apply_preset
+    if preset:  # the preset fills only what nothing above set (experiments/presets.py)
+        from experiments.presets import apply_preset
 
         apply_preset(cfg, preset, explicit=[*values, *solver])
     if resume_dir:
@@ -175,11 +179,13 @@ def predict(checkpoint, images, out):
 @click.option("--size", type=int, default=96)
 @click.option("--classes", type=int, default=4)
 @click.option("--seed", type=int, default=0)
-def make_synthetic_cmd(out, n_train, n_val, size, classes, seed):
+@click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
+              help="hard: weak object boundaries, strong edges that are not boundaries, small objects.")
+def make_synthetic_cmd(out, n_train, n_val, size, classes, seed, variant):
     """Generate the synthetic data set (folder layout, every scribble length)."""
     from trainer.synthetic import make_synthetic
 
-    make_synthetic(out, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed)
+    make_synthetic(out, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed, variant=variant)
     click.echo(out)
 
 
@@ -224,7 +230,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 
     Resumes: cells whose summary.json exists are skipped."""
     from trainer.driver import connect
-    from trainer.table1 import run_table1
+    from experiments.table1 import run_table1
 
     _check_data_folder(data)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers)) if v is not None}
@@ -246,7 +252,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, out):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from trainer.driver import connect
-    from trainer.sweep import parse_values, run_sweep
+    from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)
     _check_data_folder(data)

@@ -21,6 +21,7 @@ from shared import shards, storage
 from shared.config import TrainConfig, to_dict
 from shared.errors import UserError
 from solver_service.farm import Farm, solver_restarts
+from trainer.architectures import checkpoint_arch, resolve_arch
 from trainer.data import IGNORE, check_samples, load_split, read_classes, read_label
 from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
@@ -64,7 +65,8 @@ def connect(address: str | None) -> None:
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
-    """Fail fast, with the file or option at fault: returns (K, train images, val images)."""
+    """Fail fast, with the file or option at fault: returns (K, train images, val images).
+    Resolves cfg.arch (see `trainer.architectures.resolve_arch`)."""
     cfg.validate()
     if not cfg.data or not os.path.exists(cfg.data):
         raise UserError(f"--data: no such data set folder: {cfg.data!r}")
@@ -73,10 +75,13 @@ def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
     val = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
     check_samples(train, K)
     check_samples(val, K)
+    init_arch = None
     if cfg.init:
         state = load_checkpoint(cfg.init)
         if state["num_classes"] != K:
             raise UserError(f"--init {cfg.init}: a {state['num_classes']}-class model, but the data set has {K} classes")
+        init_arch = checkpoint_arch(state)
+    cfg.arch = resolve_arch(cfg.arch, init_arch, cfg.backbone_weights)
     if cfg.resume and not storage.exists(storage.join(cfg.out, "checkpoints", "last.pt")):
         raise UserError(f"--resume: {cfg.out}/checkpoints/last.pt does not exist")
     return K, len(train), len(val)
@@ -169,7 +174,9 @@ def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) ->
     """One line a round, with the farm size that would keep the trainer from waiting."""
     images = sum(row["images"] for row in rows)
     per_image = sum(row["seconds"] for row in rows) / max(images, 1)
-    line = f"stage A round {r}: {images} images in {seconds:.1f}s, {per_image:.3f} s/image on one solver"
+    changed = sum(row.get("changed_sum", 0.0) for row in rows) / max(images, 1)
+    line = (f"stage A round {r}: {images} images in {seconds:.1f}s, {per_image:.3f} s/image on one solver, "
+            f"{100 * changed:.1f}% of unseeded pixels changed from the network's argmax")
     stage_b = _stage_b_seconds_per_round(cfg)
     if images and stage_b:
         needed = math.ceil(images * per_image / stage_b)

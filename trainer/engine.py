@@ -29,6 +29,15 @@ def poly_lr(base: float, step: int, total: int, power: float = 0.9) -> float:
     return base * (1 - min(step, total - 1) / total) ** power
 
 
+def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float):
+    """SGD with momentum (the paper's) or AdamW (decoupled weight decay) over the groups."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
 def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None):
     """SGD over the loader once; returns (mean loss, next global step)."""
     model.train()

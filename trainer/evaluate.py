@@ -12,13 +12,14 @@ from shared import storage
 from shared.errors import UserError
 from trainer import engine
 from trainer.data import EvalSet, check_samples, load_split, palette, read_classes, read_image
-from trainer.model import DeepLabV3Plus
+from trainer.architectures import build_model, checkpoint_arch
 from trainer.runlog import load_checkpoint
 
 
-def load_model(checkpoint: str, device: torch.device) -> tuple[DeepLabV3Plus, dict]:
+def load_model(checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's network (the architecture it records) in eval mode, and its state."""
     state = load_checkpoint(checkpoint)
-    model = DeepLabV3Plus(state["num_classes"])
+    model = build_model(checkpoint_arch(state), state["num_classes"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

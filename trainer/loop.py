@@ -19,8 +19,9 @@ from shared import shards
 from shared.config import TrainConfig, default_eps, from_dict
 from shared.errors import CorruptShardError
 from trainer import engine
-from trainer.data import EvalSet, TrainSet, load_split, read_classes
-from trainer.model import DeepLabV3Plus, load_backbone_weights
+from trainer.data import EvalSet, TrainSet, load_split, read_classes, read_label
+from trainer.architectures import build_model
+from trainer.model import load_backbone_weights
 from trainer.proposals import ProposalFeed
 from trainer.runlog import RunLog, load_checkpoint
 from trainer.snapshots import chunks, snapshot_complete, write_snapshot_round
@@ -41,6 +42,12 @@ def train_split(cfg: TrainConfig):
     """Full supervision needs the masks, every other method the scribbles."""
     full = cfg.method == "full"
     return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
+
+
+def mask_reader(samples, num_classes: int):
+    """image id -> its full mask (None when the image has none), read when asked."""
+    paths = {s.image_id: s.mask_path for s in samples}
+    return lambda image_id: read_label(paths[image_id], num_classes) if paths.get(image_id) else None
 
 
 def progress_bar(enabled: bool, desc: str, total: int, unit: str = "img"):
@@ -78,7 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
         move_to_device=False,
     )
 
-    net = DeepLabV3Plus(K)
+    net = build_model(cfg.arch, K)
     if cfg.backbone_weights:
         load_backbone_weights(net, cfg.backbone_weights)
     if cfg.init:
@@ -105,7 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
         feed = None
         if method == "grid-tr":
             parts = [[train_samples[i].image_id for i in part] for part in chunks(len(train_samples), cfg.shard_size)]
-            feed = ProposalFeed(cfg.shard_base(), parts, sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness)
+            feed = ProposalFeed(cfg.shard_base(), parts, sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness,
+                                num_classes=K, mask_of=mask_reader(train_samples, K))
         final = phase == len(plan) - 1
         for epoch in range(start, epochs):
             record = {"phase": method, "epoch": global_epoch + 1}
@@ -132,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
                     write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, K)
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
-                "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
+                "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes, "arch": cfg.arch,
                 "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
             }
             if final and "val_miou" in record and record["val_miou"] > best:
@@ -152,9 +160,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def make_optimizer(net, cfg: TrainConfig, state: dict | None = None):
-    """SGD over the model's parameter groups, and their base learning rates (before any
-    decay); `state` (a checkpoint's optimizer state: momentum buffers, rates) is loaded."""
-    optimizer = torch.optim.SGD(net.param_groups(cfg.lr), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """The run's optimizer over the model's parameter groups, and their base learning
+    rates (before any decay); `state` (a checkpoint's optimizer state) is loaded."""
+    optimizer = engine.make_optimizer(net.param_groups(cfg.lr), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if state is not None:
         optimizer.load_state_dict(state)
@@ -202,6 +210,7 @@ def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, 
     stats["staleness"].append(got["mean_staleness"])
     stats["max_staleness"] = max(stats["max_staleness"], got["max_staleness"])
     record.update(stall_s=got["stall_s"], mean_staleness=got["mean_staleness"], max_staleness=got["max_staleness"])
+    record.update(feed.diagnostics())
     return record
 
 
@@ -221,4 +230,8 @@ def _progress_line(record: dict, epoch: int, total: int) -> str:
         parts.append(f"val mIoU {100 * record['val_miou']:.1f}")
     if "round" in record:
         parts.append(f"round {record['round']} stall {record['stall_s']:.1f}s staleness {record['mean_staleness']:.2f}")
+    if "proposal_changed" in record:
+        parts.append(f"proposals: {100 * record['proposal_changed']:.1f}% changed from the network")
+    if "proposal_miou" in record:
+        parts.append(f"mIoU vs masks {100 * record['proposal_miou']:.1f}")
     return "  ".join(parts)

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 
 from shared import shards, storage
 from shared.errors import CorruptShardError, UserError
+from trainer.metrics import confusion_matrix, miou
+
+MaskReader = Callable[[str], "np.ndarray | None"]
 
 
 class ProposalFeed:
-    def __init__(self, base: str, parts: list[list[str]], *, sync: bool, max_staleness: int, poll_s: float = 0.2):
+    """`mask_of(image_id)` (optional) gives an image's full mask, or None: then the
+    proposals in use are scored against the masks (`diagnostics`)."""
+
+    def __init__(self, base: str, parts: list[list[str]], *, sync: bool, max_staleness: int, poll_s: float = 0.2,
+                 num_classes: int = 0, mask_of: MaskReader | None = None):
         self.base = base
         self.parts = parts  # image ids of every part
         self.min_lag = 0 if sync else max_staleness
@@ -26,6 +34,10 @@ class ProposalFeed:
         self.current: dict[int, int] = {}  # part -> proposal round in use
         self.labels: dict[str, np.ndarray] = {}
         self.stall_s = 0.0
+        self.num_classes = num_classes
+        self.mask_of = mask_of
+        self._changed: dict[int, list[float]] = {}  # part -> per-image changed fraction
+        self._confusion: dict[int, np.ndarray] = {}  # part -> proposals vs masks
 
     def _available(self, r: int) -> dict[int, tuple[int, str]]:
         """Newest proposal round ≤ r of every part that has one."""
@@ -72,3 +84,24 @@ class ProposalFeed:
         for row in rows:
             self.labels[row.image_id] = row.labels
         self.current[k] = p
+        self._changed[k] = [row.changed for row in rows]
+        if self.mask_of is not None:
+            conf = np.zeros((self.num_classes, self.num_classes), np.int64)
+            for row in rows:
+                mask = self.mask_of(row.image_id)
+                if mask is not None:
+                    conf += confusion_matrix(row.labels, np.where(row.labels == 255, 255, mask), self.num_classes)
+            self._confusion[k] = conf
+
+    def diagnostics(self) -> dict:
+        """What stage A did to the proposals in use (SPEC §4 diagnostics): the mean fraction
+        of unseeded pixels where they differ from the network's own argmax
+        (`proposal_changed`) and, where masks exist, their mIoU against the masks
+        (`proposal_miou`, over the pixels that have a proposal)."""
+        changed = [c for values in self._changed.values() for c in values]
+        out = {"proposal_changed": float(np.mean(changed))} if changed else {}
+        if self._confusion:
+            conf = sum(self._confusion.values())
+            if conf.sum():
+                out["proposal_miou"] = float(miou(conf)[0])
+        return out

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import colorsys
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -190,7 +191,26 @@ class _ClassStyle:
         self.period = 5.0 + 2.0 * ((k - 1) % 3)
 
 
-def _make_image(rng: np.random.Generator, size: int, classes: int):
+@dataclass(frozen=True)
+class Variant:
+    """What makes a synthetic set easy or hard for appearance and for edges."""
+
+    outline: float = 0.55  # factor on object boundary pixels (1 = no outline: a weak boundary)
+    clutter_outline: float = 1.0  # factor on clutter patch boundaries (< 1: strong edges that are not objects)
+    radius: tuple[float, float] = (10, 24)  # object radius range at 96 px
+    objects: tuple[int, int] = (1, 5)  # objects per image, [lo, hi)
+    false_edges: int = 0  # dark lines across the image that are not object boundaries
+    texture: float = 1.0  # factor on every stripe amplitude
+
+
+VARIANTS = {
+    "default": Variant(),
+    # weak object boundaries, strong clutter edges, small objects, stronger textures
+    "hard": Variant(outline=0.9, clutter_outline=0.5, radius=(5, 20), objects=(2, 7), false_edges=3, texture=1.6),
+}
+
+
+def _make_image(rng: np.random.Generator, size: int, classes: int, variant: Variant = VARIANTS["default"]):
     h = w = size
     s = size / 96.0
     num_obj = classes - 1
@@ -210,18 +230,21 @@ def _make_image(rng: np.random.Generator, size: int, classes: int):
         patch = np.broadcast_to(col, (h, w, 3)).astype(np.float32).copy()
         if rng.random() < 0.6:  # distractor texture: an object class's stripes
             st = styles[int(rng.integers(1, classes))]
-            patch += _stripes(h, w, st.angle + rng.normal(0, 0.2), st.period, rng.uniform(6, 12), rng)[..., None]
+            patch += _stripes(h, w, st.angle + rng.normal(0, 0.2), st.period, rng.uniform(6, 12) * variant.texture,
+                              rng)[..., None]
+        if variant.clutter_outline != 1.0:
+            patch[m & ~_erode(m)] *= variant.clutter_outline
         bg[m] = patch[m]
 
     # objects, painted in order (later ones occlude earlier ones)
-    n_obj = int(rng.integers(1, 5))
+    n_obj = int(rng.integers(*variant.objects))
     label = np.zeros((h, w), np.uint8)
     owner = np.full((h, w), -1, np.int32)
     objects = []
     for i in range(n_obj):
         c = int(rng.integers(1, classes))
         st = styles[c]
-        r = rng.uniform(10, 24) * s
+        r = rng.uniform(*variant.radius) * s
         cx, cy = rng.uniform(0.15 * w, 0.85 * w), rng.uniform(0.15 * h, 0.85 * h)
         poly = _shape_polygon(rng, cx, cy, r, ["ellipse", "blob", "polygon"][int(rng.integers(3))])
         canvas = Image.new("L", (w, h), 0)
@@ -231,7 +254,7 @@ def _make_image(rng: np.random.Generator, size: int, classes: int):
             continue
         col = _hsv(st.hue + rng.uniform(-st.hue_jitter, st.hue_jitter), rng.uniform(0.45, 0.9), rng.uniform(0.5, 0.95))
         tex = _stripes(h, w, st.angle + rng.normal(0, 0.25), st.period * rng.uniform(0.85, 1.2),
-                       rng.uniform(8, 14), rng)
+                       rng.uniform(8, 14) * variant.texture, rng)
         objects.append(dict(cls=c, col=col, tex=tex, rim=rng.uniform(6, 10) * s, blend=rng.uniform(0.85, 0.97)))
         label[m] = c
         owner[m] = len(objects) - 1
@@ -249,9 +272,11 @@ def _make_image(rng: np.random.Generator, size: int, classes: int):
         appearance = ob["col"][None, None, :] + ob["tex"][..., None]
         mix = (1 - beta[..., None]) * appearance + beta[..., None] * bg
         boundary = region & ~_erode(region)  # image border is not a boundary
-        mix[boundary] *= 0.55
+        mix[boundary] *= variant.outline
         img[region] = mix[region]
         regions.append(region)
+    for _ in range(variant.false_edges):  # across objects and background alike
+        img[_draw(h, w, _random_curve(rng, h, w, rng.uniform(0.4, 0.9) * size), 1)] *= 0.5
     img += rng.normal(0, 4.0, img.shape)
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
 
@@ -285,6 +310,7 @@ def make_synthetic(
     size: int = 96,
     classes: int = 4,
     seed: int = 0,
+    variant: str = "default",
 ) -> dict:
     """Generate the synthetic data set into ``out`` (the ``folder`` layout, SPEC §5).
 
@@ -298,6 +324,8 @@ def make_synthetic(
         raise UserError(f"--n-train/--n-val: must be ≥ 1, got {n_train}/{n_val}")
     if size < 32:
         raise UserError(f"--size: must be ≥ 32, got {size}")
+    if variant not in VARIANTS:
+        raise UserError(f"--variant: must be one of {tuple(VARIANTS)}, got {variant!r}")
     if not 2 <= classes <= 21:
         raise UserError(f"--classes: must be in 2..21, got {classes}")
     try:
@@ -317,7 +345,7 @@ def make_synthetic(
         for i in range(n):
             image_id = f"{split}_{i:04d}"
             rng = np.random.default_rng([seed, split_code, i])
-            image, label, seeds = _make_image(rng, size, classes)
+            image, label, seeds = _make_image(rng, size, classes, VARIANTS[variant])
             Image.fromarray(image).save(os.path.join(out, "images", image_id + ".png"))
             write_label(os.path.join(out, "masks", image_id + ".png"), label)
             for sfx, ratio in SUFFIXES.items():

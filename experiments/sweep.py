@@ -20,8 +20,8 @@ import shutil
 import time
 
 from shared.config import TrainConfig
-from trainer.presets import apply_preset
-from trainer.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, suffix
+from experiments.presets import apply_preset
+from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, suffix
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
 # The sweep's own quick size: two stage-A rounds, so λ > 0 differs from λ = 0.

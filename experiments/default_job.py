@@ -31,12 +31,13 @@ FULL = JobSize(n_train=64, n_val=32, size=96, pretrain_epochs=20, epochs=20, epo
 QUICK = JobSize(n_train=16, n_val=8, size=64, pretrain_epochs=6, epochs=4, epochs_per_round=2)
 
 
-def synthetic_dataset(n_train: int, n_val: int, size: int, classes: int = 4, seed: int = 0) -> str:
+def synthetic_dataset(n_train: int, n_val: int, size: int, classes: int = 4, seed: int = 0, variant: str = "default") -> str:
     """The synthetic set, generated once into a cache folder and reused."""
     cache = os.environ.get("TRSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trseg"))
-    root = os.path.join(cache, f"synthetic-v{VERSION}-{n_train}-{n_val}-{size}-{classes}-{seed}")
+    tag = "" if variant == "default" else f"{variant}-"
+    root = os.path.join(cache, f"synthetic-{tag}v{VERSION}-{n_train}-{n_val}-{size}-{classes}-{seed}")
     if not os.path.exists(os.path.join(root, ".complete")):
-        make_synthetic(root, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed)
+        make_synthetic(root, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed, variant=variant)
         open(os.path.join(root, ".complete"), "w").close()
     return root
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 
 from shared.config import TrainConfig, set_option
-from trainer.presets import apply_preset
+from experiments.presets import apply_preset
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
 METHODS = ("full", "pce", "dense-gd", "grid-gd", "grid-tr")
@@ -80,7 +80,7 @@ class Table1Size:
     crop_size: int
 
 
-# FULL: the default synthetic set and the default job's budget (trainer.default_job).
+# FULL: the default synthetic set and the default job's budget (experiments.default_job).
 FULL = Table1Size(n_train=64, n_val=32, size=96, pretrain_epochs=20, epochs=20, epochs_per_round=5, batch_size=8, crop_size=64)
 # QUICK: 21 runs in a few minutes on 2 cores, for tests. Each run_train costs ~10 s of
 # Ray Train start/stop whatever it trains, so the data and the epochs are tiny. The
@@ -137,7 +137,7 @@ def summary_path(out, method, length) -> str:
 
 def prepare(out: str, data: str | None, fmt: str, size) -> tuple[str, str, str]:
     """The run folder (created) and the data set: the cached synthetic one without --data."""
-    from trainer.default_job import synthetic_dataset
+    from experiments.default_job import synthetic_dataset
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)

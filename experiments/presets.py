@@ -26,7 +26,7 @@ labelled held-out data it has), the way the paper tunes its learning rates on VO
 - ε: `default_eps(K)` keeps the paper's outlier odds b/a = 0.05 (ε ≈ 0.95 at K = 21)
   rather than copying 0.95, which is out of range for small K (ε < (K−1)/K).
 - λ, β: start from the paper's λ = 0.1, β = 100; check λ with the λ sweep
-  (`python -m trainer sweep-tr-weight --out DIR [--data …]`, trainer/sweep.py), which
+  (`python -m trainer sweep-tr-weight --out DIR [--data …]`, experiments/sweep.py), which
   trains Grid-TR from one PCE model per λ and reports val mIoU.
 - learning rate, epochs, batch: train PCE (`train --method pce --lr X --epochs N`)
   over a coarse grid of X (factors of ~3) and keep the best val mIoU; epochs is the
@@ -49,6 +49,8 @@ from shared.config import TrainConfig, set_option
 from shared.errors import UserError
 
 _PAPER_COMMON = {
+    "arch": "deeplabv3plus-mobilenetv2",
+    "optimizer": "sgd",
     "epochs": 60,
     "pretrain_epochs": 60,
     "batch_size": 12,
