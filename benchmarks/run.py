@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from shared import shards  # noqa: E402
+from shared.shard_store import ShardStore, parts_of  # noqa: E402
 
 PARTS = ("sizes", "solver", "epochs", "scaling")
 
@@ -146,10 +147,10 @@ def measure_sizes(n_images: int = SHARD_IMAGES, seed: int = 0, workdir: str | No
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="trseg-sizes-")
     try:
-        snap_uri = shards.part_uri(workdir, "snapshots", 3, 0)
-        prop_uri = shards.part_uri(workdir, "proposals", 3, 0)
-        shards.write_table(shards.snapshots_table(snaps), snap_uri)
-        shards.write_table(shards.proposals_table(props), prop_uri)
+        store = ShardStore(workdir)
+        snap_uri, prop_uri = store.part_uri("snapshots", 3, 0), store.part_uri("proposals", 3, 0)
+        store.write_snapshots(3, 0, snaps)
+        store.write_proposals(3, 0, props)
         # the shards must read back as the contract says
         assert len(shards.read_snapshots(snap_uri)) == n_images and len(shards.read_proposals(prop_uri)) == n_images
         snap_bytes, prop_bytes = os.path.getsize(snap_uri), os.path.getsize(prop_uri)
@@ -263,33 +264,26 @@ def _write_scaling_round(base: str, n_images: int, per_part: int) -> None:
             width=image.shape[1], num_classes=probs.shape[0], label_set=np.arange(probs.shape[0], dtype=np.uint8),
             neg_log_q=neg_log_q,
         ))
-    for k, start in enumerate(range(0, n_images, per_part)):
-        shards.write_table(shards.snapshots_table(rows[start:start + per_part]), shards.part_uri(base, "snapshots", 0, k))
+    for k, part in enumerate(parts_of(n_images, per_part)):
+        ShardStore(base).write_snapshots(0, k, rows[part.start:part.stop])
 
 
 def _timed_round(base: str, actors: int) -> dict:
-    """solve_round on snapshot round 0 with `actors` actors; times every result's arrival."""
-    import ray
-
-    from shared.config import SolverConfig, from_dict, to_dict
+    """The farm's solve_parts on snapshot round 0 with `actors` actors; times every result's arrival."""
+    from shared.config import SolverConfig
     from solver_service import farm
 
     shutil.rmtree(os.path.join(base, "proposals"), ignore_errors=True)
-    # solve_round, with the arrival time of each result (the same Ray Data pipeline)
-    todo = farm.missing_parts(base, 0)
-    items = [{"k": k, "snapshot": uri, "proposal": shards.part_uri(base, "proposals", 0, k), "init": ""}
-             for k, uri in sorted(todo.items())]
+    store = ShardStore(base)
+    items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", 0, k), "init": ""}
+             for k, uri in sorted(store.unsolved(0).items())]
     t0 = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        farm.SolverActor, fn_constructor_kwargs={"solver": to_dict(from_dict(SolverConfig, {}))}, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors), num_cpus=1,
-    )
     arrivals, rows = [], []
-    for row in ds.iter_rows():
+    for row in farm.solve_parts(items, SolverConfig(), (actors, actors)):
         arrivals.append(time.perf_counter() - t0)
         rows.append(row)
     total = time.perf_counter() - t0
-    assert not farm.missing_parts(base, 0), "solve_round left parts unsolved"
+    assert not store.unsolved(0), "solve_parts left parts unsolved"
     images = sum(int(r["images"]) for r in rows)
     starts = [a - float(r["seconds"]) for a, r in zip(arrivals, rows)]
     window = max(arrivals) - max(0.0, min(starts))
@@ -309,7 +303,7 @@ def _timed_round(base: str, actors: int) -> dict:
 def measure_scaling(quick: bool, workdir: str) -> dict:
     import ray
 
-    from trainer.driver import connect
+    from shared.ray_session import connect
 
     n_images, per_part = (16, 2) if quick else (32, 2)
     base = os.path.join(workdir, "scaling")
@@ -381,7 +375,7 @@ def run(parts=PARTS, quick: bool = False, out: str | None = None, repeats: int |
                 result["solver_detail"] = {k: v for k, v in s.items() if k not in result}
                 log(f"solver: {s['solver_ms_per_image']} ms/image (cold {s['solver_cold_ms']}, raw GCO {s['raw_gco_ms']})")
             if "epochs" in parts or "scaling" in parts:
-                from trainer.driver import connect
+                from shared.ray_session import connect
 
                 connect(None)
             if "epochs" in parts:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from shared.config import TrainConfig, set_option
 from shared.errors import UserError
+from shared.labels import scribble_suffix
 
 _PAPER_COMMON = {
     "arch": "deeplabv3plus-mobilenetv2",
@@ -84,7 +85,7 @@ def preset_values(name: str, scribbles: str = "") -> dict:
     if name not in PRESETS:
         raise UserError(f"--preset: unknown preset {name!r} (choose from {', '.join(sorted(PRESETS))})")
     table = PRESETS[name]
-    key = _suffix(scribbles)
+    key = scribble_suffix(scribbles)
     if key not in table:
         raise UserError(f"--preset {name}: no setting for scribble length {scribbles!r}")
     return dict(table[key])
@@ -98,15 +99,3 @@ def apply_preset(cfg: TrainConfig, name: str, explicit=()) -> TrainConfig:
         if key not in explicit:
             set_option(cfg, key, value)
     return cfg
-
-
-def _suffix(scribbles) -> str:
-    """'' / '1' / 1.0 → '' (full length); '0.50' → '0.5'; 0 → '0'."""
-    s = str(scribbles if scribbles is not None else "").strip()
-    if s in ("", "1", "1.0"):
-        return ""
-    try:
-        v = float(s)
-    except ValueError:
-        return s
-    return "0" if v == 0 else f"{v:g}"

@@ -19,9 +19,10 @@ import os
 import shutil
 import time
 
+from shared.labels import scribble_suffix
 from shared.config import TrainConfig
 from experiments.presets import apply_preset
-from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, suffix
+from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
 # The sweep's own quick size: two stage-A rounds, so λ > 0 differs from λ = 0.
@@ -68,7 +69,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
 
     size = QUICK_SWEEP if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size)
-    sfx = suffix(scribbles)
+    sfx = scribble_suffix(scribbles)
     runs = [("pce", None)] + [("grid-tr", float(v)) for v in values]
     for i, (method, lam) in enumerate(runs, 1):
         cfg = _config(out, method, data, fmt, size, sfx, preset, lam)

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 
 from shared.config import TrainConfig, set_option
+from shared.labels import scribble_suffix
 from experiments.presets import apply_preset
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
@@ -88,11 +89,6 @@ FULL = Table1Size(n_train=64, n_val=32, size=96, pretrain_epochs=20, epochs=20, 
 QUICK = Table1Size(n_train=8, n_val=4, size=48, pretrain_epochs=1, epochs=1, epochs_per_round=1, batch_size=4, crop_size=0)
 
 
-def suffix(length: str) -> str:
-    """Table column → scribble suffix of the data layouts (SPEC §5)."""
-    return "" if length == "1" else length
-
-
 def cell_dir(out: str, method: str, length: str) -> str:
     return os.path.join(out, "full") if method == "full" else os.path.join(out, f"{method}-{length}")
 
@@ -110,7 +106,7 @@ def plan() -> list[tuple[str, str]]:
 def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, overrides=None) -> TrainConfig:
     overrides = dict(overrides or {})
     cfg = TrainConfig(
-        data=data, format=fmt, scribbles="" if method == "full" else suffix(length),
+        data=data, format=fmt, scribbles="" if method == "full" else scribble_suffix(length),
         method="pce" if method == CONTROL else method,
         batch_size=size.batch_size, crop_size=size.crop_size, epochs_per_round=size.epochs_per_round,
         out=cell_dir(out, method, length),

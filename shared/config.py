@@ -9,13 +9,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from shared.errors import UserError
+from shared.labels import check_scribbles
 
-METHODS = ("full", "pce", "grid-gd", "dense-gd", "grid-tr")
-FORMATS = ("voc", "folder", "synthetic")
 SCHEDULES = ("overlapped", "sync")
 ALGORITHMS = ("expansion", "swap")
 OPTIMIZERS = ("sgd", "adamw")
-SCRIBBLE_SUFFIXES = ("", "0.8", "0.5", "0.3", "0")
 
 
 @dataclass
@@ -89,16 +87,19 @@ class TrainConfig:
         return self.shards or join(self.out, "shards")
 
     def validate(self) -> None:
-        _check(self.method in METHODS, "--method", f"must be one of {METHODS}")
-        _check(self.format in FORMATS, "--format", f"must be one of {FORMATS}")
-        _check(self.scribbles in SCRIBBLE_SUFFIXES, "--scribbles", f"must be one of {SCRIBBLE_SUFFIXES}")
+        from trainer.architectures import ARCHITECTURES
+        from trainer.methods import METHODS
+
+        _check(self.method in METHODS, "--method", f"must be one of {tuple(METHODS)}")
+        from trainer.data import LAYOUTS
+
+        _check(self.format in LAYOUTS, "--format", f"must be one of {tuple(LAYOUTS)}")
+        self.scribbles = check_scribbles(self.scribbles)
         _check(self.schedule in SCHEDULES, "--schedule", f"must be one of {SCHEDULES}")
         _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
         _check(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {OPTIMIZERS}")
-        from trainer.architectures import ARCHITECTURES
-
         _check(self.arch in ("", *ARCHITECTURES), "--arch", f"must be one of {tuple(ARCHITECTURES)}")
         _check(self.pretrain_epochs >= 1, "--pretrain-epochs", "must be ≥ 1")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")

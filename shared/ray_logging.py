@@ -24,7 +24,7 @@ def quiet_workers() -> None:
 
 def quiet_local_workers() -> None:
     """`quiet_workers`, and silence the placement-group cleaner: a local Ray has no
-    dashboard, so the cleaner's state-API queries all fail (trainer.driver.connect
+    dashboard, so the cleaner's state-API queries all fail (shared.ray_session.connect
     makes sure of it), and its placement groups die with the driver's Ray anyway."""
     quiet_workers()
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)

@@ -1,17 +1,12 @@
-"""The shard contract between the trainer and the solver farm (SPEC §6).
+"""The shard contract between the trainer and the solver farm (SPEC §6): the rows.
 
-    {base}/snapshots/round={r}/part-{k}.parquet   network -log q over the label set L
-    {base}/proposals/round={r}/part-{k}.parquet   stage-A labels, energies and timing
-
-Part k always holds the same images (chunk k of the sorted training ids), so the
-proposal part k of round r answers the snapshot part k of round r, and the previous
-proposal of an image (its warm start) is part k of an earlier round.
-Arrays travel as raw little-endian bytes with their shape in other columns: no pickle.
+Snapshot rows hold the network's −log q over the label set L; proposal rows hold the
+stage-A labels, energies and timing. Arrays travel as raw little-endian bytes with
+their shape in other columns: no pickle. Where the files live is `shared.shard_store`.
 """
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +16,10 @@ import pyarrow.parquet as pq
 
 from shared import storage
 from shared.errors import CorruptShardError
+from shared.labels import UNLABELLED
 
 FORMAT_VERSION = "2"
 NEG_LOG_Q_STEP = 1 / 12  # nats per code: 255 codes reach 21.25 > −log(1e-8), the solver's floor
-FARM_FAILED = "FARM_FAILED"  # marker under the base URI: stage A failed, stop waiting
 KINDS = ("snapshots", "proposals")
 
 SNAPSHOT_SCHEMA = pa.schema(
@@ -66,13 +61,11 @@ PROPOSAL_SCHEMA = pa.schema(
 )
 
 SCHEMAS = {"snapshots": SNAPSHOT_SCHEMA, "proposals": PROPOSAL_SCHEMA}
-_PART = re.compile(r"^part-(\d+)\.(parquet|arrow)$")
-_ROUND = re.compile(r"^round=(\d+)$")
 
 
 def label_set(seeds: np.ndarray, num_classes: int, restrict: bool = True) -> np.ndarray:
     """The solver's label set L (SPEC §1): the seed labels if there are two or more."""
-    present = np.unique(seeds[seeds != 255]).astype(np.uint8)
+    present = np.unique(seeds[seeds != UNLABELLED]).astype(np.uint8)
     if restrict and len(present) >= 2:
         return present
     return np.arange(num_classes, dtype=np.uint8)
@@ -119,29 +112,6 @@ def quantize_neg_log_q(neg_log_q: np.ndarray, step: float = NEG_LOG_Q_STEP) -> n
     stage A, and it keeps a VOC-sized snapshot near 20 KB instead of 63 KB in float16.
     """
     return np.clip(np.rint(np.asarray(neg_log_q, np.float32) / step), 0, 255).astype(np.uint8)
-
-
-def round_uri(base: str, kind: str, r: int) -> str:
-    assert kind in KINDS, kind
-    return storage.join(base, kind, f"round={r}")
-
-
-def part_uri(base: str, kind: str, r: int, k: int, fmt: str = "parquet") -> str:
-    return storage.join(round_uri(base, kind, r), f"part-{k}.{fmt}")
-
-
-def list_rounds(base: str, kind: str) -> list[int]:
-    names = storage.list_dir(storage.join(base, kind))
-    return sorted(int(m.group(1)) for n in names if (m := _ROUND.match(n)))
-
-
-def list_parts(round_dir: str) -> dict[int, str]:
-    """Part index -> URI of every committed part file in a round folder."""
-    parts = {}
-    for name in storage.list_dir(round_dir):
-        if m := _PART.match(name):
-            parts[int(m.group(1))] = storage.join(round_dir, name)
-    return parts
 
 
 def snapshots_table(rows: list[Snapshot]) -> pa.Table:

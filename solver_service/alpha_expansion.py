@@ -33,11 +33,11 @@ import gco
 from gco import cgco
 
 from shared.shards import label_set
+from shared.labels import UNLABELLED
 from solver_service import energy as E
 
 TARGET_MAX_TERM = 2**19
 HARD_COST = 2**23
-UNLABELED = 255
 
 # The same shared library as pyGCO's (dlopen returns the loaded one), but a function
 # object without argtypes: plain ints are passed as C ints with no conversion cost.
@@ -135,7 +135,7 @@ def _validate(image, probs, seeds, init):
         raise ValueError("probs holds negative values")
     if seeds.shape != (h, w):
         raise ValueError(f"seeds shape {seeds.shape} differs from image size {(h, w)}")
-    seeded = seeds[seeds != UNLABELED]
+    seeded = seeds[seeds != UNLABELLED]
     if seeded.size and int(seeded.max()) >= probs.shape[0]:
         raise ValueError(f"seed label {int(seeded.max())} ≥ K = {probs.shape[0]}")
     if init is not None and init.shape != (h, w):
@@ -158,7 +158,7 @@ def build_problem(image, probs, seeds, *, tr_weight=0.1, potts_weight=100.0, res
     unary = -np.log(np.maximum(q, E.PROB_FLOOR))
     unary *= tr_weight
     seed_flat = seeds.ravel()
-    seeded = np.flatnonzero(seed_flat != UNLABELED)
+    seeded = np.flatnonzero(seed_flat != UNLABELLED)
     unary[:, seeded] = 0.0
     weights = E.contrast_weights(image, potts_weight)
     s1, s2 = _edges(h, w)
@@ -236,7 +236,7 @@ def solve(
     L = p["labels"]
     n_labels = len(L)
     seed_flat = seeds.ravel()
-    seeded = seed_flat != UNLABELED
+    seeded = seed_flat != UNLABELLED
     lut = np.zeros(256, np.int32)
     lut[L] = np.arange(n_labels, dtype=np.int32)
 

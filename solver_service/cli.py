@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 
+from shared import shards, storage
 from shared.config import ALGORITHMS, SolverConfig
-from shared.errors import UserError
+from shared.errors import CorruptShardError, UserError
+from shared.shard_store import extension, parts_in
 
 
 @click.group()
@@ -18,7 +21,7 @@ def cli() -> None:
 @cli.command()
 @click.option("--snapshots", required=True, help="snapshot round folder, e.g. BASE/snapshots/round=3")
 @click.option("--out", required=True, help="proposal round folder, e.g. BASE/proposals/round=3")
-@click.option("--workers", type=int, default=None, help="solver processes [default: CPU count]")
+@click.option("--workers", type=int, default=None, help="solver actors on a private Ray [default: CPU count]")
 @click.option("--init", "init", default=None, help="proposal round folder to warm-start from")
 @click.option("--tr-weight", type=float, default=SolverConfig.tr_weight, show_default=True, help="λ")
 @click.option("--potts-weight", type=float, default=SolverConfig.potts_weight, show_default=True, help="β")
@@ -26,9 +29,7 @@ def cli() -> None:
 @click.option("--restrict-labels/--all-labels", default=True, show_default=True)
 @click.option("--algorithm", default="expansion", show_default=True, help=f"one of {', '.join(ALGORITHMS)}")
 def solve(snapshots, out, workers, init, tr_weight, potts_weight, max_iter, restrict_labels, algorithm):
-    """Solve every part of a snapshot round into proposals."""
-    from solver_service.parts import solve_round
-
+    """Solve every part of a snapshot round into proposals (parts already solved are kept)."""
     cfg = SolverConfig(tr_weight=tr_weight, potts_weight=potts_weight, max_iter=max_iter,
                        restrict_labels=restrict_labels, algorithm=algorithm)
     if workers is None:
@@ -37,14 +38,49 @@ def solve(snapshots, out, workers, init, tr_weight, potts_weight, max_iter, rest
         if workers < 1:
             raise UserError(f"--workers: must be ≥ 1, got {workers}")
         cfg.validate()
-        s = solve_round(snapshots, out, cfg, workers, init_round_uri=init)
+        items, done = plan_folder(snapshots, out, init)
+        t0 = time.perf_counter()
+        rows = []
+        if items:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # 127.0.0.1 only, before Ray starts
+            from shared.ray_session import connect
+            from solver_service.farm import solve_parts
+
+            connect(None, num_cpus=workers, quiet=True)
+            rows = list(solve_parts(items, cfg, (1, min(workers, len(items)))))
+        seconds = time.perf_counter() - t0
     except (UserError, ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    images = sum(int(r["images"]) for r in rows)
     click.echo(
-        f"solved {s['images']} images in {s['parts']} parts ({s['skipped_parts']} already done, "
-        f"{s['warm_starts']} warm-started) in {s['seconds']:.2f} s, {s['images_per_s']:.2f} images/s -> {out}"
+        f"solved {images} images in {len(rows)} parts ({done} already done, "
+        f"{sum(int(r['warm_starts']) for r in rows)} warm-started) in {seconds:.2f} s, "
+        f"{images / seconds if seconds > 0 else 0.0:.2f} images/s -> {out}"
     )
+
+
+def plan_folder(snapshot_dir: str, proposal_dir: str, init_dir: str | None) -> tuple[list[dict], int]:
+    """The parts of a snapshot round folder to solve into `proposal_dir` (same index and
+    format; warm starts from the same index in `init_dir`), and how many are done already."""
+    if not storage.exists(snapshot_dir):
+        raise UserError(f"{snapshot_dir}: no such snapshot folder")
+    parts = parts_in(snapshot_dir)
+    if not parts:
+        raise UserError(f"{snapshot_dir}: no snapshot parts (part-K.parquet|arrow) in this folder")
+    inits = parts_in(init_dir) if init_dir else {}
+    items, done = [], 0
+    for k, uri in sorted(parts.items()):
+        shards.check_shard(uri, "snapshots")  # a corrupt part is named before any solver starts
+        target = storage.join(proposal_dir, f"part-{k}.{extension(uri)}")
+        try:
+            shards.check_shard(target, "proposals")
+            done += 1
+            continue
+        except (CorruptShardError, FileNotFoundError):
+            pass
+        items.append({"k": k, "snapshot": uri, "proposal": target, "init": inits.get(k, "")})
+    return items, done
 
 
 def main() -> None:

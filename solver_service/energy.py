@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 PROB_FLOOR = 1e-8  # SPEC §1: −log max(q, 1e-8)
-UNLABELED = 255
+from shared.labels import UNLABELLED
 
 
 def num_n8_edges(height: int, width: int) -> int:
@@ -133,13 +133,13 @@ def unary_costs(probs: np.ndarray, seeds: np.ndarray, tr_weight: float) -> np.nd
     """
     u = -np.log(np.maximum(np.asarray(probs, np.float64), PROB_FLOOR))
     u *= tr_weight
-    u[:, seeds != UNLABELED] = 0.0
+    u[:, seeds != UNLABELLED] = 0.0
     return u
 
 
 def seeds_satisfied(labels: np.ndarray, seeds: np.ndarray) -> bool:
     """Whether a labeling meets the hard constraints s_i = y_i on seeded pixels."""
-    m = seeds != UNLABELED
+    m = seeds != UNLABELLED
     return bool(np.array_equal(labels[m], seeds[m]))
 
 
@@ -161,7 +161,7 @@ def potts_energy(
     labels = np.asarray(labels)
     h, w = labels.shape
     q = resize_probs(probs, h, w)
-    free = np.asarray(seeds) != UNLABELED
+    free = np.asarray(seeds) != UNLABELLED
     free = ~free
     lab = labels.astype(np.intp)
     rows, cols = np.nonzero(free)

@@ -17,8 +17,9 @@ import traceback
 
 import ray
 
-from shared import shards, storage
 from shared.config import SolverConfig, from_dict, to_dict
+from shared.errors import UserError
+from shared.shard_store import ShardStore
 from solver_service.parts import solve_part
 
 SNAPSHOT_POLL_S = 0.2
@@ -33,85 +34,65 @@ class SolverActor:
         self.node_id = ray.get_runtime_context().get_node_id()  # unique even when nodes share an IP
 
     def __call__(self, batch: dict) -> dict:
-        out = {"k": [], "images": [], "seconds": [], "changed_sum": [], "solver": [], "node_id": []}
+        out = {"k": [], "images": [], "seconds": [], "warm_starts": [], "changed_sum": [], "solver": [], "node_id": [],
+               "error": []}
         for k, snapshot, proposal, init in zip(batch["k"], batch["snapshot"], batch["proposal"], batch["init"]):
-            stats = solve_part(str(snapshot), str(proposal), self.cfg, str(init) or None, self.name)
+            try:
+                stats = solve_part(str(snapshot), str(proposal), self.cfg, str(init) or None, self.name)
+                out["error"].append("")
+            except UserError as e:  # bad input fails the same way every time: report it, no retry
+                stats = {"images": 0, "seconds": 0.0, "warm_starts": 0, "changed_sum": 0.0}
+                out["error"].append(str(e))
             out["k"].append(int(k))
             out["images"].append(stats["images"])
             out["seconds"].append(stats["seconds"])
+            out["warm_starts"].append(stats["warm_starts"])
             out["changed_sum"].append(stats["changed_sum"])
             out["solver"].append(self.name)
             out["node_id"].append(self.node_id)
         return out
 
 
-def previous_proposal(base: str, r: int, k: int) -> str:
-    """The newest earlier proposal of part k: the warm start (empty if none)."""
-    for p in reversed([p for p in shards.list_rounds(base, "proposals") if p < r]):
-        uri = shards.list_parts(shards.round_uri(base, "proposals", p)).get(k)
-        if uri:
-            return uri
-    return ""
+def solve_parts(items: list[dict], solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None):
+    """Stage A for a list of parts ({"k", "snapshot", "proposal", "init"} URIs) on an
+    autoscaling pool of SolverActors; yields one stats row per part as it finishes."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        SolverActor,
+        fn_constructor_kwargs={"solver": to_dict(solver)},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=solvers[0], max_size=max(solvers)),
+        num_cpus=1,
+        resources={resource: 1} if resource else None,
+    )
+    for row in ds.iter_rows():
+        if row["error"]:
+            raise UserError(row["error"])
+        yield row
 
 
-def missing_parts(base: str, r: int, verify: bool = False) -> dict[int, str]:
-    """Snapshot parts of round r whose proposal is absent (or unreadable, if verify)."""
-    snaps = shards.list_parts(shards.round_uri(base, "snapshots", r))
-    done = shards.list_parts(shards.round_uri(base, "proposals", r))
-    missing = {}
-    for k, uri in snaps.items():
-        if k in done and verify:
-            try:
-                shards.check_shard(done[k], "proposals")
-                continue
-            except shards.CorruptShardError as e:
-                print(f"warning: {e}; solving it again", flush=True)
-        elif k in done:
-            continue
-        missing[k] = uri
-    return missing
+def solve_round(store: ShardStore, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None,
+                n_images: int | None = None) -> list[dict]:
+    """Stage A for every part of snapshot round r that lacks a (readable) proposal; blocks.
 
-
-def readable_snapshots(parts: dict[int, str]) -> dict[int, str]:
-    """The parts whose snapshot file is whole (footer and schema; rows are read by the
-    actors). An unreadable one is reported with its path and left alone: the trainer
-    rewrites it (trainer.loop), and the farm solves it then."""
-    ok = {}
-    for k, uri in parts.items():
-        try:
-            shards.check_shard(uri, "snapshots")
-            ok[k] = uri
-        except shards.CorruptShardError as e:
-            print(f"warning: {e}; not solved until the trainer rewrites it", flush=True)
-    return ok
-
-
-def solve_round(base: str, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, n_images: int | None = None) -> list[dict]:
-    """Stage A for every part of snapshot round r that lacks a proposal; blocks.
-
-    A progress bar (images solved, images/s, ETA) is drawn when stdout is a terminal.
+    A snapshot part that does not read is reported with its path and left alone: the
+    trainer rewrites it, and the farm solves it then. A progress bar (images solved,
+    images/s, ETA) is drawn when stdout is a terminal.
     """
     from tqdm import tqdm
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     bar = tqdm(total=n_images, desc=f"stage A round {r}", unit="img", disable=not sys.stdout.isatty())
     rows = []
-    # verify every pass: a truncated proposal (e.g. left by an earlier run) is solved again
-    while todo := readable_snapshots(missing_parts(base, r, verify=True)):
-        items = [
-            {"k": k, "snapshot": uri, "proposal": shards.part_uri(base, "proposals", r, k),
-             "init": previous_proposal(base, r, k)}
-            for k, uri in sorted(todo.items())
-        ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            SolverActor,
-            fn_constructor_kwargs={"solver": to_dict(solver)},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=solvers[0], max_size=max(solvers)),
-            num_cpus=1,
-            resources={resource: 1} if resource else None,
-        )
-        for row in ds.iter_rows():
+    while True:  # every pass re-checks: a truncated proposal (e.g. left by an earlier run) is solved again
+        todo = store.unsolved(r, verify=True)
+        for k, e in store.unreadable("snapshots", r).items():
+            print(f"warning: {e}; not solved until the trainer rewrites it", flush=True)
+            todo.pop(k, None)
+        if not todo:
+            break
+        items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", r, k), "init": store.warm_start(r, k)}
+                 for k, uri in sorted(todo.items())]
+        for row in solve_parts(items, solver, solvers, resource):
             rows.append(row)
             bar.update(row["images"])
     bar.close()
@@ -134,9 +115,10 @@ def solver_restarts() -> int:
 class Farm(threading.Thread):
     """Runs in the driver beside the trainer: solves each snapshot round once it is whole."""
 
-    def __init__(self, base: str, n_parts: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None, on_round=None, n_images: int | None = None):
+    def __init__(self, store: ShardStore, n_parts: int, solver: SolverConfig, solvers: tuple[int, int],
+                 resource: str | None = None, on_round=None, n_images: int | None = None):
         super().__init__(name="solver-farm", daemon=True)
-        self.base, self.n_parts, self.solver, self.solvers, self.resource = base, n_parts, solver, solvers, resource
+        self.store, self.n_parts, self.solver, self.solvers, self.resource = store, n_parts, solver, solvers, resource
         self.n_images = n_images
         self.on_round = on_round or (lambda r, rows, seconds: None)
         self.stop_event = threading.Event()
@@ -144,8 +126,8 @@ class Farm(threading.Thread):
         self.images = 0
 
     def next_round(self) -> int | None:
-        for r in shards.list_rounds(self.base, "snapshots"):
-            if len(shards.list_parts(shards.round_uri(self.base, "snapshots", r))) >= self.n_parts and missing_parts(self.base, r):
+        for r in self.store.rounds("snapshots"):
+            if self.store.round_complete("snapshots", r, self.n_parts) and self.store.unsolved(r):
                 return r
         return None
 
@@ -159,7 +141,7 @@ class Farm(threading.Thread):
                     time.sleep(SNAPSHOT_POLL_S)
                     continue
                 start = time.perf_counter()
-                rows = solve_round(self.base, r, self.solver, self.solvers, self.resource, self.n_images)
+                rows = solve_round(self.store, r, self.solver, self.solvers, self.resource, self.n_images)
                 self.images += sum(row["images"] for row in rows)
                 if not rows:  # only unreadable snapshots left: wait for the trainer to rewrite them
                     if self.stop_event.is_set():
@@ -169,7 +151,7 @@ class Farm(threading.Thread):
                 self.on_round(r, rows, time.perf_counter() - start)
         except BaseException as e:  # tell the trainer, which would otherwise wait forever
             self.error = e
-            storage.write_bytes(storage.join(self.base, shards.FARM_FAILED), f"{type(e).__name__}: {e}\n".encode())
+            self.store.mark_failed(f"{type(e).__name__}: {e}")
             traceback.print_exc()
 
     def finish(self) -> None:

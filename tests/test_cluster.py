@@ -1,5 +1,6 @@
 """The solver farm on a multi-node Ray cluster on one machine (all nodes on 127.0.0.1):
 a head with no CPU, a trainer node and two solver nodes advertising `solver_node`."""
+from shared.shard_store import ShardStore, parts_in
 import os
 import threading
 import time
@@ -77,14 +78,14 @@ def _make_round(base, data_dir, n_parts, per_part, size, classes=3, seed=0):
                 width=size, num_classes=classes, label_set=labels,
                 neg_log_q=(-np.log(q + 1e-6)).astype(np.float16)))
             ids.append(f"img{i:04d}")
-        shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", 0, k))
+        shards.write_table(shards.snapshots_table(rows), ShardStore(base).part_uri("snapshots", 0, k))
     return ids
 
 
 def _check_all_proposals(base, ids, n_parts, size):
     from shared import shards
 
-    done = shards.list_parts(shards.round_uri(base, "proposals", 0))
+    done = ShardStore(base).parts("proposals", 0)
     assert sorted(done) == list(range(n_parts)), f"missing parts: {set(range(n_parts)) - set(done)}"
     got = []
     for k in range(n_parts):
@@ -96,18 +97,18 @@ def _check_all_proposals(base, ids, n_parts, size):
 
 def test_solve_round_runs_only_on_solver_nodes(cluster, tmp_path):
     from shared.config import SolverConfig
-    from solver_service.farm import missing_parts, solve_round
+    from solver_service.farm import solve_round
 
     c, trainer, solvers = cluster
     base, n_parts, size = str(tmp_path / "shards"), 6, 48
     ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=2, size=size)
     t0 = time.perf_counter()
-    rows = solve_round(base, 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+    rows = solve_round(ShardStore(base), 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
     print(f"round of {n_parts} parts: {time.perf_counter() - t0:.1f}s")
 
     assert sorted(int(r["k"]) for r in rows) == list(range(n_parts))
     assert sum(int(r["images"]) for r in rows) == len(ids)
-    assert missing_parts(base, 0, verify=True) == {}
+    assert ShardStore(base).unsolved(0, verify=True) == {}
     _check_all_proposals(base, ids, n_parts, size)
     solver_ids = {n.node_id for n in solvers}
     used = {str(r["node_id"]) for r in rows}
@@ -129,22 +130,22 @@ def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
 
     def run():
         try:
-            result["rows"] = solve_round(base, 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+            result["rows"] = solve_round(ShardStore(base), 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
 
     thread = threading.Thread(target=run, daemon=True)
     t0 = time.perf_counter()
     thread.start()
-    proposals = shards.round_uri(base, "proposals", 0)
+    proposals = ShardStore(base).round_dir("proposals", 0)
 
     def solvers_seen():  # "<ip>:<pid>" of the actors that wrote proposals so far
-        return {p.solver for uri in shards.list_parts(proposals).values() for p in shards.read_proposals(uri)}
+        return {p.solver for uri in parts_in(proposals).values() for p in shards.read_proposals(uri)}
 
     # wait until both solver actors (one per solver node) are working, so the node goes mid-solve
     while len(solvers_seen()) < 2 and thread.is_alive() and time.perf_counter() - t0 < 60:
         time.sleep(0.05)
-    n_before = len(shards.list_parts(proposals))
+    n_before = len(parts_in(proposals))
     assert len(solvers_seen()) == 2, "the pool never ran two solver actors"
     assert n_before < n_parts, f"{n_before} of {n_parts} parts done when the node would go: make the round longer"
     c.remove_node(solvers[0])

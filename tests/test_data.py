@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from shared.errors import UserError
+from shared.image_io import palette, read_image, read_label, write_label
 from trainer.data import (
     VOC_CLASSES,
     EvalSet,
@@ -14,11 +15,7 @@ from trainer.data import (
     TrainSet,
     check_samples,
     load_split,
-    palette,
     read_classes,
-    read_image,
-    read_label,
-    write_label,
 )
 
 H, W, K = 50, 70, 3

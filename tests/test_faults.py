@@ -3,6 +3,7 @@
 (The trainer killed mid-round and `train --resume` are in test_resume.py; a solver node
 removed mid-round at the solve_round level is in test_cluster.py.)
 """
+from shared.shard_store import ShardStore
 import json
 import os
 import signal
@@ -28,11 +29,10 @@ def big_data(tmp_path_factory):
 
 def _round_in_progress(base):
     """(r, parts done) of a snapshot round whose proposals are being computed, else None."""
-    from shared import shards
 
-    for r in shards.list_rounds(base, "snapshots"):
-        snaps = shards.list_parts(shards.round_uri(base, "snapshots", r))
-        done = shards.list_parts(shards.round_uri(base, "proposals", r))
+    for r in ShardStore(base).rounds("snapshots"):
+        snaps = ShardStore(base).parts("snapshots", r)
+        done = ShardStore(base).parts("proposals", r)
         if len(snaps) == 4 and len(done) < 4:
             return r, len(done)
     return None
@@ -41,13 +41,13 @@ def _round_in_progress(base):
 def _check_every_part_has_a_proposal(base, n_parts):
     from shared import shards
 
-    rounds = shards.list_rounds(base, "snapshots")
+    rounds = ShardStore(base).rounds("snapshots")
     assert rounds
     for r in rounds:
-        props = shards.list_parts(shards.round_uri(base, "proposals", r))
+        props = ShardStore(base).parts("proposals", r)
         assert sorted(props) == list(range(n_parts)), f"round {r}: proposals of parts {sorted(props)}"
         for k, uri in props.items():
-            snap_ids = [s.image_id for s in shards.read_snapshots(shards.part_uri(base, "snapshots", r, k))]
+            snap_ids = [s.image_id for s in shards.read_snapshots(ShardStore(base).part_uri("snapshots", r, k))]
             got = shards.read_proposals(uri)
             assert [p.image_id for p in got] == snap_ids and all(p.round == r for p in got)
 
@@ -120,7 +120,7 @@ def _write_snapshot_parts(base, data_dir, n_parts, size=40, classes=3, r=0):
         row = shards.Snapshot(
             image_id=f"img{k}", round=r, image_uri=image_path, seeds_uri=seeds_path, height=size, width=size,
             num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16))
-        shards.write_table(shards.snapshots_table([row]), shards.part_uri(base, "snapshots", r, k))
+        shards.write_table(shards.snapshots_table([row]), ShardStore(base).part_uri("snapshots", r, k))
 
 
 def _truncate(path):
@@ -131,12 +131,11 @@ def _truncate(path):
 
 
 def _solve_parts_locally(base, n_parts, r=0):
-    from shared import shards
     from shared.config import SolverConfig
     from solver_service.parts import solve_part
 
     for k in range(n_parts):
-        solve_part(shards.part_uri(base, "snapshots", r, k), shards.part_uri(base, "proposals", r, k), SolverConfig(max_iter=1))
+        solve_part(ShardStore(base).part_uri("snapshots", r, k), ShardStore(base).part_uri("proposals", r, k), SolverConfig(max_iter=1))
 
 
 def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):
@@ -145,42 +144,41 @@ def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):
 
     from shared import shards
     from shared.config import SolverConfig
-    from solver_service.farm import missing_parts, solve_round
+    from solver_service.farm import solve_round
 
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 3)
     _solve_parts_locally(base, 3)
-    bad = shards.part_uri(base, "proposals", 0, 1)
-    good = {k: os.stat(shards.part_uri(base, "proposals", 0, k)).st_mtime_ns for k in (0, 2)}
+    bad = ShardStore(base).part_uri("proposals", 0, 1)
+    good = {k: os.stat(ShardStore(base).part_uri("proposals", 0, k)).st_mtime_ns for k in (0, 2)}
     _truncate(bad)
     with pytest.raises(shards.CorruptShardError, match="part-1"):
         shards.read_proposals(bad)
-    assert missing_parts(base, 0) == {}  # without verify, a present file counts as done
-    assert sorted(missing_parts(base, 0, verify=True)) == [1]
+    assert ShardStore(base).unsolved(0) == {}  # without verify, a present file counts as done
+    assert sorted(ShardStore(base).unsolved(0, verify=True)) == [1]
     assert bad in capsys.readouterr().out
 
     ray.init(num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
-        rows = solve_round(base, 0, SolverConfig(max_iter=1), (1, 1))
+        rows = solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), (1, 1))
     finally:
         ray.shutdown()
     assert [int(r["k"]) for r in rows] == [1]
     assert [p.image_id for p in shards.read_proposals(bad)] == ["img1"]
-    assert {k: os.stat(shards.part_uri(base, "proposals", 0, k)).st_mtime_ns for k in (0, 2)} == good
+    assert {k: os.stat(ShardStore(base).part_uri("proposals", 0, k)).st_mtime_ns for k in (0, 2)} == good
 
 
 def test_proposal_feed_never_reads_a_truncated_shard(tmp_path):
     """The trainer's feed reports the path, drops the file (the farm recomputes it) and
     keeps the part at its previous proposal (here: none, seeds only)."""
-    from shared import shards
     from trainer.proposals import ProposalFeed
 
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 2)
     _solve_parts_locally(base, 2)
-    bad = shards.part_uri(base, "proposals", 0, 0)
+    bad = ShardStore(base).part_uri("proposals", 0, 0)
     _truncate(bad)
-    feed = ProposalFeed(base, [["img0"], ["img1"]], sync=False, max_staleness=1)
+    feed = ProposalFeed(ShardStore(base), [["img0"], ["img1"]], sync=False, max_staleness=1)
     with pytest.warns(UserWarning, match=bad.replace(".", r"\.")):
         got = feed.refresh(0, wait=False)
     assert not os.path.exists(bad)
@@ -191,15 +189,14 @@ def test_proposal_feed_never_reads_a_truncated_shard(tmp_path):
 def test_unreadable_snapshot_is_reported_not_solved(tmp_path, capsys):
     """The farm leaves a truncated snapshot part to the trainer (which rewrites it) and
     never solves from it."""
-    from shared import shards
-    from solver_service.farm import missing_parts, readable_snapshots
-
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 2)
-    bad = shards.part_uri(base, "snapshots", 0, 1)
+    store = ShardStore(base)
+    bad = store.part_uri("snapshots", 0, 1)
     _truncate(bad)
-    assert sorted(readable_snapshots(missing_parts(base, 0, verify=True))) == [0]
-    assert bad in capsys.readouterr().out
+    assert sorted(store.unsolved(0, verify=True)) == [0, 1]
+    unreadable = store.unreadable("snapshots", 0)
+    assert sorted(unreadable) == [1] and bad in str(unreadable[1])
 
 
 # --------------------------------------------------------------------------- atomic writes, no pickles
@@ -207,11 +204,11 @@ def test_unreadable_snapshot_is_reported_not_solved(tmp_path, capsys):
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     """A write that fails before its rename leaves the old file whole and no visible part."""
-    from shared import shards, storage
+    from shared import storage
 
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 1)
-    uri = shards.part_uri(base, "snapshots", 0, 0)
+    uri = ShardStore(base).part_uri("snapshots", 0, 0)
     before = open(uri, "rb").read()
 
     def crash(src, dst):
@@ -221,10 +218,10 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         storage.write_bytes(uri, b"garbage")
     with pytest.raises(OSError):
-        storage.write_bytes(shards.part_uri(base, "snapshots", 0, 1), b"garbage")
+        storage.write_bytes(ShardStore(base).part_uri("snapshots", 0, 1), b"garbage")
     monkeypatch.undo()
     assert open(uri, "rb").read() == before
-    assert list(shards.list_parts(shards.round_uri(base, "snapshots", 0))) == [0]  # temp files are not parts
+    assert list(ShardStore(base).parts("snapshots", 0)) == [0]  # temp files are not parts
 
 
 def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
@@ -239,7 +236,7 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
     _write_snapshot_parts(base, str(tmp_path / "data"), 1)
     _solve_parts_locally(base, 1)
     for kind in shards.KINDS:
-        uri = shards.part_uri(base, kind, 0, 0)
+        uri = ShardStore(base).part_uri(kind, 0, 0)
         schema = pq.read_schema(uri)
         assert schema.remove_metadata().equals(shards.SCHEMAS[kind].remove_metadata())
         assert not any(isinstance(f.type, pa.ExtensionType) for f in schema)

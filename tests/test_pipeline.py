@@ -76,7 +76,7 @@ def test_local_workers_state_api_never_reaches_another_ray(tmp_path):
     runs outside the checkout: workers still find the packages (the setup hook's too)."""
     probe = (
         f"import sys; sys.path.insert(0, {ROOT!r})\n"
-        "from trainer.driver import connect, NO_API_SERVER\n"
+        "from shared.ray_session import connect, NO_API_SERVER\n"
         "import os, ray\n"
         "from ray.util.state import list_actors\n"
         "from ray.util.state.exception import RayStateApiException\n"

@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from shared.shard_store import ShardStore
 from shared import shards
 from shared.errors import UserError
 from trainer.proposals import ProposalFeed
@@ -18,11 +19,11 @@ def write_proposals(base, r, k, value):
                         unary_energy=0.5, smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t")
         for i in PARTS[k]
     ]
-    shards.write_table(shards.proposals_table(rows), shards.part_uri(base, "proposals", r, k))
+    shards.write_table(shards.proposals_table(rows), ShardStore(base).part_uri("proposals", r, k))
 
 
 def test_overlapped_round0_trains_on_seeds_until_proposals_arrive(tmp_path):
-    feed = ProposalFeed(str(tmp_path), PARTS, sync=False, max_staleness=1)
+    feed = ProposalFeed(ShardStore(str(tmp_path)), PARTS, sync=False, max_staleness=1)
     got = feed.refresh(0, wait=True)
     assert got["max_staleness"] == 1 and feed.labels == {}
 
@@ -33,7 +34,7 @@ def test_freshest_round_is_used_and_staleness_measured(tmp_path):
         write_proposals(base, 0, k, 0)
     write_proposals(base, 1, 0, 1)
     write_proposals(base, 3, 0, 3)  # from the future: not usable at round 2
-    feed = ProposalFeed(base, PARTS, sync=False, max_staleness=2)
+    feed = ProposalFeed(ShardStore(base), PARTS, sync=False, max_staleness=2)
     got = feed.refresh(2, wait=True)
     assert feed.labels["a"][0, 0] == 1 and feed.labels["c"][0, 0] == 0
     assert got["max_staleness"] == 2
@@ -44,7 +45,7 @@ def test_waits_past_the_bound_and_reports_stall(tmp_path):
     base = str(tmp_path)
     for k in range(2):
         write_proposals(base, 0, k, 0)
-    feed = ProposalFeed(base, PARTS, sync=False, max_staleness=1, poll_s=0.05)
+    feed = ProposalFeed(ShardStore(base), PARTS, sync=False, max_staleness=1, poll_s=0.05)
     writer = threading.Timer(0.5, lambda: [write_proposals(base, 1, k, 1) for k in range(2)])
     writer.start()
     got = feed.refresh(2, wait=True)  # round 0 is 2 rounds old: must wait for round 1
@@ -58,7 +59,7 @@ def test_sync_needs_the_current_round(tmp_path):
     base = str(tmp_path)
     for k in range(2):
         write_proposals(base, 0, k, 0)
-    feed = ProposalFeed(base, PARTS, sync=True, max_staleness=5, poll_s=0.05)
+    feed = ProposalFeed(ShardStore(base), PARTS, sync=True, max_staleness=5, poll_s=0.05)
     threading.Timer(0.3, lambda: [write_proposals(base, 1, k, 1) for k in range(2)]).start()
     t0 = time.perf_counter()
     got = feed.refresh(1, wait=True)
@@ -68,8 +69,8 @@ def test_sync_needs_the_current_round(tmp_path):
 
 def test_farm_failure_stops_the_wait(tmp_path):
     base = str(tmp_path)
-    (tmp_path / shards.FARM_FAILED).write_text("RuntimeError: boom\n")
-    feed = ProposalFeed(base, PARTS, sync=True, max_staleness=1, poll_s=0.05)
+    ShardStore(base).mark_failed("RuntimeError: boom")
+    feed = ProposalFeed(ShardStore(base), PARTS, sync=True, max_staleness=1, poll_s=0.05)
     with pytest.raises(UserError, match="boom"):
         feed.refresh(0, wait=True)
 
@@ -77,9 +78,9 @@ def test_farm_failure_stops_the_wait(tmp_path):
 def test_corrupt_proposal_is_reported_and_removed(tmp_path):
     base = str(tmp_path)
     write_proposals(base, 0, 0, 0)
-    uri = shards.part_uri(base, "proposals", 0, 1)
+    uri = ShardStore(base).part_uri("proposals", 0, 1)
     (tmp_path / "proposals" / "round=0" / "part-1.parquet").write_bytes(b"not parquet")
-    feed = ProposalFeed(base, PARTS, sync=False, max_staleness=1)
+    feed = ProposalFeed(ShardStore(base), PARTS, sync=False, max_staleness=1)
     with pytest.warns(UserWarning, match="part-1.parquet"):
         feed.refresh(0, wait=False)
     assert "c" not in feed.labels and not (tmp_path / "proposals" / "round=0" / "part-1.parquet").exists(), uri
@@ -94,10 +95,10 @@ def test_diagnostics_score_the_proposals_in_use_against_masks(tmp_path):
         rows.append(shards.Proposal(image_id=i, round=0, labels=labels, energy=1.0, unary_energy=0.5,
                                     smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t",
                                     changed=changed))
-    shards.write_table(shards.proposals_table(rows), shards.part_uri(base, "proposals", 0, 0))
+    shards.write_table(shards.proposals_table(rows), ShardStore(base).part_uri("proposals", 0, 0))
     mask = np.zeros((4, 4), np.uint8)
     mask[:, 1:] = 1  # the proposals miss one column of class 1: IoU 8/12 (class 1), 4/8 (class 0)
-    feed = ProposalFeed(base, [["a", "b"]], sync=True, max_staleness=0, num_classes=2,
+    feed = ProposalFeed(ShardStore(base), [["a", "b"]], sync=True, max_staleness=0, num_classes=2,
                         mask_of=lambda image_id: mask if image_id == "a" else None)
     feed.refresh(0, wait=True)
     d = feed.diagnostics()

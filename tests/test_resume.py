@@ -1,5 +1,6 @@
 """The trainer killed mid-round, then `train --resume DIR`: same round, epoch and optimizer
 state, the proposal shards already written are reused, a truncated snapshot is rewritten."""
+from shared.shard_store import ShardStore
 import os
 import signal
 import time
@@ -53,9 +54,9 @@ def test_truncated_snapshot_part_is_reported(tmp_path, capsys):
         rows = [shards.Snapshot(
             image_id=f"img{k}", round=0, image_uri="i.png", seeds_uri="s.png", height=8, width=8, num_classes=3,
             label_set=np.arange(3, dtype=np.uint8), neg_log_q=np.ones((3, 2, 2), np.float16))]
-        shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", 0, k))
+        shards.write_table(shards.snapshots_table(rows), ShardStore(base).part_uri("snapshots", 0, k))
     assert snapshot_round_readable(base, 0, 2)
-    bad = shards.part_uri(base, "snapshots", 0, 1)
+    bad = ShardStore(base).part_uri("snapshots", 0, 1)
     _truncate(bad)
     assert not snapshot_round_readable(base, 0, 2)
     assert bad in capsys.readouterr().out
@@ -92,7 +93,7 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
             tr = [m for m in read_metrics(out) if m["phase"] == "grid-tr"]
-            if len(tr) >= 2 and len(shards.list_parts(shards.round_uri(base, "snapshots", 1))) == 4:
+            if len(tr) >= 2 and len(ShardStore(base).parts("snapshots", 1)) == 4:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
@@ -114,10 +115,10 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))
     assert ckpt["phase"] == 1 and ckpt["epoch"] >= 2 and ckpt["optimizer"]["state"], "momentum buffers checkpointed"
     resume_round = ckpt["epoch"] // 2
-    proposals = {uri: os.stat(uri).st_mtime_ns for r in shards.list_rounds(base, "proposals")
-                 for uri in shards.list_parts(shards.round_uri(base, "proposals", r)).values()}
+    proposals = {uri: os.stat(uri).st_mtime_ns for r in ShardStore(base).rounds("proposals")
+                 for uri in ShardStore(base).parts("proposals", r).values()}
     assert proposals, "no proposal written before the kill"
-    snap = shards.part_uri(base, "snapshots", resume_round, 3)
+    snap = ShardStore(base).part_uri("snapshots", resume_round, 3)
     _truncate(snap)
 
     resumed = run_cli("train", "--resume", out, timeout=600)
@@ -133,8 +134,8 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
     shards.read_snapshots(snap)  # rewritten whole
     changed = [uri for uri, t in proposals.items() if os.stat(uri).st_mtime_ns != t]
     assert not changed, f"proposal shards recomputed on resume: {changed}"
-    for r in shards.list_rounds(base, "snapshots"):
-        assert sorted(shards.list_parts(shards.round_uri(base, "proposals", r))) == [0, 1, 2, 3]
+    for r in ShardStore(base).rounds("snapshots"):
+        assert sorted(ShardStore(base).parts("proposals", r)) == [0, 1, 2, 3]
     summary = __import__("json").loads(open(os.path.join(out, "summary.json")).read())
     assert summary["proposals_missing"] == 0
     assert load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))["global_epoch"] == 5

@@ -1,6 +1,7 @@
 """Shards on a local S3 endpoint: moto's server on 127.0.0.1, reached through pyarrow's
 S3FileSystem with the endpoint in the URI query (SPEC §6: one PUT per file, so a reader
 never sees half a file)."""
+from shared.shard_store import ShardStore
 import io
 import os
 import socket
@@ -128,7 +129,7 @@ def _write_snapshot_round(base, r, images, per_part, classes, rng, stride=2):
             rows.append(shards.Snapshot(
                 image_id=image_id, round=r, image_uri=image_uri, seeds_uri=seeds_uri, height=h, width=w,
                 num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16)))
-        uri = shards.part_uri(base, "snapshots", r, k // per_part)
+        uri = ShardStore(base).part_uri("snapshots", r, k // per_part)
         shards.write_table(shards.snapshots_table(rows), uri)
         parts[k // per_part] = rows
     return parts
@@ -136,10 +137,10 @@ def _write_snapshot_round(base, r, images, per_part, classes, rng, stride=2):
 
 def test_query_uri_round_trip(base, s3_endpoint):
     """The endpoint query survives joining; pyarrow resolves it; objects land under the prefix."""
-    from shared import shards, storage
+    from shared import storage
 
     _, client = s3_endpoint
-    uri = shards.part_uri(base, "proposals", 3, 7)
+    uri = ShardStore(base).part_uri("proposals", 3, 7)
     assert uri.startswith(f"s3://{BUCKET}/") and "/proposals/round=3/part-7.parquet?" in uri
     fs, path = storage.resolve(uri)
     assert type(fs).__name__ == "S3FileSystem"
@@ -148,8 +149,8 @@ def test_query_uri_round_trip(base, s3_endpoint):
     assert storage.exists(uri) and storage.read_bytes(uri) == b"hello"
     prefix = base.split("?")[0][len(f"s3://{BUCKET}/"):]
     assert _keys(client, prefix) == [f"{prefix}/proposals/round=3/part-7.parquet"]
-    assert storage.list_dir(shards.round_uri(base, "proposals", 3)) == ["part-7.parquet"]
-    assert shards.list_rounds(base, "proposals") == [3]
+    assert storage.list_dir(ShardStore(base).round_dir("proposals", 3)) == ["part-7.parquet"]
+    assert ShardStore(base).rounds("proposals") == [3]
     storage.delete(uri)
     assert not storage.exists(uri)
 
@@ -165,8 +166,8 @@ def test_whole_round_on_s3(base, s3_endpoint):
     images = _make_images(base, 6, size, classes, rng)
     written = _write_snapshot_round(base, 0, images, per_part=2, classes=classes, rng=rng)
 
-    assert shards.list_rounds(base, "snapshots") == [0]
-    snap_parts = shards.list_parts(shards.round_uri(base, "snapshots", 0))
+    assert ShardStore(base).rounds("snapshots") == [0]
+    snap_parts = ShardStore(base).parts("snapshots", 0)
     assert sorted(snap_parts) == [0, 1, 2]
     for k, uri in snap_parts.items():
         back = shards.read_snapshots(uri)
@@ -179,15 +180,15 @@ def test_whole_round_on_s3(base, s3_endpoint):
     for r in (0, 1):
         if r == 1:  # a second round, warm-started from round 0's proposals
             _write_snapshot_round(base, 1, images, per_part=2, classes=classes, rng=rng)
-        for k, uri in sorted(shards.list_parts(shards.round_uri(base, "snapshots", r)).items()):
-            init = shards.part_uri(base, "proposals", 0, k) if r == 1 else None
-            stats = parts_mod.solve_part(uri, shards.part_uri(base, "proposals", r, k), cfg, init, "test:1")
+        for k, uri in sorted(ShardStore(base).parts("snapshots", r).items()):
+            init = ShardStore(base).part_uri("proposals", 0, k) if r == 1 else None
+            stats = parts_mod.solve_part(uri, ShardStore(base).part_uri("proposals", r, k), cfg, init, "test:1")
             assert stats["images"] == 2
 
-    assert shards.list_rounds(base, "proposals") == [0, 1]
+    assert ShardStore(base).rounds("proposals") == [0, 1]
     seeds_of = {image_id: seeds for image_id, _, _, _, seeds in images}
     for r in (0, 1):
-        done = shards.list_parts(shards.round_uri(base, "proposals", r))
+        done = ShardStore(base).parts("proposals", r)
         assert sorted(done) == [0, 1, 2]
         for k, uri in done.items():
             props = shards.read_proposals(uri)
@@ -216,12 +217,12 @@ _PARTIAL_WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("n_bytes", [1000, 12 * 2**20], ids=["small", "multipart"])
 def test_killed_writer_leaves_no_object(base, s3_endpoint, n_bytes):
     """A writer that dies mid-file leaves nothing (and an older object untouched)."""
-    from shared import shards, storage
+    from shared import storage
 
     _, client = s3_endpoint
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fresh = shards.part_uri(base, "proposals", 0, 0)
-    old = shards.part_uri(base, "proposals", 0, 1)
+    fresh = ShardStore(base).part_uri("proposals", 0, 0)
+    old = ShardStore(base).part_uri("proposals", 0, 1)
     storage.write_bytes(old, b"old whole file")
     for uri in (fresh, old):
         code = _PARTIAL_WRITER.format(root=root, uri=uri, n=n_bytes)
@@ -230,7 +231,7 @@ def test_killed_writer_leaves_no_object(base, s3_endpoint, n_bytes):
         assert proc.returncode == 1, proc.stderr
     assert not storage.exists(fresh)
     assert storage.read_bytes(old) == b"old whole file"
-    assert sorted(shards.list_parts(shards.round_uri(base, "proposals", 0))) == [1]
+    assert sorted(ShardStore(base).parts("proposals", 0)) == [1]
     prefix = base.split("?")[0][len(f"s3://{BUCKET}/"):]
     assert _keys(client, prefix) == [f"{prefix}/proposals/round=0/part-1.parquet"]
 
@@ -239,18 +240,18 @@ def test_failed_serialisation_writes_nothing(base, s3_endpoint):
     """write_table serialises in memory first: an error before the PUT leaves no object."""
     from shared import shards, storage
 
-    uri = shards.part_uri(base, "proposals", 0, 0)
+    uri = ShardStore(base).part_uri("proposals", 0, 0)
     with pytest.raises(Exception):
         shards.write_table(None, uri)  # fails while serialising, before any request
     assert not storage.exists(uri)
-    assert shards.list_parts(shards.round_uri(base, "proposals", 0)) == {}
+    assert ShardStore(base).parts("proposals", 0) == {}
 
 
 def test_overwrite_is_whole(base, s3_endpoint):
     """A re-solved part replaces the old file in one PUT; readers see old or new, whole."""
     from shared import shards
 
-    uri = shards.part_uri(base, "proposals", 2, 0)
+    uri = ShardStore(base).part_uri("proposals", 2, 0)
     for value in (1, 2):
         p = shards.Proposal(image_id="a", round=2, labels=np.full((5, 6), value, np.uint8), energy=1.0,
                             unary_energy=0.5, smooth_energy=0.5, iterations=1, seconds=0.1,

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from shared.errors import UserError
-from trainer.data import read_label, write_label
+from shared.image_io import read_label, write_label
 from trainer.scribbles import convert_scribblesup, shorten_folder, shorten_scribble
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from shared.shard_store import ShardStore
 from shared import shards
 from shared.errors import CorruptShardError
 
@@ -31,7 +32,7 @@ def prop(i, r=2):
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_snapshot_round_trip(tmp_path, fmt):
     rows = [snap(i) for i in range(3)]
-    uri = shards.part_uri(str(tmp_path), "snapshots", 2, 0, fmt)
+    uri = ShardStore(str(tmp_path)).part_uri("snapshots", 2, 0, fmt)
     shards.write_table(shards.snapshots_table(rows), uri)
     back = shards.read_snapshots(uri)
     assert [b.image_id for b in back] == ["img0", "img1", "img2"]
@@ -43,14 +44,14 @@ def test_snapshot_round_trip(tmp_path, fmt):
         q = b.probs()
         assert q.shape == (5, 5, 6) and np.all(q[[1, 2, 4]] == 0)
         np.testing.assert_allclose(q[3], np.exp(-a.neg_log_q[1].astype(np.float32)), rtol=shards.NEG_LOG_Q_STEP / 2 + 1e-3)
-    assert shards.list_parts(shards.round_uri(str(tmp_path), "snapshots", 2)) == {0: uri}
-    assert shards.list_rounds(str(tmp_path), "snapshots") == [2]
+    assert ShardStore(str(tmp_path)).parts("snapshots", 2) == {0: uri}
+    assert ShardStore(str(tmp_path)).rounds("snapshots") == [2]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_proposal_round_trip(tmp_path, fmt):
     rows = [prop(i) for i in range(4)]
-    uri = shards.part_uri(str(tmp_path), "proposals", 2, 1, fmt)
+    uri = ShardStore(str(tmp_path)).part_uri("proposals", 2, 1, fmt)
     shards.write_table(shards.proposals_table(rows), uri)
     back = shards.read_proposals(uri)
     for a, b in zip(rows, back):
@@ -113,7 +114,7 @@ def test_neg_log_q_codes_cover_the_solver_floor():
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_check_shard_reads_only_the_footer_and_catches_truncation(tmp_path, fmt):
-    uri = shards.part_uri(str(tmp_path), "snapshots", 0, 0, fmt)
+    uri = ShardStore(str(tmp_path)).part_uri("snapshots", 0, 0, fmt)
     shards.write_table(shards.snapshots_table([snap(0)]), uri)
     shards.check_shard(uri, "snapshots")
     with pytest.raises(shards.CorruptShardError, match="not a proposals shard"):

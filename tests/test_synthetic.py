@@ -8,7 +8,8 @@ from PIL import Image
 
 from shared.errors import UserError
 
-from trainer.data import check_samples, load_split, read_classes, read_image, read_label
+from shared.image_io import read_image, read_label
+from trainer.data import check_samples, load_split, read_classes
 from trainer.synthetic import make_synthetic
 
 SUFFIXES = ["", "0.8", "0.5", "0.3", "0"]

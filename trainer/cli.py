@@ -9,11 +9,13 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import FORMATS, METHODS, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
+from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
+from trainer.methods import METHODS
+from trainer.data import LAYOUTS
 from experiments.presets import PRESETS
-from experiments.table1 import LENGTHS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,19 +40,27 @@ def cli(ctx, local, address, out, quick, debug):
     ctx.obj = {"address": address}
     if ctx.invoked_subcommand is None:
         from experiments.default_job import run_default_job
-        from trainer.driver import connect
+        from shared.ray_session import connect
 
         connect(address)
         run_default_job(out, quick=quick)
+
+
+SCRIBBLES_HELP = "Scribble length: 1 (full, also ''), 0.8, 0.5, 0.3, 0 (clicks)."
+
+
+def _scribbles(ctx, param, value):
+    """Every command takes the same spellings of a scribble length (shared.labels)."""
+    return None if value is None else check_scribbles(value)
 
 
 def _train_options(f):
     options = [
         click.option("--config", "config_file", default=None, help="TOML file with any of these options (flags override it)."),
         click.option("--data", default=None, help="Data set root."),
-        click.option("--format", type=click.Choice(FORMATS), default=None),
-        click.option("--scribbles", default=None, help="Scribble length suffix: '' (full), 0.8, 0.5, 0.3, 0 (clicks)."),
-        click.option("--method", type=click.Choice(METHODS), default=None),
+        click.option("--format", type=click.Choice(list(LAYOUTS)), default=None),
+        click.option("--scribbles", default=None, callback=_scribbles, help=SCRIBBLES_HELP),
+        click.option("--method", type=click.Choice(list(METHODS)), default=None),
         click.option("--epochs", type=int, default=None),
         click.option("--pretrain-epochs", type=int, default=None, help="PCE epochs first when there is no --init."),
         click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=None,
@@ -129,7 +139,8 @@ def resolve_train_config(params: dict) -> TrainConfig:
 @click.pass_context
 def train(ctx, **params):
     """Train one method on one data set."""
-    from trainer.driver import check_inputs, connect, run_train
+    from shared.ray_session import connect
+    from trainer.driver import check_inputs, run_train
     from trainer.tomlio import dumps
 
     cfg = resolve_train_config(params)
@@ -143,8 +154,8 @@ def train(ctx, **params):
 @cli.command("eval")
 @click.option("--checkpoint", required=True)
 @click.option("--data", required=True)
-@click.option("--format", type=click.Choice(FORMATS), default="synthetic")
-@click.option("--scribbles", default="")
+@click.option("--format", type=click.Choice(list(LAYOUTS)), default="synthetic")
+@click.option("--scribbles", default="1", callback=_scribbles, help=SCRIBBLES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def eval_cmd(checkpoint, data, format, scribbles, as_json):
     """mIoU, per-class IoU and trimap accuracy of a checkpoint on the val split."""
@@ -217,7 +228,7 @@ def convert_scribblesup_cmd(src, out, width):
 
 @cli.command("table1")
 @click.option("--data", default=None, help="Data set root [the built-in synthetic set].")
-@click.option("--format", type=click.Choice(FORMATS), default="synthetic")
+@click.option("--format", type=click.Choice(list(LAYOUTS)), default="synthetic")
 @click.option("--quick", is_flag=True, help="A tiny synthetic table, for tests (minutes on 2 cores).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings per scribble length (paper: VOC).")
 @click.option("--epochs", type=int, default=None, help="Epochs of the GD/TR cells and the PCE control, after the PCE model.")
@@ -229,7 +240,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
     Resumes: cells whose summary.json exists are skipped."""
-    from trainer.driver import connect
+    from shared.ray_session import connect
     from experiments.table1 import run_table1
 
     _check_data_folder(data)
@@ -242,16 +253,16 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 
 @cli.command("sweep-tr-weight")
 @click.option("--data", default=None, help="Data set root [the built-in synthetic set].")
-@click.option("--format", type=click.Choice(FORMATS), default="synthetic")
+@click.option("--format", type=click.Choice(list(LAYOUTS)), default="synthetic")
 @click.option("--quick", is_flag=True, help="A tiny synthetic sweep, for tests.")
 @click.option("--values", default="0,0.01,0.05,0.1,0.5", help="Comma-separated λ values (0: fixed proposals).")
-@click.option("--scribbles", "length", type=click.Choice(LENGTHS), default="1", help="Scribble length (0: clicks).")
+@click.option("--scribbles", "length", default="1", callback=_scribbles, help=SCRIBBLES_HELP)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None)
 @click.option("--out", required=True)
 @click.pass_context
 def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, out):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
-    from trainer.driver import connect
+    from shared.ray_session import connect
     from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)

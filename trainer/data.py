@@ -12,8 +12,9 @@ Layouts (ROOT is the data root, SUFFIX the scribble length: '', '0.8', '0.5', '0
   ROOT/val.txt (one id a line), ROOT/classes.txt (one name a line, background first).
 - ``synthetic``: the ``folder`` layout, written by :func:`trainer.synthetic.make_synthetic`.
 
-Label PNGs are palette ('P') or grey ('L', 'I') images whose pixel value is the class
-id; 255 is "unlabelled" (scribbles) or "ignore" (masks). Any other value ≥ K is an error.
+Label PNGs are palette or grey images whose pixel value is the class id (read by
+`shared.image_io`, the same reader the solver uses); 255 is "unlabelled" (scribbles) or
+"ignore" (masks). Any other value ≥ K is an error.
 
 Bad data raises :class:`shared.errors.UserError` with a one-line message naming the
 file. :func:`load_split` checks that files exist; :func:`check_samples` opens each
@@ -35,16 +36,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from shared.errors import UserError
+from shared.image_io import read_image, read_label
+from shared.labels import UNLABELLED, check_scribbles
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
     "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
     "sheep", "sofa", "train", "tvmonitor",
 ]
-IGNORE = 255
 SPLITS = ("train", "val")
-SCRIBBLE_SUFFIXES = ("", "0.8", "0.5", "0.3", "0")
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -60,9 +60,34 @@ class Sample:
 # --------------------------------------------------------------------------- layouts
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a data format keeps its files (SPEC §5), relative to the data root.
+    `{split}` and `{suffix}` (the scribble length suffix) are filled in."""
+
+    split_file: str
+    image_dir: str
+    image_exts: tuple[str, ...]
+    scribble_dir: str
+    mask_dirs: dict[str, tuple[str, ...]]  # split -> folders to look in, first found wins
+    classes: tuple[str, ...] | None = None  # fixed class names; None: ROOT/classes.txt
+
+
+_FOLDER = Layout("{split}.txt", "images", (".png", ".jpg", ".jpeg"), "scribbles{suffix}",
+                 {"train": ("masks",), "val": ("masks",)})
+LAYOUTS: dict[str, Layout] = {
+    "voc": Layout("ImageSets/SegmentationAug/{split}.txt", "JPEGImages", (".jpg", ".jpeg", ".png"),
+                  "pascal_2012_scribble{suffix}",
+                  {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")},
+                  classes=tuple(VOC_CLASSES)),
+    "folder": _FOLDER,
+    "synthetic": _FOLDER,  # written by trainer.synthetic.make_synthetic
+}
+
+
 def _check_root(root: str, fmt: str) -> None:
-    if fmt not in ("voc", "folder", "synthetic"):
-        raise UserError(f"--format: must be one of ('voc', 'folder', 'synthetic'), got {fmt!r}")
+    if fmt not in LAYOUTS:
+        raise UserError(f"--format: must be one of {tuple(LAYOUTS)}, got {fmt!r}")
     if not root or not os.path.isdir(root):
         raise UserError(f"{root}: data root not found (not a directory)")
 
@@ -91,8 +116,8 @@ def _read_split_file(path: str) -> list[str]:
 def read_classes(root: str, fmt: str) -> list[str]:
     """Class names, background first: VOC's 21 for ``voc``, ROOT/classes.txt otherwise."""
     _check_root(root, fmt)
-    if fmt == "voc":
-        return list(VOC_CLASSES)
+    if LAYOUTS[fmt].classes:
+        return list(LAYOUTS[fmt].classes)
     path = os.path.join(root, "classes.txt")
     if not os.path.isfile(path):
         raise UserError(f"{path}: classes file not found")
@@ -129,23 +154,15 @@ def load_split(
     _check_root(root, fmt)
     if split not in SPLITS:
         raise UserError(f"split: must be 'train' or 'val', got {split!r}")
-    if scribbles not in SCRIBBLE_SUFFIXES:
-        raise UserError(f"--scribbles: must be one of {SCRIBBLE_SUFFIXES}, got {scribbles!r}")
+    scribbles = check_scribbles(scribbles)
     need_seeds = (split == "train") if require_seeds is None else require_seeds
     need_masks = (split == "val") if require_masks is None else require_masks
 
-    if fmt == "voc":
-        ids = _read_split_file(os.path.join(root, "ImageSets", "SegmentationAug", f"{split}.txt"))
-        image_dirs, image_exts = [os.path.join(root, "JPEGImages")], (".jpg", ".jpeg", ".png")
-        seeds_dir = os.path.join(root, f"pascal_2012_scribble{scribbles}")
-        mask_dirs = [os.path.join(root, "SegmentationClassAug")]
-        if split == "val":
-            mask_dirs.insert(0, os.path.join(root, "SegmentationClass"))
-    else:
-        ids = _read_split_file(os.path.join(root, f"{split}.txt"))
-        image_dirs, image_exts = [os.path.join(root, "images")], _IMAGE_EXTS
-        seeds_dir = os.path.join(root, f"scribbles{scribbles}")
-        mask_dirs = [os.path.join(root, "masks")]
+    layout = LAYOUTS[fmt]
+    ids = _read_split_file(os.path.join(root, layout.split_file.format(split=split)))
+    image_dirs, image_exts = [os.path.join(root, layout.image_dir)], layout.image_exts
+    seeds_dir = os.path.join(root, layout.scribble_dir.format(suffix=scribbles))
+    mask_dirs = [os.path.join(root, d) for d in layout.mask_dirs[split]]
 
     if need_seeds and not os.path.isdir(seeds_dir):
         raise UserError(f"{seeds_dir}: scribble folder not found")
@@ -177,77 +194,6 @@ def load_split(
 
 
 # --------------------------------------------------------------------------- files
-
-
-def palette(num_classes: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: ``num_classes``×3 uint8 (entry 255 is (224, 224, 192))."""
-    cmap = np.zeros((max(num_classes, 0), 3), dtype=np.uint8)
-    for i in range(len(cmap)):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
-_PALETTE_BYTES = palette(256).tobytes()
-
-
-def write_label(path: str, label: np.ndarray) -> None:
-    """Write an H×W uint8 label map as a VOC-palette PNG (pixel value = class id)."""
-    img = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="P")
-    img.putpalette(_PALETTE_BYTES)
-    img.save(path)
-
-
-def read_image(path: str) -> np.ndarray:
-    """An RGB image as H×W×3 uint8. Missing, unreadable or truncated files: UserError."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise UserError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable or truncated image ({exc})") from None
-
-
-def _label_array(img: Image.Image, path: str) -> np.ndarray:
-    if img.mode in ("P", "L"):
-        arr = np.asarray(img)
-    elif img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        arr = np.asarray(img.convert("I"))
-    elif img.mode in ("LA", "PA"):
-        arr = np.asarray(img.getchannel(0))
-    else:
-        raise UserError(f"{path}: label PNG has mode {img.mode}; expected a palette or grey image")
-    return arr
-
-
-def read_label(path: str, num_classes: int) -> np.ndarray:
-    """A label PNG as H×W uint8 (class id, 255 = unlabelled/ignore).
-
-    Values ≥ ``num_classes`` other than 255 are an error (UserError naming the file).
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = _label_array(img, path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: label file not found") from None
-    except UserError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable or truncated label PNG ({exc})") from None
-    bad = (arr >= num_classes) & (arr != IGNORE)
-    if bad.any():
-        values = sorted(int(v) for v in np.unique(arr[bad]))[:5]
-        raise UserError(f"{path}: label values {values} are ≥ the number of classes {num_classes} (and not 255)")
-    return arr.astype(np.uint8)
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -313,7 +259,7 @@ class _Base(torch.utils.data.Dataset):
         maps = []
         for p in (s.seeds_path, s.mask_path):
             if p is None:
-                maps.append(np.full((h, w), IGNORE, np.uint8))
+                maps.append(np.full((h, w), UNLABELLED, np.uint8))
                 continue
             lab = self._get(p, "label")
             if lab.shape != (h, w):
@@ -392,7 +338,7 @@ class TrainSet(_Base):
         h, w = image.shape[:2]
         proposal = self.proposals.get(s.image_id)
         if proposal is None:
-            proposal = np.full((h, w), IGNORE, np.uint8)
+            proposal = np.full((h, w), UNLABELLED, np.uint8)
         elif proposal.shape != (h, w):
             raise UserError(
                 f"proposal for image {s.image_id!r} has size {proposal.shape[1]}×{proposal.shape[0]}, "
@@ -417,7 +363,7 @@ class TrainSet(_Base):
                 top, left = (0, 0) if rng is not None else (ph // 2, pw // 2)
                 pads = ((top, ph - top), (left, pw - left))
                 image = np.pad(image, pads + ((0, 0),), constant_values=0)
-                labels = [np.pad(m, pads, constant_values=IGNORE) for m in labels]
+                labels = [np.pad(m, pads, constant_values=UNLABELLED) for m in labels]
                 h, w = h + ph, w + pw
             if rng is not None:
                 y0, x0 = int(rng.integers(0, h - cs + 1)), int(rng.integers(0, w - cs + 1))
@@ -437,6 +383,6 @@ class EvalSet(_Base):
 
     def __getitem__(self, index: int) -> dict:
         s, image, seeds, mask = self._load(index)
-        item = _to_item(image, seeds, np.full(seeds.shape, IGNORE, np.uint8), mask, index)
+        item = _to_item(image, seeds, np.full(seeds.shape, UNLABELLED, np.uint8), mask, index)
         item["image_id"] = s.image_id
         return item

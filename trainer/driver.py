@@ -17,52 +17,18 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from shared import shards, storage
+from shared import storage
+from shared.shard_store import ShardStore, parts_of
 from shared.config import TrainConfig, to_dict
 from shared.errors import UserError
 from solver_service.farm import Farm, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch
-from trainer.data import IGNORE, check_samples, load_split, read_classes, read_label
+from shared.image_io import read_label
+from shared.labels import UNLABELLED, scribble_length
+from trainer.data import check_samples, load_split, read_classes
+from trainer.methods import METHODS
 from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
-from trainer.snapshots import chunks
-
-NO_API_SERVER = "http://127.0.0.1:1"  # tcpmux: nothing listens there, connects are refused
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(shards.__file__)))
-
-
-def connect(address: str | None) -> None:
-    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard; either way
-    every worker runs `shared.ray_logging`'s hook, so the terminal shows each epoch
-    line once and none of Ray Train's per-report chatter.
-
-    Local mode also needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before ray is first
-    imported (the CLI does it), or worker sockets listen on every interface.
-    """
-    if ray.is_initialized():
-        return
-    # Ray Train's print patch tees every worker print into a logger that Ray forwards
-    # too, so each epoch line would reach the terminal twice.
-    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={
-            "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_workers"})
-        return
-    # Without a dashboard of its own, the state API in our workers would look for the
-    # newest Ray on this machine (/tmp/ray/ray_current_cluster). Ray Train's
-    # placement-group cleaner asks it every second whether our train controller is
-    # alive; another local Ray with a dashboard answers "no such actor", and the
-    # cleaner tears down this run's placement group mid-training. Point the state API
-    # at a closed loopback port instead: every query fails fast and changes nothing.
-    env_vars["RAY_API_SERVER_ADDRESS"] = NO_API_SERVER
-    # Workers import the setup hook before Ray adds the driver's folder to their path:
-    # give them a source checkout's packages whether or not it is pip-installed (an
-    # installed wheel's folder is site-packages, which must not go before the stdlib).
-    if os.path.exists(os.path.join(PROJECT_ROOT, "pyproject.toml")):
-        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True, runtime_env={
-        "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
-
 
 def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
     """Fail fast, with the file or option at fault: returns (K, train images, val images).
@@ -90,7 +56,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
 def images_without_scribbles(samples, num_classes: int) -> list[str]:
     """Ids of training images whose scribble file labels no pixel: not an error (SPEC §1:
     stage A then uses all K labels), but counted and reported."""
-    return [s.image_id for s in samples if s.seeds_path and (read_label(s.seeds_path, num_classes) == IGNORE).all()]
+    return [s.image_id for s in samples if s.seeds_path and (read_label(s.seeds_path, num_classes) == UNLABELLED).all()]
 
 
 def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
@@ -102,13 +68,14 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
     if unscribbled:
         print(f"{len(unscribbled)} training image(s) without any scribble, trained on without seeds "
               f"(stage A over all labels): {', '.join(unscribbled[:10])}{' …' if len(unscribbled) > 10 else ''}", flush=True)
-    base = cfg.shard_base()
-    storage.delete(storage.join(base, shards.FARM_FAILED))
+    store = ShardStore(cfg.shard_base())
+    store.clear_failure()
+    parts = parts_of(n_train, cfg.shard_size)
     t0 = time.perf_counter()
     farm = None
-    if cfg.method == "grid-tr":
+    if METHODS[cfg.method].needs_proposals:
         farm = Farm(
-            base, len(chunks(n_train, cfg.shard_size)), cfg.solver, cfg.solver_range(), cfg.solver_resource,
+            store, len(parts), cfg.solver, cfg.solver_range(), cfg.solver_resource,
             on_round=lambda r, rows, s: _report_round(r, rows, s, cfg), n_images=n_train,
         )
         farm.start()
@@ -134,7 +101,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
     summary = {
         "method": cfg.method,
         "dataset": dataset_name or cfg.data,
-        "scribble_length": _scribble_length(cfg.scribbles),
+        "scribble_length": scribble_length(cfg.scribbles),
         "epochs": cfg.epochs,
         "train_images": n_train,
         "images_without_scribbles": len(unscribbled),
@@ -146,7 +113,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
         "stage_b_s": trained["stage_b_s"],
         "trainer_stall_s": trained["stall_s"],
         "stage_a_images": farm.images if farm else 0,
-        "proposals_missing": _proposals_missing(base, n_train, cfg.shard_size) if farm else 0,
+        "proposals_missing": store.images_missing(parts) if farm else 0,
         "solvers": cfg.solver_range()[1] if farm else 0,
         "solver_restarts": solver_restarts() if farm else 0,
         "mean_staleness": trained["mean_staleness"],
@@ -155,19 +122,6 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
     }
     storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
-
-
-def _scribble_length(suffix: str) -> float:
-    return 1.0 if suffix == "" else float(suffix)
-
-
-def _proposals_missing(base: str, n_images: int, shard_size: int) -> int:
-    """Images of every snapshot round without a proposal of that round."""
-    missing = 0
-    for r in shards.list_rounds(base, "snapshots"):
-        done = shards.list_parts(shards.round_uri(base, "proposals", r))
-        missing += sum(len(part) for k, part in enumerate(chunks(n_images, shard_size)) if k not in done)
-    return missing
 
 
 def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) -> None:
@@ -191,5 +145,5 @@ def _stage_b_seconds_per_round(cfg: TrainConfig) -> float | None:
     if not storage.exists(uri):
         return None
     lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
-    seconds = [e["stage_b_s"] for e in lines if e.get("phase") == "grid-tr"]
+    seconds = [e["stage_b_s"] for e in lines if e.get("phase") == cfg.method]
     return sum(seconds) / len(seconds) * cfg.epochs_per_round if seconds else None

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from trainer.metrics import confusion_matrix, miou, trimap_confusions
-from trainer.objectives import method_loss
+from trainer.methods import method_loss
 
 TRIMAP_WIDTHS = (1, 2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40)
 

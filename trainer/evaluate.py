@@ -1,17 +1,16 @@
 """`eval` and `predict`: a checkpoint on a val split, or on image files."""
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 import torch
-from PIL import Image
 
 from shared import storage
 from shared.errors import UserError
 from trainer import engine
-from trainer.data import EvalSet, check_samples, load_split, palette, read_classes, read_image
+from shared.image_io import label_png, read_image
+from trainer.data import EvalSet, check_samples, load_split, read_classes
 from trainer.architectures import build_model, checkpoint_arch
 from trainer.runlog import load_checkpoint
 
@@ -46,16 +45,11 @@ def predict_files(checkpoint: str, images: tuple[str, ...], out: str) -> list[st
     """One palette PNG per image, at the image's size; returns the written paths."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_model(checkpoint, device)
-    pal = np.asarray(palette(state["num_classes"]), np.uint8).reshape(-1).tolist()
     written = []
     for path in images:
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float()
         labels = engine.predict(model, image, device).cpu().numpy().astype(np.uint8)
-        png = Image.fromarray(labels, mode="P")
-        png.putpalette(pal + [0] * (768 - len(pal)))
-        buf = io.BytesIO()
-        png.save(buf, format="PNG")
         target = storage.join(out, os.path.splitext(os.path.basename(path))[0] + ".png")
-        storage.write_bytes(target, buf.getvalue())
+        storage.write_bytes(target, label_png(labels))
         written.append(target)
     return written

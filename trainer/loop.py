@@ -15,25 +15,22 @@ import torch.distributed as dist
 from ray.experimental import tqdm_ray
 from torch.utils.data import DataLoader
 
-from shared import shards
 from shared.config import TrainConfig, default_eps, from_dict
-from shared.errors import CorruptShardError
 from trainer import engine
-from trainer.data import EvalSet, TrainSet, load_split, read_classes, read_label
 from trainer.architectures import build_model
+from trainer.data import EvalSet, TrainSet, load_split, read_classes
+from trainer.methods import METHODS
 from trainer.model import load_backbone_weights
-from trainer.proposals import ProposalFeed
 from trainer.runlog import RunLog, load_checkpoint
-from trainer.snapshots import chunks, snapshot_complete, write_snapshot_round
+from trainer.stage_a import NO_STAGE_A, StageA
 from trainer.visualize import write_panels
 
-REGULARISED = ("grid-gd", "dense-gd", "grid-tr")
 CACHE_MAX_IMAGES = 2000  # decoded images kept in memory: the synthetic sets, not VOC's 10,582
 
 
 def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
     """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model."""
-    if cfg.method in REGULARISED and not cfg.init:
+    if METHODS[cfg.method].starts_from_pce and not cfg.init:
         return [("pce", cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
     return [(cfg.method, cfg.epochs)]
 
@@ -42,12 +39,6 @@ def train_split(cfg: TrainConfig):
     """Full supervision needs the masks, every other method the scribbles."""
     full = cfg.method == "full"
     return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
-
-
-def mask_reader(samples, num_classes: int):
-    """image id -> its full mask (None when the image has none), read when asked."""
-    paths = {s.image_id: s.mask_path for s in samples}
-    return lambda image_id: read_label(paths[image_id], num_classes) if paths.get(image_id) else None
 
 
 def progress_bar(enabled: bool, desc: str, total: int, unit: str = "img"):
@@ -60,7 +51,21 @@ def close(bar) -> None:
         bar.close()
 
 
+def build_network(cfg: TrainConfig, num_classes: int, resume: dict | None):
+    """The run's network: --arch, with ImageNet backbone weights, --init or the resumed weights."""
+    net = build_model(cfg.arch, num_classes)
+    if cfg.backbone_weights:
+        load_backbone_weights(net, cfg.backbone_weights)
+    if cfg.init:
+        net.load_state_dict(load_checkpoint(cfg.init)["model"])
+    if resume:
+        net.load_state_dict(resume["model"])
+    return net
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """Alg. 1: PCE pretraining, then per epoch (stage A's proposals when the method
+    needs them,) one epoch of stage B, evaluation, checkpoint and metrics."""
     config = dict(config)
     show = config.pop("progress", False)
     cfg = from_dict(TrainConfig, config)
@@ -75,29 +80,22 @@ def train_loop_per_worker(config: dict) -> None:
     K = len(classes)
     eps = cfg.eps if cfg.eps is not None else default_eps(K)
     train_samples = train_split(cfg)
-    val_samples = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
     cache = len(train_samples) <= CACHE_MAX_IMAGES
     trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank, cache=cache)
-    valset = EvalSet(val_samples, K, cache=cache)
+    valset = EvalSet(load_split(cfg.data, cfg.format, "val", cfg.scribbles), K, cache=cache)
     train_eval = EvalSet(train_samples, K, cache=cache)  # unaugmented: snapshots and panels
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(trainset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(trainset) > cfg.batch_size),
         move_to_device=False,
     )
-
-    net = build_model(cfg.arch, K)
-    if cfg.backbone_weights:
-        load_backbone_weights(net, cfg.backbone_weights)
-    if cfg.init:
-        net.load_state_dict(load_checkpoint(cfg.init)["model"])
     resume = load_checkpoint(f"{cfg.out}/checkpoints/last.pt") if cfg.resume else None
-    if resume:
-        net.load_state_dict(resume["model"])
-        # metrics.jsonl may hold the epoch after the checkpoint (killed in between): it is run again
+    if resume:  # metrics.jsonl may hold the epoch after the checkpoint (killed in between): it is run again
         log.drop_epochs_after(resume["global_epoch"])
+    net = build_network(cfg, K, resume)
     model = ray.train.torch.prepare_model(net)
 
-    stats = {"stage_b_s": 0.0, "stall_s": 0.0, "staleness": [], "max_staleness": 0}
+    stage_a = None
+    stage_b_s = 0.0
     best = resume["best_miou"] if resume else -1.0
     global_epoch = resume["global_epoch"] if resume else 0
     plan = phases(cfg)
@@ -109,17 +107,15 @@ def train_loop_per_worker(config: dict) -> None:
         start = resume["epoch"] if same_phase else 0
         steps_per_epoch = max(1, len(loader))
         step = start * steps_per_epoch
-        feed = None
-        if method == "grid-tr":
-            parts = [[train_samples[i].image_id for i in part] for part in chunks(len(train_samples), cfg.shard_size)]
-            feed = ProposalFeed(cfg.shard_base(), parts, sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness,
-                                num_classes=K, mask_of=mask_reader(train_samples, K))
+        if METHODS[method].needs_proposals:
+            stage_a = StageA(cfg, train_samples, train_eval, K, device, rank, world,
+                             progress=lambda desc, total: progress_bar(show, desc, total))
         final = phase == len(plan) - 1
         for epoch in range(start, epochs):
             record = {"phase": method, "epoch": global_epoch + 1}
-            if feed is not None:
-                record.update(_next_proposals(cfg, net, trainset, train_eval, train_samples, feed, epoch, rank, world, device, stats, show,
-                                              verify=same_phase and epoch == start))
+            if METHODS[method].needs_proposals:  # Alg. 1 lines 4-6
+                record.update(stage_a.before_epoch(net, epoch, verify=same_phase and epoch == start))
+                trainset.proposals = stage_a.labels
             trainset.set_epoch(global_epoch)
             t0 = time.perf_counter()
             bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * cfg.batch_size)
@@ -128,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
                 step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
             )
             close(bar)
-            stats["stage_b_s"] += time.perf_counter() - t0
+            stage_b_s += time.perf_counter() - t0
             record.update(loss=loss, lr=optimizer.param_groups[0]["lr"], stage_b_s=time.perf_counter() - t0)
             global_epoch += 1
             last = epoch == epochs - 1
@@ -140,8 +136,8 @@ def train_loop_per_worker(config: dict) -> None:
                     write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, K)
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
-                "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes, "arch": cfg.arch,
-                "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
+                "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
+                "arch": cfg.arch, "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
             }
             if final and "val_miou" in record and record["val_miou"] > best:
                 best = state["best_miou"] = record["val_miou"]
@@ -153,9 +149,10 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(_progress_line(record, global_epoch, sum(e for _, e in plan)), flush=True)
             ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str))})
-    stats["mean_staleness"] = sum(stats["staleness"]) / len(stats["staleness"]) if stats["staleness"] else 0.0
-    del stats["staleness"]
-    log.write_json("trainer_summary.json", {**stats, "val_miou": record.get("val_miou"), "per_class_iou": record.get("per_class_iou"), "trimap": record.get("trimap"), "epochs": global_epoch})
+    log.write_json("trainer_summary.json", {
+        **(stage_a.summary() if stage_a else NO_STAGE_A), "stage_b_s": stage_b_s, "val_miou": record.get("val_miou"),
+        "per_class_iou": record.get("per_class_iou"), "trimap": record.get("trimap"), "epochs": global_epoch,
+    })
     log.close()
 
 
@@ -167,51 +164,6 @@ def make_optimizer(net, cfg: TrainConfig, state: dict | None = None):
     if state is not None:
         optimizer.load_state_dict(state)
     return optimizer, base_lrs
-
-
-def snapshot_round_readable(base: str, r: int, n_parts: int) -> bool:
-    """Every part of snapshot round r is there and reads; a bad one is reported with its path."""
-    if not snapshot_complete(base, r, n_parts):
-        return False
-    ok = True
-    for uri in shards.list_parts(shards.round_uri(base, "snapshots", r)).values():
-        try:
-            shards.read_snapshots(uri)
-        except CorruptShardError as e:
-            print(f"warning: {e}; writing snapshot round {r} again", flush=True)
-            ok = False
-    return ok
-
-
-def _next_proposals(cfg, net, trainset, train_eval, samples, feed, epoch, rank, world, device, stats, show, verify=False) -> dict:
-    """Snapshot at the start of each round, then the freshest proposals (SPEC §4).
-
-    `verify` (the first epoch of a resumed run): the round's snapshot parts are read back
-    and the round is written again if one is unreadable (a truncated file, say)."""
-    r, first = divmod(epoch, cfg.epochs_per_round)[0], epoch % cfg.epochs_per_round == 0
-    base = cfg.shard_base()
-    n_parts = len(chunks(len(samples), cfg.shard_size))
-    record = {"round": r}
-    if (first or verify) and not (snapshot_round_readable if verify else snapshot_complete)(base, r, n_parts):
-        t0 = time.perf_counter()
-        bar = progress_bar(show, f"snapshot round {r}", len(samples))
-        n = write_snapshot_round(
-            net, train_eval, samples, base=base, r=r, shard_size=cfg.shard_size,
-            restrict_labels=cfg.solver.restrict_labels, device=device, rank=rank, world=world, progress=bar,
-        )
-        close(bar)
-        if world > 1:
-            dist.barrier()
-        record["snapshot_s"] = time.perf_counter() - t0
-        record["snapshot_images"] = n
-    got = feed.refresh(r, wait=first or cfg.schedule == "sync")
-    trainset.proposals = feed.labels
-    stats["stall_s"] += got["stall_s"]
-    stats["staleness"].append(got["mean_staleness"])
-    stats["max_staleness"] = max(stats["max_staleness"], got["max_staleness"])
-    record.update(stall_s=got["stall_s"], mean_staleness=got["mean_staleness"], max_staleness=got["max_staleness"])
-    record.update(feed.diagnostics())
-    return record
 
 
 def _evaluate(model, valset, K, device, rank, world, progress=None) -> dict:

@@ -18,10 +18,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shared.labels import UNLABELLED
+
 from .permutohedral import bilateral_filter
 
 __all__ = [
-    "IGNORE",
     "partial_ce",
     "robust_ce",
     "grid_potts",
@@ -29,8 +30,6 @@ __all__ = [
     "dense_crf",
     "grid_weights",
 ]
-
-IGNORE = 255
 
 
 def _no_autocast(device: torch.device):
@@ -46,12 +45,12 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, name: str) -> None:
 
 def _label_log_prob(logq: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log q_i(labels_i) (N×H×W, 0 where unlabeled) and the mask of labeled pixels."""
-    mask = labels != IGNORE
+    mask = labels != UNLABELLED
     K = logq.shape[1]
     if mask.any():
         bad = labels[mask]
         if bool(((bad < 0) | (bad >= K)).any()):
-            raise ValueError(f"labels must be in [0, {K}) or {IGNORE}")
+            raise ValueError(f"labels must be in [0, {K}) or {UNLABELLED}")
     idx = torch.where(mask, labels, torch.zeros_like(labels)).long()
     picked = logq.gather(1, idx.unsqueeze(1)).squeeze(1)
     return torch.where(mask, picked, torch.zeros_like(picked)), mask
@@ -103,7 +102,7 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
     with _no_autocast(logits.device):
         logq = F.log_softmax(logits.float(), dim=1)
         seed_lp, seed_mask = _label_log_prob(logq, seeds)
-        prop = torch.where(seed_mask, torch.full_like(proposals, IGNORE), proposals)
+        prop = torch.where(seed_mask, torch.full_like(proposals, UNLABELLED), proposals)
         prop_lp, prop_mask = _label_log_prob(logq, prop)
         if a > 0.0:
             robust = torch.logaddexp(torch.full_like(prop_lp, math.log(a)),

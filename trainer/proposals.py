@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from shared import shards, storage
+from shared.shard_store import ShardStore
 from shared.errors import CorruptShardError, UserError
 from trainer.metrics import confusion_matrix, miou
 
@@ -25,9 +26,9 @@ class ProposalFeed:
     """`mask_of(image_id)` (optional) gives an image's full mask, or None: then the
     proposals in use are scored against the masks (`diagnostics`)."""
 
-    def __init__(self, base: str, parts: list[list[str]], *, sync: bool, max_staleness: int, poll_s: float = 0.2,
-                 num_classes: int = 0, mask_of: MaskReader | None = None):
-        self.base = base
+    def __init__(self, store: ShardStore, parts: list[list[str]], *, sync: bool, max_staleness: int,
+                 poll_s: float = 0.2, num_classes: int = 0, mask_of: MaskReader | None = None):
+        self.store = store
         self.parts = parts  # image ids of every part
         self.min_lag = 0 if sync else max_staleness
         self.poll_s = poll_s
@@ -39,29 +40,18 @@ class ProposalFeed:
         self._changed: dict[int, list[float]] = {}  # part -> per-image changed fraction
         self._confusion: dict[int, np.ndarray] = {}  # part -> proposals vs masks
 
-    def _available(self, r: int) -> dict[int, tuple[int, str]]:
-        """Newest proposal round ≤ r of every part that has one."""
-        best = {}
-        for p in shards.list_rounds(self.base, "proposals"):
-            if p > r:
-                continue
-            for k, uri in shards.list_parts(shards.round_uri(self.base, "proposals", p)).items():
-                if k < len(self.parts) and best.get(k, (-1, ""))[0] < p:
-                    best[k] = (p, uri)
-        return best
-
     def refresh(self, r: int, wait: bool) -> dict:
         """Load newer proposals for round r; wait (stall) while the bound is not met."""
         start = time.perf_counter()
         while True:
-            for k, (p, uri) in self._available(r).items():
+            for k, (p, uri) in self.store.newest_proposals(r, len(self.parts)).items():
                 if p > self.current.get(k, -1):
                     self._load(k, p, uri)
             lags = [r - self.current.get(k, -1) for k in range(len(self.parts))]
             if not wait or max(lags) <= self.min_lag:
                 break
-            if storage.exists(storage.join(self.base, shards.FARM_FAILED)):
-                why = storage.read_bytes(storage.join(self.base, shards.FARM_FAILED)).decode().strip()
+            why = self.store.failure()
+            if why is not None:
                 raise UserError(f"stage A failed, no proposals for round {r}: {why}")
             time.sleep(self.poll_s)
         stall = time.perf_counter() - start if wait else 0.0

@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from shared.errors import UserError
-from trainer.data import IGNORE, VOC_CLASSES, read_label, write_label
+from shared.image_io import read_label, write_label
+from shared.labels import UNLABELLED
+from trainer.data import VOC_CLASSES
 
 CLICK_RADIUS = 2  # pixels: r = 0 gives a disk of this radius at each scribble's centre
 
@@ -74,10 +76,10 @@ def shorten_scribble(seeds: np.ndarray, ratio: float) -> np.ndarray:
     if ratio < 0:
         raise UserError(f"scribble ratio: must be in [0, 1], got {ratio}")
     h, w = seeds.shape
-    out = np.full_like(seeds, IGNORE)
+    out = np.full_like(seeds, UNLABELLED)
     disks = []
     for c in np.unique(seeds):
-        if c == IGNORE:
+        if c == UNLABELLED:
             continue
         for comp in _components(seeds == c):
             pixels = set(comp)
@@ -101,8 +103,8 @@ def shorten_scribble(seeds: np.ndarray, ratio: float) -> np.ndarray:
         yy, xx = np.mgrid[0:h, 0:w]
         for c, (cy, cx) in disks:
             disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= CLICK_RADIUS**2
-            disk &= (seeds == IGNORE) | (seeds == c)
-            out[disk & (out == IGNORE)] = c
+            disk &= (seeds == UNLABELLED) | (seeds == c)
+            out[disk & (out == UNLABELLED)] = c
     return out
 
 
@@ -206,7 +208,7 @@ def convert_scribblesup(src_dir: str, out_dir: str, width: int = 3, images_dir: 
                 pts.append((min(max(x, 0), w - 1), min(max(y, 0), h - 1)))
             if pts:
                 strokes.append((class_ids[cname.lower()], pts))
-        canvas = Image.new("L", (w, h), IGNORE)
+        canvas = Image.new("L", (w, h), UNLABELLED)
         draw = ImageDraw.Draw(canvas)
         for cid, pts in strokes:
             if len(pts) == 1:

@@ -12,18 +12,10 @@ import numpy as np
 import torch
 
 from shared import shards
+from shared.shard_store import ShardStore
 from trainer.engine import autocast
 
 NEG_LOG_Q_MAX = 20.0  # −log(1e-8) ≈ 18.4 is the solver's floor; larger values carry nothing
-
-
-def chunks(n_images: int, shard_size: int) -> list[range]:
-    """Image indices of every part: part k holds chunk k of the sorted ids."""
-    return [range(i, min(i + shard_size, n_images)) for i in range(0, n_images, shard_size)]
-
-
-def snapshot_complete(base: str, r: int, n_parts: int) -> bool:
-    return len(shards.list_parts(shards.round_uri(base, "snapshots", r))) >= n_parts
 
 
 @torch.no_grad()
@@ -42,11 +34,12 @@ def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]
     return out
 
 
-def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restrict_labels, device, rank=0, world=1, progress=None):
+def write_snapshot_round(model, dataset, samples, *, store: ShardStore, r, parts, restrict_labels, device,
+                         rank=0, world=1, progress=None):
     """Write this rank's parts of snapshot round r; returns the number of images written."""
     model.eval()
     written = 0
-    for k, part in enumerate(chunks(len(samples), shard_size)):
+    for k, part in enumerate(parts):
         if k % world != rank:
             continue
         items = [dataset[i] for i in part]
@@ -62,7 +55,7 @@ def write_snapshot_round(model, dataset, samples, *, base, r, shard_size, restri
                     num_classes=neg_log_q.shape[0], label_set=labels, neg_log_q=neg_log_q[labels],
                 )
             )
-        shards.write_table(shards.snapshots_table(rows), shards.part_uri(base, "snapshots", r, k))
+        store.write_snapshots(r, k, rows)
         written += len(rows)
         if progress is not None:
             progress.update(len(rows))

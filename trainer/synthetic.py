@@ -45,7 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from shared.errors import UserError
-from trainer.data import IGNORE, write_label
+from shared.image_io import write_label
+from shared.labels import UNLABELLED
 from trainer.scribbles import shorten_scribble
 
 VERSION = 2  # bump when the generated images change: cached copies are keyed by it
@@ -281,7 +282,7 @@ def _make_image(rng: np.random.Generator, size: int, classes: int, variant: Vari
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
 
     # scribbles: medial strokes in objects, random strokes in the background
-    seeds = np.full((h, w), IGNORE, np.uint8)
+    seeds = np.full((h, w), UNLABELLED, np.uint8)
     for ob, region in zip(objects, regions):
         if region is None:
             continue
@@ -295,7 +296,7 @@ def _make_image(rng: np.random.Generator, size: int, classes: int, variant: Vari
     free = _erode(label == 0, max(1, int(round(3 * s))), border_inside=True)
     for _ in range(int(rng.integers(2, 4))):
         pts = _random_curve(rng, h, w, rng.uniform(0.35, 0.6) * size)
-        stroke = _draw(h, w, pts, int(rng.integers(2, 4))) & free & (seeds == IGNORE)
+        stroke = _draw(h, w, pts, int(rng.integers(2, 4))) & free & (seeds == UNLABELLED)
         seeds[stroke] = 0
     return image, label, seeds
 
@@ -352,7 +353,7 @@ def make_synthetic(
                 s = seeds if ratio == 1.0 else shorten_scribble(seeds, ratio)
                 write_label(os.path.join(out, f"scribbles{sfx}", image_id + ".png"), s)
                 if split == "train":
-                    counts[sfx] += int((s != IGNORE).sum())
+                    counts[sfx] += int((s != UNLABELLED).sum())
             if split == "train":
                 total += seeds.size
             ids.append(image_id)

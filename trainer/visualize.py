@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from shared import storage
-from trainer.data import palette
+from shared.image_io import palette
 from trainer.engine import predict
 
 N_PANELS = 4

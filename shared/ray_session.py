@@ -1,0 +1,48 @@
+"""Joining a Ray cluster, or starting a private one on 127.0.0.1: the trainer's driver
+and the solver's command line both start Ray here."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+NO_API_SERVER = "http://127.0.0.1:1"  # tcpmux: nothing listens there, connects are refused
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def connect(address: str | None, num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Join a cluster, or start a private Ray bound to 127.0.0.1 with no dashboard; either way
+    every worker runs `shared.ray_logging`'s hook, so the terminal shows each epoch
+    line once and none of Ray Train's per-report chatter.
+
+    Local mode also needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set before ray is first
+    imported (the CLI does it), or worker sockets listen on every interface. `quiet`:
+    Ray's own log lines only from errors up (a command whose output is one summary line).
+    """
+    if ray.is_initialized():
+        return
+    # Ray Train's print patch tees every worker print into a logger that Ray forwards
+    # too, so each epoch line would reach the terminal twice.
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env={
+            "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_workers"})
+        return
+    # Without a dashboard of its own, the state API in our workers would look for the
+    # newest Ray on this machine (/tmp/ray/ray_current_cluster). Ray Train's
+    # placement-group cleaner asks it every second whether our train controller is
+    # alive; another local Ray with a dashboard answers "no such actor", and the
+    # cleaner tears down this run's placement group mid-training. Point the state API
+    # at a closed loopback port instead: every query fails fast and changes nothing.
+    env_vars["RAY_API_SERVER_ADDRESS"] = NO_API_SERVER
+    # Workers import the setup hook before Ray adds the driver's folder to their path:
+    # give them a source checkout's packages whether or not it is pip-installed (an
+    # installed wheel's folder is site-packages, which must not go before the stdlib).
+    if os.path.exists(os.path.join(PROJECT_ROOT, "pyproject.toml")):
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
+             logging_level=logging.ERROR if quiet else logging.INFO, runtime_env={
+        "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)

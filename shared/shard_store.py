@@ -1,0 +1,125 @@
+"""The shard store: the one owner of the shard layout of SPEC §6.
+
+    {base}/snapshots/round={r}/part-{k}.{parquet|arrow}
+    {base}/proposals/round={r}/part-{k}.{parquet|arrow}
+    {base}/FARM_FAILED                                   stage A failed: stop waiting
+
+Part k always holds the same images (chunk k of the training ids, `parts_of`), so
+proposal part k of round r answers snapshot part k of round r, and the warm start of
+an image is part k of an earlier proposal round. The trainer, the solver farm, the
+driver, the solver's command line and the benchmarks reach shards only through this
+class; the row formats themselves are `shared.shards`.
+"""
+from __future__ import annotations
+
+import re
+
+from shared import shards, storage
+from shared.errors import CorruptShardError
+
+_PART = re.compile(r"^part-(\d+)\.(parquet|arrow)$")
+_ROUND = re.compile(r"^round=(\d+)$")
+_FAILED = "FARM_FAILED"
+
+
+def parts_of(n_images: int, shard_size: int) -> list[range]:
+    """Image indices of every part: part k holds chunk k of the sorted ids."""
+    return [range(i, min(i + shard_size, n_images)) for i in range(0, n_images, shard_size)]
+
+
+def parts_in(round_dir: str) -> dict[int, str]:
+    """Part index -> URI of every committed part file in one round folder."""
+    return {int(m.group(1)): storage.join(round_dir, name)
+            for name in storage.list_dir(round_dir) if (m := _PART.match(name))}
+
+
+def extension(uri: str) -> str:
+    """A part file's format: 'parquet' or 'arrow'."""
+    return uri.split("?", 1)[0].rsplit(".", 1)[1]
+
+
+class ShardStore:
+    def __init__(self, base: str):
+        self.base = base
+
+    # -- layout
+    def round_dir(self, kind: str, r: int) -> str:
+        assert kind in shards.KINDS, kind
+        return storage.join(self.base, kind, f"round={r}")
+
+    def part_uri(self, kind: str, r: int, k: int, fmt: str = "parquet") -> str:
+        return storage.join(self.round_dir(kind, r), f"part-{k}.{fmt}")
+
+    def rounds(self, kind: str) -> list[int]:
+        names = storage.list_dir(storage.join(self.base, kind))
+        return sorted(int(m.group(1)) for n in names if (m := _ROUND.match(n)))
+
+    def parts(self, kind: str, r: int) -> dict[int, str]:
+        return parts_in(self.round_dir(kind, r))
+
+    # -- rows
+    def write_snapshots(self, r: int, k: int, rows: list[shards.Snapshot]) -> None:
+        shards.write_table(shards.snapshots_table(rows), self.part_uri("snapshots", r, k))
+
+    def write_proposals(self, r: int, k: int, rows: list[shards.Proposal], fmt: str = "parquet") -> None:
+        shards.write_table(shards.proposals_table(rows), self.part_uri("proposals", r, k, fmt))
+
+    # -- state of a round
+    def round_complete(self, kind: str, r: int, n_parts: int) -> bool:
+        return len(self.parts(kind, r)) >= n_parts
+
+    def unreadable(self, kind: str, r: int, read_rows: bool = False) -> dict[int, CorruptShardError]:
+        """The parts of a round that do not read: footer and schema, or every row."""
+        bad = {}
+        for k, uri in self.parts(kind, r).items():
+            try:
+                if read_rows:
+                    shards.read_table(uri, kind)
+                else:
+                    shards.check_shard(uri, kind)
+            except CorruptShardError as e:
+                bad[k] = e
+        return bad
+
+    def unsolved(self, r: int, verify: bool = False) -> dict[int, str]:
+        """Snapshot parts of round r whose proposal is absent (or unreadable, if verify)."""
+        done = self.parts("proposals", r)
+        bad = self.unreadable("proposals", r) if done and verify else {}
+        for e in bad.values():
+            print(f"warning: {e}; solving it again", flush=True)
+        return {k: uri for k, uri in self.parts("snapshots", r).items() if k not in done or k in bad}
+
+    def newest_proposals(self, r: int, n_parts: int) -> dict[int, tuple[int, str]]:
+        """part -> (round p, URI) of its newest proposal with p ≤ r."""
+        best: dict[int, tuple[int, str]] = {}
+        for p in self.rounds("proposals"):
+            if p > r:
+                break
+            for k, uri in self.parts("proposals", p).items():
+                if k < n_parts:
+                    best[k] = (p, uri)
+        return best
+
+    def warm_start(self, r: int, k: int) -> str:
+        """The newest proposal of part k from a round before r ('' if none)."""
+        newest = self.newest_proposals(r - 1, k + 1).get(k)
+        return newest[1] if newest else ""
+
+    def images_missing(self, parts: list[range]) -> int:
+        """Images of every snapshot round without a proposal of that round."""
+        missing = 0
+        for r in self.rounds("snapshots"):
+            done = self.parts("proposals", r)
+            missing += sum(len(part) for k, part in enumerate(parts) if k not in done)
+        return missing
+
+    # -- the failure marker
+    def mark_failed(self, why: str) -> None:
+        storage.write_bytes(storage.join(self.base, _FAILED), (why.strip() + "\n").encode())
+
+    def failure(self) -> str | None:
+        uri = storage.join(self.base, _FAILED)
+        return storage.read_bytes(uri).decode().strip() if storage.exists(uri) else None
+
+    def clear_failure(self) -> None:
+        storage.delete(storage.join(self.base, _FAILED))

@@ -1,0 +1,91 @@
+"""The trainer's side of stage A (Alg. 1 lines 4–6): snapshot, proposals, staleness.
+
+At the first epoch of round r the worker writes the round's snapshot (the network's
+−log q on every training image); before every epoch it takes the freshest proposals
+the solver farm has written (SPEC §4), waiting only where the schedule demands it.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch.distributed as dist
+
+from shared.config import TrainConfig
+from shared.shard_store import ShardStore, parts_of
+from shared.image_io import read_label
+from trainer.proposals import ProposalFeed
+from trainer.snapshots import write_snapshot_round
+
+
+def mask_reader(samples, num_classes: int):
+    """image id -> its full mask (None when the image has none), read when asked."""
+    paths = {s.image_id: s.mask_path for s in samples}
+    return lambda image_id: read_label(paths[image_id], num_classes) if paths.get(image_id) else None
+
+
+class StageA:
+    def __init__(self, cfg: TrainConfig, samples, train_eval, num_classes: int, device, rank: int, world: int,
+                 progress=lambda desc, total: None):
+        self.cfg, self.samples, self.train_eval = cfg, samples, train_eval
+        self.device, self.rank, self.world, self.progress = device, rank, world, progress
+        self.store = ShardStore(cfg.shard_base())
+        self.parts = parts_of(len(samples), cfg.shard_size)
+        self.feed = ProposalFeed(
+            self.store, [[samples[i].image_id for i in part] for part in self.parts],
+            sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness,
+            num_classes=num_classes, mask_of=mask_reader(samples, num_classes),
+        )
+        self.staleness: list[float] = []
+        self.max_staleness = 0
+
+    @property
+    def labels(self) -> dict[str, np.ndarray]:
+        """image id -> the proposal stage B trains on."""
+        return self.feed.labels
+
+    def before_epoch(self, net, epoch: int, verify: bool = False) -> dict:
+        """Snapshot at the start of each round, then the freshest proposals; the epoch's
+        stage-A figures. `verify` (the first epoch of a resumed run): the round's snapshot
+        is read back and written again if a part is unreadable (a truncated file, say)."""
+        r, first = divmod(epoch, self.cfg.epochs_per_round)[0], epoch % self.cfg.epochs_per_round == 0
+        record = {"round": r}
+        if (first or verify) and not self._snapshot_ok(r, verify):
+            t0 = time.perf_counter()
+            bar = self.progress(f"snapshot round {r}", len(self.samples))
+            record["snapshot_images"] = write_snapshot_round(
+                net, self.train_eval, self.samples, store=self.store, r=r, parts=self.parts,
+                restrict_labels=self.cfg.solver.restrict_labels, device=self.device, rank=self.rank,
+                world=self.world, progress=bar,
+            )
+            if bar is not None:
+                bar.close()
+            if self.world > 1:
+                dist.barrier()
+            record["snapshot_s"] = time.perf_counter() - t0
+        got = self.feed.refresh(r, wait=first or self.cfg.schedule == "sync")
+        self.staleness.append(got["mean_staleness"])
+        self.max_staleness = max(self.max_staleness, got["max_staleness"])
+        record.update(got)
+        record.update(self.feed.diagnostics())
+        return record
+
+    def _snapshot_ok(self, r: int, verify: bool) -> bool:
+        if not self.store.round_complete("snapshots", r, len(self.parts)):
+            return False
+        if not verify:
+            return True
+        bad = self.store.unreadable("snapshots", r, read_rows=True)
+        for e in bad.values():
+            print(f"warning: {e}; writing snapshot round {r} again", flush=True)
+        return not bad
+
+    def summary(self) -> dict:
+        return {
+            "stall_s": self.feed.stall_s,
+            "mean_staleness": float(np.mean(self.staleness)) if self.staleness else 0.0,
+            "max_staleness": self.max_staleness,
+        }
+
+
+NO_STAGE_A = {"stall_s": 0.0, "mean_staleness": 0.0, "max_staleness": 0}
