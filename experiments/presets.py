@@ -1,47 +1,16 @@
 """Named parameter presets, per scribble length (SPEC §4).
 
 `paper` is the paper's Pascal VOC setting (DeepLabV3+ / MobileNetV2, K = 21), as the
-authors' reference implementation runs it (SPEC §4, paper Sec. 4.1):
+authors' reference implementation runs it: 60 epochs, batch 12, SGD momentum 0.9,
+weight decay 5e-4, poly LR (power 0.9), base LR 7e-4 for the backbone (the decoder
+trains at 10×), β = 100, max_iter 5, M = 5 stage-B epochs per stage-A round, and
+(ε, λ) per scribble length as in `_PAPER_EPS_LAMBDA`. `pretrain_epochs` (the PCE-GD
+model of Alg. 1 line 2, used when a regularised method runs without --init) is also 60.
 
-    60 epochs, batch 12, SGD momentum 0.9, weight decay 5e-4, poly LR (power 0.9),
-    base LR 7e-4 for the backbone (the decoder trains at 10×, as TrainConfig.lr
-    always does), β = 100, max_iter 5, M = 5 stage-B epochs per stage-A round, and
-    per scribble length (ε, λ):
-
-        full (1)  0.944   0.05
-        0.8       0.946   0.075
-        0.5       0.9514  0.1
-        0.3       0.9516  0.1
-        clicks 0  0.9522  0.1
-
-    `pretrain_epochs` (the PCE-GD model of Alg. 1 line 2, used when a regularised
-    method runs without --init) is also 60: the PCE-GD baseline trains as long as
-    the others.
-
-The defaults of TrainConfig / SolverConfig are *not* a preset: they are the settings
-for the built-in synthetic set (K = 4, 96×96 images, 64 train / 32 val), and
-`--preset` replaces them. The synthetic set is tuned on its own val split (the only
-labelled held-out data it has), the way the paper tunes its learning rates on VOC val:
-
-- ε: `default_eps(K)` keeps the paper's outlier odds b/a = 0.05 (ε ≈ 0.95 at K = 21)
-  rather than copying 0.95, which is out of range for small K (ε < (K−1)/K).
-- λ, β: start from the paper's λ = 0.1, β = 100; check λ with the λ sweep
-  (`python -m trainer sweep-tr-weight --out DIR [--data …]`, experiments/sweep.py), which
-  trains Grid-TR from one PCE model per λ and reports val mIoU.
-- learning rate, epochs, batch: train PCE (`train --method pce --lr X --epochs N`)
-  over a coarse grid of X (factors of ~3) and keep the best val mIoU; epochs is the
-  point where val mIoU stops improving on the machine's budget.
-
-The tuning runs recorded in the README ("Tuning", "Results"): on synthetic v1, Grid-TR
-val mIoU was 67.4 / 68.1 / 67.7 at ε = 0.74 (default) / 0.65 / 0.5 against full
-supervision's ≈ 70, i.e. ε hardly mattered and the network's generalisation was the
-ceiling, so synthetic v2 (wider object rims) was made to leave scribbles a real gap
-to full supervision; on v2, Grid-GD's ν = 0.3 / 1 / 3 and the λ sweep (README,
-"Table 1 on the synthetic set"). The other values in shared/config.py (lr 0.01,
-batch 8, crop 64, M = 5, β = 100) have no recorded sweep.
-
-A preset only fills in what the user did not set: `resolve_train_config` applies
-defaults ← preset ← --resume config ← --config file ← flags.
+The defaults of TrainConfig / SolverConfig are *not* a preset: they suit the built-in
+synthetic set, and how they were chosen is recorded in docs/ (recipe-synthetic,
+table1-synthetic, lambda-synthetic). A preset only fills in what the user did not set:
+the CLI applies defaults ← preset ← --resume config ← --config file ← flags.
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ GRID = [
     ("unet", "adamw", 3e-3, 8, 0, 40),
     ("unet", "adamw", 3e-3, 4, 64, 40),
     ("unet", "adamw", 3e-3, 8, 64, 80),
+    ("unet", "sgd", 0.05, 8, 0, 40),
 ]
 
 
@@ -70,21 +71,42 @@ def main() -> None:
     ap.add_argument("--methods", default="full,pce")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--only", default=None, help="Comma-separated indices of GRID to run.")
+    ap.add_argument("--n-train", type=int, default=64, help="Training images (the default job has 64).")
     ap.add_argument("--out", default="docs/recipe-synthetic")
     args = ap.parse_args()
     from experiments.default_job import FULL, synthetic_dataset
 
-    data = synthetic_dataset(FULL.n_train, FULL.n_val, FULL.size, variant=args.variant)
+    data = synthetic_dataset(args.n_train, FULL.n_val, FULL.size, variant=args.variant)
     os.makedirs(args.out, exist_ok=True)
     grid = GRID if args.only is None else [GRID[int(i)] for i in args.only.split(",")]
     rows = []
     for (arch, opt, lr, batch, crop, epochs), method, seed in itertools.product(
             grid, args.methods.split(","), [int(s) for s in args.seeds.split(",")]):
-        row = {"variant": args.variant, **train_and_score(data, method, arch, opt, lr, batch, crop, epochs, seed)}
+        row = {"variant": args.variant, "n_train": args.n_train,
+               **train_and_score(data, method, arch, opt, lr, batch, crop, epochs, seed)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "sweep.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        write_table(args.out)
+
+
+def write_table(out: str) -> None:
+    """OUT/sweep.md from every line of OUT/sweep.jsonl: one row per configuration."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "sweep.jsonl")) if line.strip()]
+    keys = ("variant", "n_train", "arch", "optimizer", "lr", "batch", "crop", "epochs", "seed")
+    table: dict[tuple, dict] = {}
+    for r in rows:
+        table.setdefault(tuple(r.get(k, 64 if k == "n_train" else None) for k in keys), {})[r["method"]] = r
+    lines = ["| variant | train images | arch | optimizer | lr | batch | crop | epochs | seed | full | pce | "
+             "full train loss | s per run |", "|" + " --- |" * 13]
+    for key, by_method in table.items():
+        full, pce = by_method.get("full", {}), by_method.get("pce", {})
+        cell = lambda r, k, f: format(r[k], f) if k in r else "—"  # noqa: E731
+        lines.append("| " + " | ".join(str(v) for v in key) + f" | {cell(full, 'val_miou', '.3f')} | "
+                     f"{cell(pce, 'val_miou', '.3f')} | {cell(full, 'train_loss', '.3f')} | {cell(full, 'train_s', '.0f')} |")
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

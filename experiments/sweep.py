@@ -45,7 +45,7 @@ def run_dir(out: str, lam: float) -> str:
     return os.path.join(out, f"tr-{lam:g}")
 
 
-def _config(out, method, data, fmt, size, scribbles, preset, lam=None) -> TrainConfig:
+def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_weight=None) -> TrainConfig:
     cfg = TrainConfig(data=data, format=fmt, scribbles=scribbles, method=method, batch_size=size.batch_size,
                       crop_size=size.crop_size, epochs_per_round=size.epochs_per_round)
     if preset:
@@ -58,21 +58,24 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None) -> TrainC
         cfg.init = os.path.join(out, "pce", "checkpoints", "last.pt")
         cfg.out = run_dir(out, lam)
         cfg.solver.tr_weight = lam
+        if potts_weight is not None:
+            cfg.solver.potts_weight = potts_weight
         if lam == 0:
             cfg.epochs_per_round = cfg.epochs  # one stage A: fixed proposals (Sec. 5.1)
     return cfg
 
 
 def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str = "synthetic",
-              quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print) -> list[dict]:
+              quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print,
+              variant: str = "default", potts_weight: float | None = None) -> list[dict]:
     from trainer.driver import run_train
 
     size = QUICK_SWEEP if quick else FULL
-    out, data, fmt = prepare(out, data, fmt, size)
+    out, data, fmt = prepare(out, data, fmt, size, variant)
     sfx = scribble_suffix(scribbles)
     runs = [("pce", None)] + [("grid-tr", float(v)) for v in values]
     for i, (method, lam) in enumerate(runs, 1):
-        cfg = _config(out, method, data, fmt, size, sfx, preset, lam)
+        cfg = _config(out, method, data, fmt, size, sfx, preset, lam, potts_weight)
         name = "pce" if lam is None else f"λ = {lam:g}"
         if os.path.exists(os.path.join(cfg.out, "summary.json")):
             log(f"[{i}/{len(runs)}] {name}: done, skipped")

@@ -39,21 +39,15 @@ from dataclasses import dataclass
 
 from shared.config import TrainConfig, set_option
 from shared.labels import scribble_suffix
+from trainer.methods import METHODS as REGISTRY
 from experiments.presets import apply_preset
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
-METHODS = ("full", "pce", "dense-gd", "grid-gd", "grid-tr")
-FINE_TUNED = ("dense-gd", "grid-gd", "grid-tr")
+METHODS = tuple(REGISTRY)  # the rows of the paper's Table 1, in the registry's order
+FINE_TUNED = tuple(m for m in METHODS if REGISTRY[m].starts_from_pce)
 CONTROL = "pce-continued"  # PCE-GD, fine-tuned like FINE_TUNED: same epochs, same start
 ROWS = (*METHODS, CONTROL)
-LABELS = {
-    "full": "full supervision",
-    "pce": "PCE-GD",
-    "dense-gd": "Dense-GD",
-    "grid-gd": "Grid-GD",
-    "grid-tr": "Grid-TR (our)",
-    CONTROL: "PCE-GD continued (same epochs as the three above)",
-}
+LABELS = {**{m: REGISTRY[m].title for m in METHODS}, CONTROL: "PCE-GD continued (same epochs as the three above)"}
 
 # Paper Table 1 ("Results for ScribbleSup", Pascal VOC 2012 val mIoU; DeepLabV3+ with
 # MobileNetV2), copied from the paper text (shared/paper.txt). Full supervision is a
@@ -93,11 +87,11 @@ def cell_dir(out: str, method: str, length: str) -> str:
     return os.path.join(out, "full") if method == "full" else os.path.join(out, f"{method}-{length}")
 
 
-def plan() -> list[tuple[str, str]]:
+def plan(lengths=LENGTHS) -> list[tuple[str, str]]:
     """(method, length) in training order: full, then per length PCE before the cells
     that start from it."""
     cells = [("full", "1")]
-    for length in LENGTHS:
+    for length in lengths:
         cells.append(("pce", length))
         cells.extend((m, length) for m in (*FINE_TUNED, CONTROL))
     return cells
@@ -131,27 +125,28 @@ def summary_path(out, method, length) -> str:
     return os.path.join(cell_dir(out, method, length), "summary.json")
 
 
-def prepare(out: str, data: str | None, fmt: str, size) -> tuple[str, str, str]:
+def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default") -> tuple[str, str, str]:
     """The run folder (created) and the data set: the cached synthetic one without --data."""
     from experiments.default_job import synthetic_dataset
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     if not data:
-        data, fmt = synthetic_dataset(size.n_train, size.n_val, size.size), "synthetic"
+        data, fmt = synthetic_dataset(size.n_train, size.n_val, size.size, variant=variant), "synthetic"
     return out, os.path.abspath(data), fmt
 
 
 def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick: bool = False,
-               preset: str | None = None, overrides: dict | None = None, log=print) -> dict:
-    """Train every missing cell, then write the table and the plots. Returns
-    {method: {length: summary}}."""
+               preset: str | None = None, overrides: dict | None = None, log=print,
+               lengths=LENGTHS, variant: str = "default") -> dict:
+    """Train every missing cell (at `lengths`), then write the table and the plots.
+    Returns {method: {length: summary}}."""
     from trainer.driver import run_train
 
     size = QUICK if quick else FULL
-    out, data, fmt = prepare(out, data, fmt, size)
+    out, data, fmt = prepare(out, data, fmt, size, variant)
     log(f"data: {data} ({fmt})\nout: {out}")
-    cells = plan()
+    cells = plan(lengths)
     t_all = time.perf_counter()
     for i, (method, length) in enumerate(cells, 1):
         path = summary_path(out, method, length)

@@ -1,4 +1,4 @@
-"""The one exception type that the command lines turn into a one-line error."""
+"""The exception types that the command lines turn into a one-line error."""
 
 
 class UserError(Exception):

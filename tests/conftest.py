@@ -1,6 +1,28 @@
-"""Shared fixtures. Ray always binds to 127.0.0.1 in tests (see DEVELOPERS' guide)."""
+"""Fixtures every test file can use. Ray always binds to 127.0.0.1 in tests (see the
+developers' guide): the environment below is set before anything imports Ray."""
 import os
+
+import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """make(n_train, n_val, size, seed=0) -> the root of a synthetic set (K = 4), made once
+    per argument tuple in a test session. Tests that change files copy it first."""
+    from trainer.synthetic import make_synthetic
+
+    made = {}
+
+    def make(n_train: int, n_val: int, size: int, seed: int = 0) -> str:
+        key = (n_train, n_val, size, seed)
+        if key not in made:
+            root = tmp_path_factory.mktemp("synthetic") / "data"
+            make_synthetic(str(root), n_train=n_train, n_val=n_val, size=size, classes=4, seed=seed)
+            made[key] = str(root)
+        return made[key]
+
+    return make

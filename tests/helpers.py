@@ -1,4 +1,4 @@
-"""Helpers of the fault and bad-input tests: the CLI as a subprocess, Ray's processes."""
+"""Helpers of the tests: the project root, the command lines as subprocesses, Ray's processes."""
 from __future__ import annotations
 
 import json
@@ -18,12 +18,18 @@ def cli_env() -> dict:
     return env
 
 
-def cli_args(*args) -> list[str]:
-    return [sys.executable, "-m", "trainer", *map(str, args)]
+def cli_args(*args, module: str = "trainer") -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
 
 
-def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_args(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, module: str = "trainer", timeout: float = 600, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS…` from the checkout; `check`: fail the test on a non-zero exit."""
+    proc = subprocess.run(cli_args(*args, module=module), cwd=ROOT, env={**cli_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def popen_cli(*args, log_path: str) -> subprocess.Popen:

@@ -14,12 +14,8 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from trainer.synthetic import make_synthetic
-
-    root = str(tmp_path_factory.mktemp("bad_input") / "data")
-    make_synthetic(root, n_train=4, n_val=2, size=48, classes=4)
-    return root
+def dataset(synthetic_set):
+    return synthetic_set(4, 2, 48)
 
 
 @pytest.fixture

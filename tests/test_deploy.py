@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 CLUSTER_YAML = os.path.join(ROOT, "deploy", "cluster.yaml")
 sys.path.insert(0, os.path.join(ROOT, "deploy"))
 

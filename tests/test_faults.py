@@ -18,13 +18,9 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
-def big_data(tmp_path_factory):
+def big_data(synthetic_set):
     """Images large enough (160 px) that a stage-A round takes several seconds."""
-    from trainer.synthetic import make_synthetic
-
-    root = str(tmp_path_factory.mktemp("faults") / "data")
-    make_synthetic(root, n_train=8, n_val=2, size=160, classes=4)
-    return root
+    return synthetic_set(8, 2, 160)
 
 
 def _round_in_progress(base):

@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.synthetic import make_synthetic
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, env=None, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return helpers.run_cli(*args, env=env, timeout=timeout, check=True)
 
 
 def epochs(run_dir):
@@ -29,10 +24,8 @@ def epochs(run_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "syn"
-    make_synthetic(str(root), n_train=8, n_val=4, size=48, classes=4, seed=1)
-    return str(root)
+def data(synthetic_set):
+    return synthetic_set(8, 4, 48, seed=1)
 
 
 @pytest.fixture(scope="module")

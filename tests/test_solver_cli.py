@@ -1,8 +1,6 @@
 """`python -m solver_service solve` end to end on a tiny data folder, and bad input."""
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,15 +11,13 @@ from shared import shards
 from shared.config import SolverConfig
 from shared.image_io import read_label
 from solver_service.parts import solve_part
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W, K = 24, 32, 3
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "solver_service", "solve", *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    return helpers.run_cli("solve", *args, module="solver_service", timeout=300)
 
 
 def make_data(tmp_path, n=3):

@@ -234,9 +234,12 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--epochs", type=int, default=None, help="Epochs of the GD/TR cells and the PCE control, after the PCE model.")
 @click.option("--pretrain-epochs", type=int, default=None, help="Epochs of the PCE cells.")
 @click.option("--solvers", default=None, help="Solver actors of the Grid-TR cells: N or MIN:MAX.")
+@click.option("--lengths", default="0,0.3,0.5,0.8,1", help="Scribble lengths (columns) to train.")
+@click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
+              help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True, help="Folder of the table, the plots and one run folder per cell.")
 @click.pass_context
-def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, out):
+def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
     Resumes: cells whose summary.json exists are skipped."""
@@ -246,8 +249,10 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     _check_data_folder(data)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers)) if v is not None}
     connect(ctx.obj["address"])
+    columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
+               for x in lengths.split(",")]
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
-               log=lambda m: click.echo(m))
+               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant)
     click.echo(open(os.path.join(out, "table1.csv")).read().rstrip())
 
 
@@ -258,9 +263,12 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 @click.option("--values", default="0,0.01,0.05,0.1,0.5", help="Comma-separated λ values (0: fixed proposals).")
 @click.option("--scribbles", "length", default="1", callback=_scribbles, help=SCRIBBLES_HELP)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None)
+@click.option("--potts-weight", type=float, default=None, help="β of stage A [SolverConfig's].")
+@click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
+              help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True)
 @click.pass_context
-def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, out):
+def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
     from experiments.sweep import parse_values, run_sweep
@@ -269,7 +277,7 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, out):
     _check_data_folder(data)
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
-              log=lambda m: click.echo(m))
+              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight)
     click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
 
 

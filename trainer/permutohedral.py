@@ -92,7 +92,7 @@ def normalisation(d: int) -> float:
 
 
 def krahenbuhl_factor(d: int) -> float:
-    """Output of Krähenbühl's / Tang et al.'s C++ lattice divided by ours (≈ 0.705 for d = 5)."""
+    """Output of Krähenbühl's / Tang et al.'s C++ lattice divided by ours (≈ 0.522 for d = 5)."""
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
     return (2.0 ** (d + 1)) * alpha / normalisation(d)
 
