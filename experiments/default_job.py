@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from shared import storage
 from shared.config import TrainConfig
+from shared.errors import UserError
 from trainer.driver import run_train
 from trainer.synthetic import VERSION, make_synthetic
 
@@ -42,16 +43,18 @@ def synthetic_dataset(n_train: int, n_val: int, size: int, classes: int = 4, see
     return root
 
 
-def run_default_job(out: str | None, quick: bool = False) -> dict:
+def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False) -> dict:
     size = QUICK if quick else FULL
     out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if not overwrite and any(storage.list_dir(os.path.join(out, name)) for name in ("pce-init", "pce", "grid-tr")):
+        raise UserError(f"--out {out}: holds an earlier default job; pick another --out or pass --overwrite")
     data = synthetic_dataset(size.n_train, size.n_val, size.size)
     print(f"data: {data}\nrun folder: {out}", flush=True)
     common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round)
-    pretrain = run_train(TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init"), "synthetic")
+    pretrain = run_train(TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init"), "synthetic", overwrite)
     init = f"{os.path.abspath(out)}/pce-init/checkpoints/last.pt"
-    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, out=f"{out}/pce"), "synthetic")
-    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, out=f"{out}/grid-tr"), "synthetic")
+    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, out=f"{out}/pce"), "synthetic", overwrite)
+    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, out=f"{out}/grid-tr"), "synthetic", overwrite)
     rows = {"pce-init": pretrain, "pce": pce, "grid-tr": tr}
     total = size.pretrain_epochs + size.epochs
     print(f"\n{'method':<10} {'epochs':>6} {'val mIoU':>9} {'wall s':>8} {'stall s':>8} {'stage A':>8}")

@@ -71,6 +71,16 @@ def list_dir(uri: str) -> list[str]:
     return sorted(info.base_name for info in fs.get_file_info(selector))
 
 
+def delete_tree(uri: str) -> None:
+    """Remove a file or a whole folder (prefix) if it exists."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:

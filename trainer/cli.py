@@ -8,8 +8,7 @@ import traceback
 
 import click
 
-from shared import storage
-from shared.config import OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
@@ -23,9 +22,10 @@ from experiments.presets import PRESETS
 @click.option("--address", default=None, help="Join a running Ray cluster (e.g. 'auto').")
 @click.option("--out", default=None, help="Run folder of the default job [runs/<timestamp>].")
 @click.option("--quick", is_flag=True, help="A reduced default job, for tests and CI.")
+@click.option("--overwrite", is_flag=True, help="Replace the default job's earlier outputs in --out.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
-def cli(ctx, local, address, out, quick, debug):
+def cli(ctx, local, address, out, quick, overwrite, debug):
     """Trust-region training of segmentation networks with graph-cut solvers.
 
     With no command: the default job on the built-in synthetic data set (PCE-GD,
@@ -43,7 +43,7 @@ def cli(ctx, local, address, out, quick, debug):
         from shared.ray_session import connect
 
         connect(address)
-        run_default_job(out, quick=quick)
+        run_default_job(out, quick=quick, overwrite=overwrite)
 
 
 SCRIBBLES_HELP = "Scribble length: 1 (full, also ''), 0.8, 0.5, 0.3, 0 (clicks)."
@@ -136,18 +136,17 @@ def resolve_train_config(params: dict) -> TrainConfig:
 @_train_options
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Settings per scribble length (paper: VOC, SPEC §4); --config and flags override it.")
+@click.option("--overwrite", is_flag=True, help="Clear another run's outputs from --out first.")
 @click.pass_context
 def train(ctx, **params):
     """Train one method on one data set."""
     from shared.ray_session import connect
     from trainer.driver import check_inputs, run_train
-    from trainer.tomlio import dumps
-
+    overwrite = params.pop("overwrite")
     cfg = resolve_train_config(params)
-    check_inputs(cfg)  # before Ray starts: bad input fails in a second
-    storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
+    check_inputs(cfg, overwrite)  # before Ray starts: bad input fails in a second
     connect(ctx.obj["address"])
-    summary = run_train(cfg)
+    summary = run_train(cfg, overwrite=overwrite)
     click.echo(json.dumps({k: summary[k] for k in ("method", "val_miou", "wall_s", "trainer_stall_s", "proposals_missing")}))
 
 

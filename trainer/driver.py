@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -29,8 +30,9 @@ from trainer.data import check_samples, load_split, read_classes
 from trainer.methods import METHODS
 from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
+from trainer.tomlio import dumps
 
-def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
+def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> tuple[int, int, int]:
     """Fail fast, with the file or option at fault: returns (K, train images, val images).
     Resolves cfg.arch (see `trainer.architectures.resolve_arch`)."""
     cfg.validate()
@@ -50,6 +52,10 @@ def check_inputs(cfg: TrainConfig) -> tuple[int, int, int]:
     cfg.arch = resolve_arch(cfg.arch, init_arch, cfg.backbone_weights)
     if cfg.resume and not storage.exists(storage.join(cfg.out, "checkpoints", "last.pt")):
         raise UserError(f"--resume: {cfg.out}/checkpoints/last.pt does not exist")
+    found = _outputs_in(cfg.out)
+    if found and not (cfg.resume or overwrite):
+        raise UserError(f"--out {cfg.out}: holds another run's outputs ({', '.join(found[:3])}); "
+                        f"continue it with --resume {cfg.out} or replace it with --overwrite")
     return K, len(train), len(val)
 
 
@@ -59,11 +65,42 @@ def images_without_scribbles(samples, num_classes: int) -> list[str]:
     return [s.image_id for s in samples if s.seeds_path and (read_label(s.seeds_path, num_classes) == UNLABELLED).all()]
 
 
-def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
-    """One training run end to end; returns the summary (also written to OUT/summary.json)."""
+RUN_FILE = "run.json"
+# what a run writes into --out (SPEC §7); anything else in the folder is left alone
+RUN_OUTPUTS = (RUN_FILE, "config.toml", "summary.json", "trainer_summary.json", "metrics.jsonl",
+               "checkpoints", "tensorboard", "panels", "shards", "ray_train")
+
+
+def _outputs_in(out: str) -> list[str]:
+    return [name for name in storage.list_dir(out) if name in RUN_OUTPUTS]
+
+
+def claim_run_folder(cfg: TrainConfig) -> str:
+    """A run folder belongs to one run (SPEC §7): returns this run's id. A folder holding
+    another run's outputs is an error, unless --resume continues it or --overwrite
+    clears them first."""
+    run_uri = storage.join(cfg.out, RUN_FILE)
+    if cfg.resume:
+        if storage.exists(run_uri):
+            return json.loads(storage.read_bytes(run_uri))["run_id"]
+        run_id = uuid.uuid4().hex[:12]  # a folder from before run ids: adopt it
+    else:
+        for name in _outputs_in(cfg.out):  # check_inputs refused them unless overwrite
+            storage.delete_tree(storage.join(cfg.out, name))
+        run_id = uuid.uuid4().hex[:12]
+    record = {"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": cfg.method}
+    storage.write_bytes(run_uri, (json.dumps(record) + "\n").encode())
+    return run_id
+
+
+def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False) -> dict:
+    """One training run end to end; returns the summary (also written to OUT/summary.json).
+    `overwrite`: clear another run's outputs from --out first (else that is an error)."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     cfg.data = os.path.abspath(cfg.data) if cfg.data else cfg.data
-    K, n_train, n_val = check_inputs(cfg)
+    K, n_train, n_val = check_inputs(cfg, overwrite)
+    run_id = claim_run_folder(cfg)
+    storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
     unscribbled = [] if cfg.method == "full" else images_without_scribbles(train_split(cfg), K)
     if unscribbled:
         print(f"{len(unscribbled)} training image(s) without any scribble, trained on without seeds "
@@ -119,6 +156,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None) -> dict:
         "mean_staleness": trained["mean_staleness"],
         "max_staleness": trained["max_staleness"],
         "schedule": cfg.schedule if farm else None,
+        "run_id": run_id,
     }
     storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
