@@ -20,6 +20,7 @@ import shutil
 import time
 
 from shared.labels import scribble_suffix
+from shared.shard_store import ShardStore
 from shared.config import TrainConfig
 from experiments.presets import apply_preset
 from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare
@@ -91,8 +92,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     for v in values:
         with open(os.path.join(run_dir(out, float(v)), "summary.json")) as f:
             s = json.load(f)
-        rounds = len(os.listdir(os.path.join(run_dir(out, float(v)), "shards", "proposals"))) \
-            if os.path.isdir(os.path.join(run_dir(out, float(v)), "shards", "proposals")) else 0
+        rounds = len(ShardStore(os.path.join(run_dir(out, float(v)), "shards")).rounds("proposals"))
         rows.append({"tr_weight": float(v), "val_miou": s["val_miou"], "stage_a_rounds": rounds,
                      "stage_a_images": s["stage_a_images"], "wall_s": s["wall_s"], "epochs": s["epochs"]})
     write_outputs(out, rows, pce, sfx)

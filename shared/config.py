@@ -6,6 +6,8 @@ paper's VOC settings (SPEC §4) are the `paper` preset (`experiments.presets`).
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 
 from shared.errors import UserError
@@ -88,11 +90,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         from trainer.architectures import ARCHITECTURES
+        from trainer.data import LAYOUTS
         from trainer.methods import METHODS
 
         _check(self.method in METHODS, "--method", f"must be one of {tuple(METHODS)}")
-        from trainer.data import LAYOUTS
-
         _check(self.format in LAYOUTS, "--format", f"must be one of {tuple(LAYOUTS)}")
         self.scribbles = check_scribbles(self.scribbles)
         _check(self.schedule in SCHEDULES, "--schedule", f"must be one of {SCHEDULES}")
@@ -107,8 +108,19 @@ class TrainConfig:
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")
+        _check(self.eval_every >= 1, "--eval-every", f"must be ≥ 1, got {self.eval_every}")
+        _check(0 <= self.momentum < 1, "--momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+        _check(self.nu is None or self.nu >= 0, "--nu", f"must be ≥ 0, got {self.nu}")
+        _check(self.eps is None or 0 <= self.eps < 1, "--eps", f"must be in [0, (K−1)/K), got {self.eps}")
         self.solver_range()
         self.solver.validate()
+
+
+def check_eps(eps: float | None, num_classes: int) -> None:
+    """ε < (K−1)/K (SPEC §2): above it the outlier model gives q(s) a negative weight."""
+    if eps is not None and not 0 <= eps < (num_classes - 1) / num_classes:
+        raise UserError(f"--eps: must be in [0, {(num_classes - 1) / num_classes:.4g}) for K = {num_classes} classes, got {eps}")
 
 
 def default_eps(num_classes: int) -> float:
@@ -137,8 +149,10 @@ def to_dict(cfg) -> dict:
 
 
 def from_dict(cls, d: dict):
-    """Build a config dataclass from a (possibly nested) dict; unknown keys are errors."""
+    """Build a config dataclass from a (possibly nested) dict; unknown keys and values of
+    the wrong type (a TOML `epochs = "20"`) are errors naming the key."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
         name = key.replace("-", "_")
@@ -146,5 +160,26 @@ def from_dict(cls, d: dict):
             raise UserError(f"unknown configuration key {key!r}")
         if name == "solver" and isinstance(value, dict):
             value = from_dict(SolverConfig, value)
+        else:
+            value = _typed(key, value, hints[name])
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _typed(key: str, value, hint):
+    """`value` as the field's type: ints widen to floats, numbers to strings where a string
+    is expected; nothing else is converted."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool) or value is None:
+        pass
+    elif float in allowed and isinstance(value, int):
+        return float(value)
+    elif str in allowed and isinstance(value, (int, float)):  # solvers = 4, scribbles = 0.5
+        return str(value)
+    for t in allowed:
+        if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise UserError(f"configuration key {key!r}: expected {names}, got {type(value).__name__} {value!r}")

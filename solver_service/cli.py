@@ -10,7 +10,7 @@ import click
 from shared import shards, storage
 from shared.config import ALGORITHMS, SolverConfig
 from shared.errors import CorruptShardError, UserError
-from shared.shard_store import extension, parts_in
+from shared.shard_store import ShardStore, extension, parts_in
 
 
 @click.group()
@@ -19,8 +19,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--snapshots", required=True, help="snapshot round folder, e.g. BASE/snapshots/round=3")
-@click.option("--out", required=True, help="proposal round folder, e.g. BASE/proposals/round=3")
+@click.option("--snapshots", required=True, help=f"snapshot round folder, e.g. {ShardStore('BASE').round_dir('snapshots', 3)}")
+@click.option("--out", required=True, help=f"proposal round folder, e.g. {ShardStore('BASE').round_dir('proposals', 3)}")
 @click.option("--workers", type=int, default=None, help="solver actors on a private Ray [default: CPU count]")
 @click.option("--init", "init", default=None, help="proposal round folder to warm-start from")
 @click.option("--tr-weight", type=float, default=SolverConfig.tr_weight, show_default=True, help="λ")

@@ -110,7 +110,8 @@ def test_pickled_code_init_checkpoint_is_refused(data, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("option, value", [("--epochs", 0), ("--solvers", 0)])
+@pytest.mark.parametrize("option, value", [("--epochs", 0), ("--solvers", 0), ("--eval-every", 0), ("--eps", 5),
+                                           ("--eps", 0.76), ("--nu", -1), ("--scribbles", 0.25)])
 def test_bad_option(data, tmp_path, option, value):
     _assert_one_line_error(_train(data, tmp_path, option, value), option)
 
@@ -144,3 +145,45 @@ def test_image_without_scribbles_is_trained_and_reported(data, tmp_path):
     assert summary["images_without_scribbles"] == 1
     assert summary["train_images"] == 4
     assert image_id in proc.stdout + proc.stderr  # reported by id
+
+
+def test_toml_values_are_type_checked(data, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('epochs = "20"\n')
+    _assert_one_line_error(_train(data, tmp_path, "--config", config), "epochs", "int")
+
+
+def test_predict_refuses_inputs_that_would_overwrite_each_other(data, tmp_path):
+    """Two images named a.png in different folders would both write OUT/a.png."""
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / d / "a.png")
+    ckpt = tmp_path / "c.pt"
+    import torch
+
+    from trainer.architectures import build_model
+
+    torch.save({"model": build_model("unet", 4).state_dict(), "num_classes": 4, "arch": "unet"}, ckpt)
+    proc = run_cli("predict", "--checkpoint", ckpt, tmp_path / "x" / "a.png", tmp_path / "y" / "a.png",
+                   "--out", tmp_path / "preds")
+    _assert_one_line_error(proc, "a.png")
+    assert not (tmp_path / "preds").exists()
+
+
+def test_non_finite_network_output_names_the_image(data, tmp_path):
+    """NaN would quantise to −log q = 0 (q = 1 for every label): stage A must never see it."""
+    import torch
+
+    from shared.errors import UserError
+    from shared.shard_store import ShardStore, parts_of
+    from trainer.data import EvalSet, load_split
+    from trainer.snapshots import write_snapshot_round
+
+    class Diverged(torch.nn.Module):
+        def forward_lowres(self, x):
+            return torch.full((x.shape[0], 4, *x.shape[2:]), float("nan"))
+
+    samples = load_split(data, "synthetic", "train")
+    with pytest.raises(UserError, match=samples[0].image_id):
+        write_snapshot_round(Diverged(), EvalSet(samples, 4), samples, store=ShardStore(str(tmp_path / "s")), r=0,
+                             parts=parts_of(len(samples), 2), restrict_labels=True, device=torch.device("cpu"))

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from shared import storage
 from shared.shard_store import ShardStore, parts_of
-from shared.config import TrainConfig, to_dict
+from shared.config import TrainConfig, check_eps, to_dict
 from shared.errors import UserError
 from solver_service.farm import Farm, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch
@@ -39,6 +39,7 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> tuple[int, int, i
     if not cfg.data or not os.path.exists(cfg.data):
         raise UserError(f"--data: no such data set folder: {cfg.data!r}")
     K = len(read_classes(cfg.data, cfg.format))
+    check_eps(cfg.eps, K)
     train = train_split(cfg)
     val = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
     check_samples(train, K)

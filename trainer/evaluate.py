@@ -45,6 +45,10 @@ def predict_files(checkpoint: str, images: tuple[str, ...], out: str) -> list[st
     """One palette PNG per image, at the image's size; returns the written paths."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_model(checkpoint, device)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise UserError(f"predict: several inputs would write {clash[0]}.png to --out {out}; rename them or predict separately")
     written = []
     for path in images:
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float()

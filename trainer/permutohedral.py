@@ -128,7 +128,13 @@ class PermutohedralLattice:
             E[i, c] = -i * s
         work = torch.float64 if features.dtype == torch.float64 else torch.float32
         f = features.detach().to(work)
-        el = f @ E.to(device=device, dtype=work).T  # (P, d+1), rows sum to 0
+        # (P, d+1), rows sum to 0. Accumulated feature by feature, not with a matmul: a
+        # BLAS kernel's summation order depends on P, and points on a rounding tie
+        # (flat image regions) would then fall on other vertices in a batch than alone.
+        Ew = E.to(device=device, dtype=work)
+        el = f[:, :1] * Ew[:, 0]
+        for c in range(1, d):
+            el = el + f[:, c:c + 1] * Ew[:, c]
 
         # Closest remainder-0 lattice point (coordinates multiples of d+1).
         v = el / d1

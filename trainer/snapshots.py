@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from shared import shards
+from shared.errors import UserError
 from shared.shard_store import ShardStore
 from trainer.engine import autocast
 
@@ -45,6 +46,9 @@ def write_snapshot_round(model, dataset, samples, *, store: ShardStore, r, parts
         items = [dataset[i] for i in part]
         rows = []
         for i, item, neg_log_q in zip(part, items, neg_log_probs(model, [it["image"] for it in items], device)):
+            if not np.isfinite(neg_log_q).all():  # would quantise to q = 1 for every label
+                raise UserError(f"non-finite network output on training image {samples[i].image_id} "
+                                f"({samples[i].image_path}): the model diverged; lower --lr")
             seeds = item["seeds"].numpy()
             labels = shards.label_set(seeds, neg_log_q.shape[0], restrict_labels)
             s = samples[i]
