@@ -149,8 +149,8 @@ def test_image_without_scribbles_is_trained_and_reported(data, tmp_path):
 
 def test_toml_values_are_type_checked(data, tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('epochs = "20"\n')
-    _assert_one_line_error(_train(data, tmp_path, "--config", config), "epochs", "int")
+    config.write_text('batch_size = "8"\n')
+    _assert_one_line_error(_train(data, tmp_path, "--config", config), "batch_size", "int")
 
 
 def test_predict_refuses_inputs_that_would_overwrite_each_other(data, tmp_path):
