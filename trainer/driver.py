@@ -98,7 +98,10 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     """One training run end to end; returns the summary (also written to OUT/summary.json).
     `overwrite`: clear another run's outputs from --out first (else that is an error)."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
-    cfg.data = os.path.abspath(cfg.data) if cfg.data else cfg.data
+    # workers run in other folders: every local path they read must be absolute
+    cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
+        p if not p or storage.is_remote(p) else os.path.abspath(p)
+        for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
     K, n_train, n_val = check_inputs(cfg, overwrite)
     run_id = claim_run_folder(cfg)
     storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
