@@ -51,6 +51,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     crop_size: int = 64  # training crops; 0 trains on whole images
+    max_image_pixels: int = 4096 * 4096  # larger images are an input error (stage A memory)
     init: str | None = None  # checkpoint to start from (Alg. 1 line 2: the PCE model)
     pretrain_epochs: int = 10  # PCE epochs before grid-gd/dense-gd/grid-tr when no --init
     backbone_weights: str | None = None  # torchvision mobilenet_v2 ImageNet state_dict
@@ -108,6 +109,7 @@ class TrainConfig:
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")
+        _check(self.max_image_pixels >= 1, "--max-image-pixels", "must be ≥ 1")
         _check(self.eval_every >= 1, "--eval-every", f"must be ≥ 1, got {self.eval_every}")
         _check(0 <= self.momentum < 1, "--momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")

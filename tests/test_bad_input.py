@@ -111,7 +111,8 @@ def test_pickled_code_init_checkpoint_is_refused(data, tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [("--epochs", 0), ("--solvers", 0), ("--eval-every", 0), ("--eps", 5),
-                                           ("--eps", 0.76), ("--nu", -1), ("--scribbles", 0.25)])
+                                           ("--eps", 0.76), ("--nu", -1), ("--scribbles", 0.25),
+                                           ("--max-image-pixels", 0)])
 def test_bad_option(data, tmp_path, option, value):
     _assert_one_line_error(_train(data, tmp_path, option, value), option)
 
@@ -187,3 +188,8 @@ def test_non_finite_network_output_names_the_image(data, tmp_path):
     with pytest.raises(UserError, match=samples[0].image_id):
         write_snapshot_round(Diverged(), EvalSet(samples, 4), samples, store=ShardStore(str(tmp_path / "s")), r=0,
                              parts=parts_of(len(samples), 2), restrict_labels=True, device=torch.device("cpu"))
+
+
+def test_image_over_the_size_cap_is_named(data, tmp_path):
+    proc = _train(data, tmp_path, "--max-image-pixels", 48 * 47)  # the images are 48×48
+    _assert_one_line_error(proc, "--max-image-pixels", os.path.join(data, "images"))

@@ -37,3 +37,17 @@ def test_overwrite_clears_only_run_outputs_and_records_a_new_run_id(synthetic_se
     assert json.load(open(os.path.join(out, RUN_FILE)))["run_id"] == run_id
     resumed = TrainConfig(data=data, method="pce", out=out, resume=True)
     assert claim_run_folder(resumed) == run_id  # --resume continues the same run
+
+
+def test_config_toml_round_trips_awkward_strings(tmp_path):
+    """The resolved config.toml must read back exactly, whatever the paths hold."""
+    import tomllib
+
+    from shared.config import from_dict, to_dict
+    from trainer.tomlio import dumps
+
+    odd = 'runs/a "quoted"\\back\nslash\ttab\x01ctl é'
+    cfg = TrainConfig(data=odd, out=odd, shards=odd, eps=None)
+    text = dumps(to_dict(cfg))
+    back = from_dict(TrainConfig, tomllib.loads(text))
+    assert back == cfg

@@ -111,3 +111,7 @@ def test_convert_scribblesup_errors(tmp_path):
     (src / "broken.xml").write_text("<annotation><polygon>")
     with pytest.raises(UserError, match="broken.xml"):
         convert_scribblesup(str(src), str(tmp_path / "o"))
+    (src / "broken.xml").unlink()
+    (src / "huge.xml").write_text(XML.replace("<width>60</width>", "<width>2000000</width>"))
+    with pytest.raises(UserError, match="huge.xml.*outside"):  # not a 2-million-pixel-wide canvas
+        convert_scribblesup(str(src), str(tmp_path / "o"))

@@ -69,6 +69,7 @@ def _train_options(f):
         click.option("--batch-size", type=int, default=None),
         click.option("--lr", type=float, default=None, help="Peak learning rate, poly decay (DeepLab's decoder: 10×)."),
         click.option("--crop-size", type=int, default=None),
+        click.option("--max-image-pixels", type=int, default=None, help="Refuse larger images [4096²]."),
         click.option("--init", default=None, help="Checkpoint to start from."),
         click.option("--backbone-weights", default=None, help="torchvision mobilenet_v2 ImageNet state_dict."),
         click.option("--out", default=None),

@@ -210,16 +210,20 @@ def _image_size(path: str) -> tuple[int, int]:
         raise UserError(f"{path}: unreadable or truncated image ({exc})") from None
 
 
-def check_samples(samples: list[Sample], num_classes: int) -> None:
+def check_samples(samples: list[Sample], num_classes: int, max_pixels: int | None = None) -> None:
     """Open every file of ``samples`` once so that bad data fails before training.
 
-    Checks: images readable (header; PNG integrity), label PNGs decodable with values
-    < K or 255, label sizes equal to the image's. Raises UserError naming the file.
+    Checks: images readable (header; PNG integrity) and at most ``max_pixels`` pixels,
+    label PNGs decodable with values < K or 255, label sizes equal to the image's.
+    Raises UserError naming the file.
     """
     if not samples:
         raise UserError("empty split: no samples")
     for s in samples:
         size = _image_size(s.image_path)
+        if max_pixels and size[0] * size[1] > max_pixels:
+            raise UserError(f"{s.image_path}: {size[1]}×{size[0]} pixels is more than --max-image-pixels "
+                            f"{max_pixels} (stage A holds several float64 copies of |L|×H×W)")
         for p in (s.seeds_path, s.mask_path):
             if p is None:
                 continue

@@ -42,8 +42,8 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> tuple[int, int, i
     check_eps(cfg.eps, K)
     train = train_split(cfg)
     val = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
-    check_samples(train, K)
-    check_samples(val, K)
+    check_samples(train, K, cfg.max_image_pixels)
+    check_samples(val, K, cfg.max_image_pixels)
     init_arch = None
     if cfg.init:
         state = load_checkpoint(cfg.init)

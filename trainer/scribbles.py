@@ -131,6 +131,9 @@ def _text(elem, tag: str):
     return None if child is None or child.text is None else child.text.strip()
 
 
+MAX_SIDE = 8192  # a <size> beyond this is a broken file, not an image (VOC's are ≤ 500)
+
+
 def convert_scribblesup(src_dir: str, out_dir: str, width: int = 3, images_dir: str | None = None) -> int:
     """Convert ScribbleSup's original annotations (one XML file per image) to label PNGs.
 
@@ -191,6 +194,8 @@ def convert_scribblesup(src_dir: str, out_dir: str, width: int = 3, images_dir: 
                 raise UserError(f"{path}: no <size> element (pass images_dir to read the image size)")
         except (TypeError, ValueError):
             raise UserError(f"{path}: bad <size> element") from None
+        if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
+            raise UserError(f"{path}: <size> {w}×{h} is outside 1..{MAX_SIDE} pixels a side")
         strokes = []  # (class id, [(x, y), …])
         items = [(p, _text(p, "tag")) for p in root.iter("polygon") if p.find("tag") is not None]
         for obj in root.iter("object"):

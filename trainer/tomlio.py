@@ -1,7 +1,9 @@
-"""Config files: read with tomllib, write the resolved config back as TOML."""
+"""Config files: read with tomllib, write the resolved config back with tomli-w."""
 from __future__ import annotations
 
 import tomllib
+
+import tomli_w
 
 from shared.errors import UserError
 
@@ -17,17 +19,10 @@ def read_toml(path: str) -> dict:
 
 
 def dumps(d: dict) -> str:
-    """TOML for a flat dict with at most one level of tables (what the configs are)."""
-    flat = [f"{k} = {_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_value(vv)}" for kk, vv in v.items() if vv is not None)
-              for k, v in d.items() if isinstance(v, dict)]
-    return "\n".join(flat) + "\n" + "\n".join(tables) + "\n"
+    """TOML for a config dict, by a real TOML writer (any string round-trips); None
+    values (unset options) are left out, as TOML has no null."""
+    return tomli_w.dumps(_drop_none(d))
 
 
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
