@@ -279,7 +279,7 @@ def _timed_round(base: str, actors: int) -> dict:
              for k, uri in sorted(store.unsolved(0).items())]
     t0 = time.perf_counter()
     arrivals, rows = [], []
-    for row in farm.solve_parts(items, SolverConfig(), (actors, actors)):
+    for row in farm.solve_parts(items, SolverConfig(), farm.Pool(solvers=(actors, actors))):
         arrivals.append(time.perf_counter() - t0)
         rows.append(row)
     total = time.perf_counter() - t0

@@ -64,6 +64,11 @@ class TrainConfig:
     # the solver farm and the schedule (SPEC §4, §6)
     schedule: str = "overlapped"
     max_staleness: int = 1
+    # seconds the trainer waits without any new proposal part before the run ends: generous,
+    # since sync rounds wait for a whole stage A (raise it for big sets on few solvers)
+    max_stall: float = 1800.0
+    solver_wait: float = 600.0  # seconds the farm waits for its first actor to be placed
+    solver_retries: int = 3  # kills of a solver on one round's parts before the run ends
     solvers: str = "1"  # N or MIN:MAX solver actors
     solver_resource: str | None = None  # custom resource that solver nodes advertise
     shards: str | None = None  # base URI of the shards; default OUT/shards
@@ -106,6 +111,9 @@ class TrainConfig:
         _check(self.pretrain_epochs >= 1, "--pretrain-epochs", "must be ≥ 1")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
+        _check(self.max_stall > 0, "--max-stall", f"must be > 0 seconds, got {self.max_stall}")
+        _check(self.solver_wait > 0, "--solver-wait", f"must be > 0 seconds, got {self.solver_wait}")
+        _check(self.solver_retries >= 0, "--solver-retries", f"must be ≥ 0, got {self.solver_retries}")
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")

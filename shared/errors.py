@@ -14,3 +14,15 @@ class CorruptShardError(UserError):
 
     def __reduce__(self):  # picklable across processes and Ray workers
         return CorruptShardError, (self.path, self.why)
+
+
+class ForeignShardError(CorruptShardError):
+    """A shard that another run wrote (SPEC §6): ignored, never deleted."""
+
+    def __init__(self, path: str, owner: str, run_id: str):
+        UserError.__init__(self, f"{path}: written by run {owner or '(none)'}, not by this run {run_id}")
+        self.path, self.owner, self.run_id = path, owner, run_id
+        self.why = f"run {owner}"
+
+    def __reduce__(self):
+        return ForeignShardError, (self.path, self.owner, self.run_id)

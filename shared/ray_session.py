@@ -46,3 +46,9 @@ def connect(address: str | None, num_cpus: int | None = None, quiet: bool = Fals
         "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a private, local Ray)."""
+    node = ray._private.worker.global_worker.node
+    return node is not None and node.head  # a driver that joined a cluster holds a non-head node

@@ -3,23 +3,30 @@
     {base}/snapshots/round={r}/part-{k}.{parquet|arrow}
     {base}/proposals/round={r}/part-{k}.{parquet|arrow}
     {base}/FARM_FAILED                                   stage A failed: stop waiting
+    {base}/RUN                                           the id of the run that owns the base
 
 Part k always holds the same images (chunk k of the training ids, `parts_of`), so
 proposal part k of round r answers snapshot part k of round r, and the warm start of
 an image is part k of an earlier proposal round. The trainer, the solver farm, the
 driver, the solver's command line and the benchmarks reach shards only through this
 class; the row formats themselves are `shared.shards`.
+
+A base belongs to one run (SPEC §6, §7): `claim` records the run's id in RUN, every
+part written through a store carries it in its schema metadata, and the store's
+checks treat a part of another run as absent (it is solved or written again, never
+read as this run's).
 """
 from __future__ import annotations
 
 import re
 
 from shared import shards, storage
-from shared.errors import CorruptShardError
+from shared.errors import CorruptShardError, UserError
 
 _PART = re.compile(r"^part-(\d+)\.(parquet|arrow)$")
 _ROUND = re.compile(r"^round=(\d+)$")
 _FAILED = "FARM_FAILED"
+_RUN = "RUN"
 
 
 def parts_of(n_images: int, shard_size: int) -> list[range]:
@@ -39,8 +46,32 @@ def extension(uri: str) -> str:
 
 
 class ShardStore:
-    def __init__(self, base: str):
+    def __init__(self, base: str, run_id: str = ""):
         self.base = base
+        self.run_id = run_id  # "" : a store outside a run (the solver's command line, tests)
+
+    # -- ownership
+    def owner(self) -> str | None:
+        """The run that owns this base: its id, '' for parts of no recorded run, None if empty."""
+        uri = storage.join(self.base, _RUN)
+        if storage.exists(uri):
+            return storage.read_bytes(uri).decode().strip()
+        return "" if self.rounds("snapshots") or self.rounds("proposals") else None
+
+    def claim(self, overwrite: bool = False, adopt: bool = False, write: bool = True) -> None:
+        """Make this run the owner of the base. Another run's shards are an error naming
+        it, unless `overwrite` (they are deleted) or, with `adopt` (a resumed run), they
+        belong to no recorded run. `write=False` only checks."""
+        owner = self.owner()
+        if owner is not None and owner != self.run_id and not (adopt and owner == ""):
+            if not overwrite:
+                raise UserError(f"--shards {self.base}: holds the shards of another run ({owner or 'unrecorded'}); "
+                                f"give another --shards, or --overwrite to delete them")
+            if write:
+                for kind in shards.KINDS:
+                    storage.delete_tree(storage.join(self.base, kind))
+        if write:
+            storage.write_bytes(storage.join(self.base, _RUN), (self.run_id + "\n").encode())
 
     # -- layout
     def round_dir(self, kind: str, r: int) -> str:
@@ -59,26 +90,32 @@ class ShardStore:
 
     # -- rows
     def write_snapshots(self, r: int, k: int, rows: list[shards.Snapshot]) -> None:
-        shards.write_table(shards.snapshots_table(rows), self.part_uri("snapshots", r, k))
+        shards.write_table(shards.snapshots_table(rows, self.run_id), self.part_uri("snapshots", r, k))
 
     def write_proposals(self, r: int, k: int, rows: list[shards.Proposal], fmt: str = "parquet") -> None:
-        shards.write_table(shards.proposals_table(rows), self.part_uri("proposals", r, k, fmt))
+        shards.write_table(shards.proposals_table(rows, self.run_id), self.part_uri("proposals", r, k, fmt))
 
     # -- state of a round
     def round_complete(self, kind: str, r: int, n_parts: int) -> bool:
         return len(self.parts(kind, r)) >= n_parts
 
-    def unreadable(self, kind: str, r: int, read_rows: bool = False) -> dict[int, CorruptShardError]:
-        """The parts of a round that do not read: footer and schema, or every row."""
+    def unreadable(self, kind: str, r: int, read_rows: bool = False, only=None) -> dict[int, CorruptShardError]:
+        """The parts of a round that do not read (footer and schema, or every row) or
+        belong to another run. A part that vanished meanwhile is not listed; storage that
+        keeps failing raises (transient errors are retried first, see `shared.storage`)."""
         bad = {}
         for k, uri in self.parts(kind, r).items():
+            if only is not None and k not in only:
+                continue
             try:
                 if read_rows:
-                    shards.read_table(uri, kind)
+                    shards.read_table(uri, kind, self.run_id)
                 else:
-                    shards.check_shard(uri, kind)
+                    shards.check_shard(uri, kind, self.run_id)
             except CorruptShardError as e:
                 bad[k] = e
+            except FileNotFoundError:
+                pass
         return bad
 
     def unsolved(self, r: int, verify: bool = False) -> dict[int, str]:

@@ -15,12 +15,13 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from shared import storage
-from shared.errors import CorruptShardError
+from shared.errors import CorruptShardError, ForeignShardError
 from shared.labels import UNLABELLED
 
 FORMAT_VERSION = "2"
 NEG_LOG_Q_STEP = 1 / 12  # nats per code: 255 codes reach 21.25 > −log(1e-8), the solver's floor
 KINDS = ("snapshots", "proposals")
+RUN_ID_KEY = b"trseg.run_id"  # schema metadata: the run that wrote the shard (SPEC §6)
 
 SNAPSHOT_SCHEMA = pa.schema(
     [
@@ -114,7 +115,11 @@ def quantize_neg_log_q(neg_log_q: np.ndarray, step: float = NEG_LOG_Q_STEP) -> n
     return np.clip(np.rint(np.asarray(neg_log_q, np.float32) / step), 0, 255).astype(np.uint8)
 
 
-def snapshots_table(rows: list[Snapshot]) -> pa.Table:
+def _with_run(table: pa.Table, run_id: str) -> pa.Table:
+    return table.replace_schema_metadata({**table.schema.metadata, RUN_ID_KEY: run_id.encode()}) if run_id else table
+
+
+def snapshots_table(rows: list[Snapshot], run_id: str = "") -> pa.Table:
     cols = {
         "image_id": [s.image_id for s in rows],
         "round": [s.round for s in rows],
@@ -129,10 +134,10 @@ def snapshots_table(rows: list[Snapshot]) -> pa.Table:
         "neg_log_q": [quantize_neg_log_q(s.neg_log_q).tobytes() for s in rows],
         "neg_log_q_step": [NEG_LOG_Q_STEP] * len(rows),
     }
-    return pa.table(cols, schema=SNAPSHOT_SCHEMA)
+    return _with_run(pa.table(cols, schema=SNAPSHOT_SCHEMA), run_id)
 
 
-def proposals_table(rows: list[Proposal]) -> pa.Table:
+def proposals_table(rows: list[Proposal], run_id: str = "") -> pa.Table:
     cols = {
         "image_id": [p.image_id for p in rows],
         "round": [p.round for p in rows],
@@ -148,7 +153,7 @@ def proposals_table(rows: list[Proposal]) -> pa.Table:
         "solver": [p.solver for p in rows],
         "changed": [p.changed for p in rows],
     }
-    return pa.table(cols, schema=PROPOSAL_SCHEMA)
+    return _with_run(pa.table(cols, schema=PROPOSAL_SCHEMA), run_id)
 
 
 def write_table(table: pa.Table, uri: str) -> None:
@@ -175,33 +180,42 @@ def _is_arrow(uri: str) -> bool:
     return uri.split("?", 1)[0].endswith(".arrow")
 
 
-def read_table(uri: str, kind: str) -> pa.Table:
-    """Read one shard and check it against the contract; CorruptShardError if not."""
+def read_table(uri: str, kind: str, run_id: str = "") -> pa.Table:
+    """Read one shard and check it against the contract.
+
+    FileNotFoundError if it is absent, OSError if storage kept failing (transient: see
+    `shared.storage`), CorruptShardError if its bytes do not parse or break the
+    contract, ForeignShardError if `run_id` is given and another run wrote it.
+    """
+    data = pa.py_buffer(storage.read_bytes(uri))
     try:
-        data = pa.py_buffer(storage.read_bytes(uri))
         if _is_arrow(uri):
             table = ipc.open_file(data).read_all()
         else:
             table = pq.read_table(pa.BufferReader(data))
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, pa.ArrowException) as e:  # the bytes are here: any failure is the file's
         raise CorruptShardError(uri, str(e).splitlines()[0] if str(e) else type(e).__name__)
-    _check_schema(uri, table.schema, kind)
+    _check_schema(uri, table.schema, kind, run_id)
     return table
 
 
-def check_shard(uri: str, kind: str) -> None:
-    """Check a shard's footer and schema without reading its rows (a truncated file
-    fails here); CorruptShardError if it does not follow the contract."""
-    fs, path = storage.resolve(uri)
+def check_shard(uri: str, kind: str, run_id: str = "") -> None:
+    """Check a shard's footer and schema without decoding its rows (a truncated file
+    fails here); the errors of `read_table`."""
+    data = pa.py_buffer(storage.read_bytes(uri))
     try:
-        with fs.open_input_file(path) as f:
-            schema = ipc.open_file(f).schema if _is_arrow(uri) else pq.read_schema(f)
+        schema = ipc.open_file(data).schema if _is_arrow(uri) else pq.read_schema(pa.BufferReader(data))
     except (OSError, pa.ArrowException) as e:
         raise CorruptShardError(uri, str(e).splitlines()[0] if str(e) else type(e).__name__)
-    _check_schema(uri, schema, kind)
+    _check_schema(uri, schema, kind, run_id)
 
 
-def _check_schema(uri: str, schema: pa.Schema, kind: str) -> None:
+def run_of(schema: pa.Schema) -> str:
+    """The id of the run that wrote a shard ('' for a shard written outside a run)."""
+    return (schema.metadata or {}).get(RUN_ID_KEY, b"").decode()
+
+
+def _check_schema(uri: str, schema: pa.Schema, kind: str, run_id: str = "") -> None:
     meta = schema.metadata or {}
     if meta.get(b"trseg.kind") != kind.encode():
         raise CorruptShardError(uri, f"not a {kind} shard")
@@ -209,10 +223,17 @@ def _check_schema(uri: str, schema: pa.Schema, kind: str) -> None:
         raise CorruptShardError(uri, f"format version {meta.get(b'trseg.format_version')!r}")
     if not schema.remove_metadata().equals(SCHEMAS[kind].remove_metadata()):
         raise CorruptShardError(uri, "schema differs from the contract")
+    if run_id and run_of(schema) != run_id:
+        raise ForeignShardError(uri, run_of(schema), run_id)
 
 
-def read_snapshots(uri: str) -> list[Snapshot]:
-    t = read_table(uri, "snapshots").to_pydict()
+def read_snapshots(uri: str, run_id: str = "") -> list[Snapshot]:
+    return snapshot_rows(read_table(uri, "snapshots", run_id), uri)
+
+
+def snapshot_rows(table: pa.Table, uri: str) -> list[Snapshot]:
+    """The rows of a snapshot table that `read_table` returned for `uri`."""
+    t = table.to_pydict()
     out = []
     for i in range(len(t["image_id"])):
         labels = np.asarray(t["label_set"][i], np.uint8)
@@ -231,8 +252,8 @@ def read_snapshots(uri: str) -> list[Snapshot]:
     return out
 
 
-def read_proposals(uri: str) -> list[Proposal]:
-    t = read_table(uri, "proposals").to_pydict()
+def read_proposals(uri: str, run_id: str = "") -> list[Proposal]:
+    t = read_table(uri, "proposals", run_id).to_pydict()
     out = []
     for i in range(len(t["image_id"])):
         shape = (t["height"][i], t["width"][i])

@@ -3,13 +3,47 @@
 Writes are atomic: a local file is written under a temporary name in the same folder
 and renamed; an object store receives the whole file in one request, so a reader
 never sees half a file (SPEC §6).
+
+Errors fall into three cases. "Not found" (FileNotFoundError) and refusals
+(PermissionError, …) are final at once. Any other OSError (an S3 503, a reset
+connection, a listing that timed out) is taken as transient: the call is repeated
+with exponential backoff, ATTEMPTS times in all, and only then raised. Whether the
+bytes make sense is not this module's business: `shared.shards` calls a file that
+reads but does not parse corrupt.
 """
 from __future__ import annotations
 
+import functools
 import os
+import time
 import uuid
 
 import pyarrow.fs as pafs
+
+ATTEMPTS = 5  # tries of one storage call
+BACKOFF_S = 0.5  # wait after the first failure, doubled after each: 7.5 s in all
+FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def retried(fn):
+    """Repeat `fn` on transient OSErrors (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        for attempt in range(ATTEMPTS):
+            try:
+                return fn(*args, **kwargs)
+            except FINAL:
+                raise
+            except OSError as e:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                wait = BACKOFF_S * 2 ** attempt
+                print(f"warning: storage error ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                      f"trying again in {wait:g}s", flush=True)
+                time.sleep(wait)
+
+    return call
 
 
 def is_remote(uri: str) -> bool:
@@ -37,6 +71,7 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) + query
 
 
+@retried
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically."""
     fs, path = resolve(uri)
@@ -53,17 +88,20 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+@retried
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
+@retried
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@retried
 def list_dir(uri: str) -> list[str]:
     """Base names of the entries directly under uri (empty if it does not exist)."""
     fs, path = resolve(uri)
@@ -71,6 +109,7 @@ def list_dir(uri: str) -> list[str]:
     return sorted(info.base_name for info in fs.get_file_info(selector))
 
 
+@retried
 def delete_tree(uri: str) -> None:
     """Remove a file or a whole folder (prefix) if it exists."""
     fs, path = resolve(uri)
@@ -81,6 +120,7 @@ def delete_tree(uri: str) -> None:
         fs.delete_file(path)
 
 
+@retried
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:

@@ -44,10 +44,10 @@ def solve(snapshots, out, workers, init, tr_weight, potts_weight, max_iter, rest
         if items:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # 127.0.0.1 only, before Ray starts
             from shared.ray_session import connect
-            from solver_service.farm import solve_parts
+            from solver_service.farm import Pool, solve_parts
 
             connect(None, num_cpus=workers, quiet=True)
-            rows = list(solve_parts(items, cfg, (1, min(workers, len(items)))))
+            rows = list(solve_parts(items, cfg, Pool(solvers=(1, min(workers, len(items))))))
         seconds = time.perf_counter() - t0
     except (UserError, ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)

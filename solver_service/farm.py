@@ -2,18 +2,27 @@
 
 A thin Ray layer over `solver_service.parts.solve_part`. Each round is one Ray Data
 job over the round's part files, mapped by an autoscaling pool of `SolverActor`s
-(`ActorPoolStrategy(MIN, MAX)`). Ray restarts a dead actor and retries its task
-(Ray Data sets max_restarts=-1 and max_task_retries=-1 on map actors), so a killed
-process or a lost node costs time but no image. Each actor asks for one CPU and, in a
-cluster, a custom resource that only solver nodes advertise.
+(`ActorPoolStrategy(MIN, MAX)`). Each actor asks for one CPU, the memory stage A
+needs on the data set's largest image (`solver_memory`) and, in a cluster, a custom
+resource that only solver nodes advertise.
+
+Failures, all bounded: Ray restarts a dead actor and retries its part up to
+`Pool.retries` times (a killed process or a lost node costs time, no image); past that
+the round ends with an error naming the parts left. A pool that cannot place its
+first actor within `Pool.wait_s` ends it with an error naming what each actor asks
+for. Bad input (`UserError`) fails the same way every time: no retry. The `Farm`
+thread reports its own death to the trainer (a marker in the store) and to the
+driver (`on_error`), which stops training.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 import ray
 
@@ -23,6 +32,37 @@ from shared.shard_store import ShardStore
 from solver_service.parts import solve_part
 
 SNAPSHOT_POLL_S = 0.2
+# Peak memory of stage A above the process, measured by benchmarks/solver_memory.py:
+# 115 / 171 MB at 375×500 with |L| = 2 / 21, 788 MB / 1.08 GB at 1000×1000.
+SOLVER_BYTES_PER_PIXEL = 900
+SOLVER_BYTES_PER_PIXEL_LABEL = 16
+WORKER_BYTES = 300 * 2**20  # a Ray worker with numpy, pyarrow and GCO loaded
+
+
+def solver_memory(pixels: int, num_classes: int) -> int:
+    """Bytes a solver actor asks Ray for: the process plus stage A on an image of
+    `pixels` pixels over all K labels, with a quarter to spare."""
+    return WORKER_BYTES + math.ceil(1.25 * pixels * (SOLVER_BYTES_PER_PIXEL + SOLVER_BYTES_PER_PIXEL_LABEL * num_classes))
+
+
+@dataclass
+class Pool:
+    """Where and how the solver actors run."""
+
+    solvers: tuple[int, int] = (1, 1)  # MIN, MAX actors
+    resource: str | None = None  # custom resource that solver nodes advertise
+    memory: int | None = None  # bytes per actor (solver_memory)
+    retries: int = 3  # restarts of an actor and retries of its part
+    wait_s: float = 600.0  # for the first actor to be placed
+
+    def demand(self) -> str:
+        """What one actor asks for, in words."""
+        wants = ["1 CPU"]
+        if self.memory:
+            wants.append(f"{self.memory / 2**20:.0f} MiB of memory")
+        if self.resource:
+            wants.append(f"1 {self.resource!r}")
+        return ", ".join(wants)
 
 
 class SolverActor:
@@ -53,31 +93,49 @@ class SolverActor:
         return out
 
 
-def solve_parts(items: list[dict], solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None):
+def solve_parts(items: list[dict], solver: SolverConfig, pool: Pool):
     """Stage A for a list of parts ({"k", "snapshot", "proposal", "init"} URIs) on an
     autoscaling pool of SolverActors; yields one stats row per part as it finishes."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts images
+    context.wait_for_min_actors_s = max(1, math.ceil(pool.wait_s))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         SolverActor,
         fn_constructor_kwargs={"solver": to_dict(solver)},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=solvers[0], max_size=max(solvers)),
+        compute=ray.data.ActorPoolStrategy(min_size=pool.solvers[0], max_size=max(pool.solvers)),
         num_cpus=1,
-        resources={resource: 1} if resource else None,
+        memory=pool.memory,
+        resources={pool.resource: 1} if pool.resource else None,
+        max_restarts=pool.retries,
+        max_task_retries=pool.retries,
     )
-    for row in ds.iter_rows():
-        if row["error"]:
-            raise UserError(row["error"])
-        yield row
+    try:
+        for row in ds.iter_rows():
+            if row["error"]:
+                raise UserError(row["error"])
+            yield row
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"no solver actor could be placed within {pool.wait_s:g}s (--solver-wait): each asks for "
+                        f"{pool.demand()}, and the cluster has {_free()} free") from None
 
 
-def solve_round(store: ShardStore, r: int, solver: SolverConfig, solvers: tuple[int, int], resource: str | None = None,
-                n_images: int | None = None) -> list[dict]:
-    """Stage A for every part of snapshot round r that lacks a (readable) proposal; blocks.
+def _free() -> str:
+    free = ray.available_resources()
+    return ", ".join(f"{v / 2**20:.0f} MiB {k}" if k == "memory" else f"{v:g} {k}" for k, v in sorted(free.items())
+                     if k in ("CPU", "GPU", "memory") or not k.startswith(("node:", "object_store", "accelerator")))
 
-    A snapshot part that does not read is reported with its path and left alone: the
-    trainer rewrites it, and the farm solves it then. A progress bar (images solved,
-    images/s, ETA) is drawn when stdout is a terminal.
+
+def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_images: int | None = None,
+                warn=print) -> list[dict]:
+    """Stage A for every part of snapshot round r that lacks a (readable, this run's)
+    proposal; blocks.
+
+    A snapshot part that does not read (or is another run's) is reported through `warn`
+    and left alone: the trainer writes it again, and the farm solves it then. Parts
+    that still kill their solver after `pool.retries` retries end the round with a
+    UserError naming them. A progress bar (images solved, images/s, ETA) is drawn when
+    stdout is a terminal.
     """
     from tqdm import tqdm
 
@@ -86,15 +144,23 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, solvers: tuple[
     while True:  # every pass re-checks: a truncated proposal (e.g. left by an earlier run) is solved again
         todo = store.unsolved(r, verify=True)
         for k, e in store.unreadable("snapshots", r).items():
-            print(f"warning: {e}; not solved until the trainer rewrites it", flush=True)
+            warn(f"warning: {e}; not solved until the trainer writes it again")
             todo.pop(k, None)
         if not todo:
             break
         items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", r, k), "init": store.warm_start(r, k)}
                  for k, uri in sorted(todo.items())]
-        for row in solve_parts(items, solver, solvers, resource):
-            rows.append(row)
-            bar.update(row["images"])
+        try:
+            for row in solve_parts(items, solver, pool):
+                rows.append(row)
+                bar.update(row["images"])
+        except UserError:
+            raise
+        except Exception as e:  # Ray gave up on a part: its solver died more than pool.retries times
+            left = sorted(store.unsolved(r))
+            raise UserError(f"stage A round {r}: part(s) {left} still unsolved after {pool.retries} solver restarts "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"snapshots: {', '.join(todo[k] for k in left if k in todo)}") from None
     bar.close()
     return rows
 
@@ -113,48 +179,59 @@ def solver_restarts() -> int:
 
 
 class Farm(threading.Thread):
-    """Runs in the driver beside the trainer: solves each snapshot round once it is whole."""
+    """Runs in the driver beside the trainer: solves each snapshot round once it is whole.
 
-    def __init__(self, store: ShardStore, n_parts: int, solver: SolverConfig, solvers: tuple[int, int],
-                 resource: str | None = None, on_round=None, n_images: int | None = None):
+    `on_error()` is called if the thread dies (after the failure marker is written, if
+    storage allows): the driver uses it to stop the trainer."""
+
+    def __init__(self, store: ShardStore, n_parts: int, solver: SolverConfig, pool: Pool,
+                 on_round=None, on_error=None, n_images: int | None = None):
         super().__init__(name="solver-farm", daemon=True)
-        self.store, self.n_parts, self.solver, self.solvers, self.resource = store, n_parts, solver, solvers, resource
+        self.store, self.n_parts, self.solver, self.pool = store, n_parts, solver, pool
         self.n_images = n_images
         self.on_round = on_round or (lambda r, rows, seconds: None)
+        self.on_error = on_error or (lambda: None)
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.images = 0
+        self._warned: set[str] = set()
 
-    def next_round(self) -> int | None:
-        for r in self.store.rounds("snapshots"):
-            if self.store.round_complete("snapshots", r, self.n_parts) and self.store.unsolved(r):
-                return r
-        return None
+    def pending(self) -> list[int]:
+        """Rounds whose snapshot is whole and which lack a proposal part, oldest first."""
+        return [r for r in self.store.rounds("snapshots")
+                if self.store.round_complete("snapshots", r, self.n_parts) and self.store.unsolved(r)]
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            print(message, flush=True)
 
     def run(self) -> None:
         try:
             while True:
-                r = self.next_round()
-                if r is None:
+                solved = False
+                for r in self.pending():  # a round blocked on unreadable snapshots lets later ones pass
+                    start = time.perf_counter()
+                    rows = solve_round(self.store, r, self.solver, self.pool, self.n_images, self._warn_once)
+                    if rows:
+                        self.images += sum(row["images"] for row in rows)
+                        self.on_round(r, rows, time.perf_counter() - start)
+                        solved = True
+                        break  # list the rounds again: newer ones may be whole by now
+                if not solved:
                     if self.stop_event.is_set():
                         return
                     time.sleep(SNAPSHOT_POLL_S)
-                    continue
-                start = time.perf_counter()
-                rows = solve_round(self.store, r, self.solver, self.solvers, self.resource, self.n_images)
-                self.images += sum(row["images"] for row in rows)
-                if not rows:  # only unreadable snapshots left: wait for the trainer to rewrite them
-                    if self.stop_event.is_set():
-                        return
-                    time.sleep(SNAPSHOT_POLL_S)
-                    continue
-                self.on_round(r, rows, time.perf_counter() - start)
-        except BaseException as e:  # tell the trainer, which would otherwise wait forever
+        except BaseException as e:
             self.error = e
-            self.store.mark_failed(f"{type(e).__name__}: {e}")
             traceback.print_exc()
+            try:  # tell the trainer, which would otherwise wait for proposals
+                self.store.mark_failed(f"{type(e).__name__}: {e}")
+            except Exception as marker_error:
+                print(f"warning: could not write the failure marker: {marker_error}", flush=True)
+            self.on_error()
 
-    def finish(self) -> None:
-        """Solve what is left, then stop."""
+    def finish(self, timeout_s: float | None = None) -> None:
+        """Solve what is left (waiting at most `timeout_s`), then stop."""
         self.stop_event.set()
-        self.join()
+        self.join(timeout_s)

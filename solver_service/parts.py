@@ -20,12 +20,12 @@ from shared.image_io import read_image, read_label
 from solver_service.alpha_expansion import solve
 
 
-def _warm_starts(init_uri: str | None) -> dict[str, np.ndarray]:
+def _warm_starts(init_uri: str | None, run_id: str) -> dict[str, np.ndarray]:
     if not init_uri or not storage.exists(init_uri):
         return {}
     try:
-        return {p.image_id: p.labels for p in shards.read_proposals(init_uri)}
-    except CorruptShardError as e:  # a warm start is an optimisation: solve cold
+        return {p.image_id: p.labels for p in shards.read_proposals(init_uri, run_id)}
+    except CorruptShardError as e:  # a warm start is an optimisation (another run's too): solve cold
         warnings.warn(f"ignoring warm starts: {e}")
         return {}
 
@@ -44,14 +44,16 @@ def solve_part(
     """Solve every image of one snapshot part and write the proposal part atomically.
 
     Warm starts come from the proposal part at `init_uri` (matched by image_id) when
-    it is given and exists. Returns {"images", "seconds", "energy_sum", "iterations",
+    it is given, exists and belongs to the same run. The proposal carries the snapshot's
+    run id and answers exactly its images (SPEC §6). Returns {"images", "seconds", "energy_sum", "iterations",
     "warm_starts", "part_uri", "snapshot_uri", "solver"}.
     """
     t0 = time.perf_counter()
     cfg.validate()
     solver_id = solver_id or default_solver_id()
-    rows = shards.read_snapshots(snapshot_uri)
-    inits = _warm_starts(init_uri)
+    table = shards.read_table(snapshot_uri, "snapshots")
+    rows, run_id = shards.snapshot_rows(table, snapshot_uri), shards.run_of(table.schema)
+    inits = _warm_starts(init_uri, run_id)
     out = []
     for row in rows:
         image = read_image(row.image_uri)
@@ -79,7 +81,7 @@ def solve_part(
                 solver=solver_id, changed=res.changed,
             )
         )
-    shards.write_table(shards.proposals_table(out), proposal_uri)
+    shards.write_table(shards.proposals_table(out, run_id), proposal_uri)
     return {
         "images": len(out),
         "seconds": time.perf_counter() - t0,

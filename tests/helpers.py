@@ -114,3 +114,71 @@ def kill_processes(procs) -> None:
 def solver_processes(root_pid: int) -> list[Proc]:
     """`ray::…SolverActor…` worker processes among the descendants of `root_pid`."""
     return [p for p in descendants(root_pid) if p.cmdline.startswith("ray::") and "SolverActor" in p.cmdline]
+
+
+def _address(hex_address: str) -> str:
+    """An address of /proc/net/tcp{,6} ("0100007F:1F90") as "127.0.0.1:8080"."""
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]  # each 32-bit word is little-endian
+    packed = b"".join(words)
+    import ipaddress
+
+    ip = ipaddress.ip_address(packed)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return f"{ip}:{int(port, 16)}"
+
+
+def listening_sockets(pids) -> set[tuple[int, str]]:
+    """(pid, local address) of every listening TCP socket that the processes `pids` hold."""
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "0A":  # TCP_LISTEN
+                    listening[cols[9]] = _address(cols[1])
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in listening:
+                found.add((pid, listening[link[8:-1]]))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address.rsplit(":", 1)[0]).is_loopback
+
+
+def run_cli_watching_sockets(*args, timeout: float = 600) -> tuple[subprocess.CompletedProcess, set]:
+    """`run_cli(..., check=True)`, sampling the listening sockets of the CLI and all its
+    descendants (its private Ray) every 0.2 s: returns the process and every (pid,
+    command, address) seen."""
+    import tempfile
+    import time
+
+    seen = set()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cli_args(*args), cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "timed out"
+            procs = {p.pid: p for p in [Proc(proc.pid), *descendants(proc.pid)]} if os.path.exists(f"/proc/{proc.pid}") else {}
+            seen |= {(pid, procs[pid].cmdline[:80], address) for pid, address in listening_sockets(procs)}
+            time.sleep(0.2)
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, output[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, ""), seen

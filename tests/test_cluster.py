@@ -97,13 +97,13 @@ def _check_all_proposals(base, ids, n_parts, size):
 
 def test_solve_round_runs_only_on_solver_nodes(cluster, tmp_path):
     from shared.config import SolverConfig
-    from solver_service.farm import solve_round
+    from solver_service.farm import Pool, solve_round
 
     c, trainer, solvers = cluster
     base, n_parts, size = str(tmp_path / "shards"), 6, 48
     ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=2, size=size)
     t0 = time.perf_counter()
-    rows = solve_round(ShardStore(base), 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+    rows = solve_round(ShardStore(base), 0, SolverConfig(max_iter=2), Pool((1, 2), resource="solver_node"))
     print(f"round of {n_parts} parts: {time.perf_counter() - t0:.1f}s")
 
     assert sorted(int(r["k"]) for r in rows) == list(range(n_parts))
@@ -121,7 +121,7 @@ def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
     """Issue: a solver node removed mid-round loses no image, and is counted as restarts."""
     from shared import shards
     from shared.config import SolverConfig
-    from solver_service.farm import solve_round, solver_restarts
+    from solver_service.farm import Pool, solve_round, solver_restarts
 
     c, trainer, solvers = cluster
     base, n_parts, size = str(tmp_path / "shards"), 12, 200
@@ -130,7 +130,7 @@ def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
 
     def run():
         try:
-            result["rows"] = solve_round(ShardStore(base), 0, SolverConfig(max_iter=2), (1, 2), resource="solver_node")
+            result["rows"] = solve_round(ShardStore(base), 0, SolverConfig(max_iter=2), Pool((1, 2), resource="solver_node"))
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
 

@@ -127,11 +127,16 @@ def test_predict_writes_masks_at_image_size(sync_run, data, tmp_path):
     assert np.asarray(mask).max() < 4
 
 
-def test_overlapped_staleness_stays_within_bound(data, tmp_path):
+def test_overlapped_staleness_stays_within_bound_and_every_socket_is_loopback(data, tmp_path):
+    """Also: no process of the local run (Ray, the trainer worker, the solvers) listens
+    on anything but loopback (SPEC §8, the developers' guide)."""
     out = tmp_path / "run"
-    run_cli("--local", "train", "--data", data, "--method", "grid-tr", "--epochs", "4", "--pretrain-epochs", "1",
-            "--epochs-per-round", "1", "--max-staleness", "1", "--batch-size", "4", "--crop-size", "48",
-            "--shard-size", "2", "--out", str(out))
+    _, sockets = helpers.run_cli_watching_sockets(
+        "--local", "train", "--data", data, "--method", "grid-tr", "--epochs", "4", "--pretrain-epochs", "1",
+        "--epochs-per-round", "1", "--max-staleness", "1", "--batch-size", "4", "--crop-size", "48",
+        "--shard-size", "2", "--out", str(out))
+    assert sockets, "no listening socket seen: the watch is broken"
+    assert [s for s in sockets if not helpers.is_loopback(s[2])] == []
     tr = [e for e in epochs(str(out)) if e["phase"] == "grid-tr"]
     assert max(e["max_staleness"] for e in tr) <= 1
     summary = json.load(open(out / "summary.json"))

@@ -259,3 +259,131 @@ def test_overwrite_is_whole(base, s3_endpoint):
         shards.write_table(shards.proposals_table([p]), uri)
         (back,) = shards.read_proposals(uri)
         assert (back.labels == value).all()
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of moto that answers 503 SlowDown to the next
+    `fail` requests whose path contains `match` (S3's throttling reply), and forwards
+    everything else."""
+
+    def __init__(self, endpoint: str):
+        import http.client
+        import http.server
+        import threading
+
+        self.fail, self.match, self.failed = 0, "", 0
+        target = endpoint.split("//", 1)[1]
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                """The request body as sent; a chunked one (the AWS SDK's PUTs) with its framing."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", ""):
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    size = int(line.split(b";")[0].strip(), 16)
+                    if size == 0:  # then trailers up to an empty line
+                        while line not in (b"\r\n", b"\n", b""):
+                            line = self.rfile.readline()
+                            raw += line
+                        return raw
+                    raw += self.rfile.read(size + 2)
+
+            def _any(self):
+                body = self._body()
+                if proxy.fail > 0 and proxy.match in self.path:
+                    proxy.fail -= 1
+                    proxy.failed += 1
+                    reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply if self.command != "HEAD" else b"")
+                    return
+                conn = http.client.HTTPConnection(target, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}  # 100-continue is done
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                # a HEAD reply's length is the object's, not its (empty) body's
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky(s3_endpoint, monkeypatch):
+    from shared import storage
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
+    proxy = FlakyProxy(s3_endpoint[0])
+    yield proxy, f"s3://{BUCKET}/flaky{next(_prefix_counter)}?endpoint_override={proxy.endpoint}&scheme=http&region=us-east-1"
+    proxy.close()
+
+
+def test_transient_storage_errors_are_retried_with_backoff(flaky):
+    """503s beyond the AWS SDK's own retries reach the storage layer, which tries again:
+    the write and the read succeed; only a storm longer than every attempt is an error."""
+    from shared import storage
+
+    proxy, base = flaky
+    uri = storage.join(base, "x.bin")
+    proxy.fail, proxy.match = 4, "x.bin"  # the SDK tries 3 times: one storage-level retry needed
+    storage.write_bytes(uri, b"payload")
+    assert proxy.failed == 4
+    proxy.fail = 4
+    assert storage.read_bytes(uri) == b"payload"
+    proxy.fail = 10**6
+    with pytest.raises(OSError) as e:
+        storage.read_bytes(uri)
+    assert not isinstance(e.value, FileNotFoundError)
+    proxy.fail = 0
+    with pytest.raises(FileNotFoundError):  # "not found" is final at once: no retry
+        storage.read_bytes(storage.join(base, "absent.bin"))
+
+
+def test_feed_keeps_a_part_that_storage_cannot_deliver(flaky, monkeypatch, capsys):
+    """A part whose reads keep failing is neither corrupt nor deleted: the feed tries it
+    again at the next poll and takes it once storage answers."""
+    from shared import shards, storage
+    from trainer.proposals import ProposalFeed
+
+    monkeypatch.setattr(storage, "ATTEMPTS", 2)
+    proxy, base = flaky
+    p = shards.Proposal(image_id="a", round=0, labels=np.full((5, 6), 1, np.uint8), energy=1.0, unary_energy=0.5,
+                        smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t:1")
+    ShardStore(base, "r").write_proposals(0, 0, [p])
+    uri = ShardStore(base).part_uri("proposals", 0, 0)
+    feed = ProposalFeed(ShardStore(base, "r"), [["a"]], sync=False, max_staleness=1)
+    proxy.fail, proxy.match = 10**6, "part-0"
+    feed.refresh(0, wait=False)
+    assert feed.labels == {} and "trying again" in capsys.readouterr().out
+    proxy.fail = 0
+    assert storage.exists(uri)
+    feed.refresh(0, wait=False)
+    assert (feed.labels["a"] == 1).all()

@@ -210,8 +210,9 @@ def _image_size(path: str) -> tuple[int, int]:
         raise UserError(f"{path}: unreadable or truncated image ({exc})") from None
 
 
-def check_samples(samples: list[Sample], num_classes: int, max_pixels: int | None = None) -> None:
-    """Open every file of ``samples`` once so that bad data fails before training.
+def check_samples(samples: list[Sample], num_classes: int, max_pixels: int | None = None) -> int:
+    """Open every file of ``samples`` once so that bad data fails before training;
+    returns the pixel count of the largest image.
 
     Checks: images readable (header; PNG integrity) and at most ``max_pixels`` pixels,
     label PNGs decodable with values < K or 255, label sizes equal to the image's.
@@ -219,8 +220,10 @@ def check_samples(samples: list[Sample], num_classes: int, max_pixels: int | Non
     """
     if not samples:
         raise UserError("empty split: no samples")
+    largest = 0
     for s in samples:
         size = _image_size(s.image_path)
+        largest = max(largest, size[0] * size[1])
         if max_pixels and size[0] * size[1] > max_pixels:
             raise UserError(f"{s.image_path}: {size[1]}×{size[0]} pixels is more than --max-image-pixels "
                             f"{max_pixels} (stage A holds several float64 copies of |L|×H×W)")
@@ -233,6 +236,7 @@ def check_samples(samples: list[Sample], num_classes: int, max_pixels: int | Non
                     f"{p}: label size {lab.shape[1]}×{lab.shape[0]} differs from image "
                     f"{s.image_path} ({size[1]}×{size[0]})"
                 )
+    return largest
 
 
 # --------------------------------------------------------------------------- datasets

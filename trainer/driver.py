@@ -7,22 +7,25 @@ beside `TorchTrainer.fit()`, and writes summary.json (SPEC §7) when both are do
 """
 from __future__ import annotations
 
+import _thread
 import json
 import math
 import os
 import sys
 import time
 import uuid
+from typing import NamedTuple
 
 import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.backend import Backend
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from shared import storage
+from shared import ray_session, storage
 from shared.shard_store import ShardStore, parts_of
 from shared.config import TrainConfig, check_eps, to_dict
 from shared.errors import UserError
-from solver_service.farm import Farm, solver_restarts
+from solver_service.farm import Farm, Pool, solver_memory, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch
 from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
@@ -32,9 +35,25 @@ from trainer.loop import train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
 
-def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> tuple[int, int, int]:
-    """Fail fast, with the file or option at fault: returns (K, train images, val images).
-    Resolves cfg.arch (see `trainer.architectures.resolve_arch`)."""
+class NoProcessGroup(TorchConfig):
+    """One trainer worker needs no torch.distributed, whose TCP store would listen on
+    every interface (local mode promises loopback only): Ray Train's no-op backend."""
+
+    @property
+    def backend_cls(self):
+        return Backend
+
+
+class Inputs(NamedTuple):
+    num_classes: int
+    train_images: int
+    val_images: int
+    largest_train_image: int  # pixels: what a solver actor must hold
+
+
+def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> Inputs:
+    """Fail fast, with the file or option at fault. Resolves cfg.arch (see
+    `trainer.architectures.resolve_arch`)."""
     cfg.validate()
     if not cfg.data or not os.path.exists(cfg.data):
         raise UserError(f"--data: no such data set folder: {cfg.data!r}")
@@ -42,7 +61,7 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> tuple[int, int, i
     check_eps(cfg.eps, K)
     train = train_split(cfg)
     val = load_split(cfg.data, cfg.format, "val", cfg.scribbles)
-    check_samples(train, K, cfg.max_image_pixels)
+    largest = check_samples(train, K, cfg.max_image_pixels)
     check_samples(val, K, cfg.max_image_pixels)
     init_arch = None
     if cfg.init:
@@ -57,7 +76,9 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> tuple[int, int, i
     if found and not (cfg.resume or overwrite):
         raise UserError(f"--out {cfg.out}: holds another run's outputs ({', '.join(found[:3])}); "
                         f"continue it with --resume {cfg.out} or replace it with --overwrite")
-    return K, len(train), len(val)
+    if cfg.shards:  # shards under --out went with the check above
+        ShardStore(cfg.shards, recorded_run_id(cfg.out) if cfg.resume else "").claim(overwrite, cfg.resume, write=False)
+    return Inputs(K, len(train), len(val), largest)
 
 
 def images_without_scribbles(samples, num_classes: int) -> list[str]:
@@ -76,6 +97,12 @@ def _outputs_in(out: str) -> list[str]:
     return [name for name in storage.list_dir(out) if name in RUN_OUTPUTS]
 
 
+def recorded_run_id(out: str) -> str:
+    """The id in OUT/run.json ('' for a folder from before run ids)."""
+    uri = storage.join(out, RUN_FILE)
+    return json.loads(storage.read_bytes(uri))["run_id"] if storage.exists(uri) else ""
+
+
 def claim_run_folder(cfg: TrainConfig) -> str:
     """A run folder belongs to one run (SPEC §7): returns this run's id. A folder holding
     another run's outputs is an error, unless --resume continues it or --overwrite
@@ -83,7 +110,7 @@ def claim_run_folder(cfg: TrainConfig) -> str:
     run_uri = storage.join(cfg.out, RUN_FILE)
     if cfg.resume:
         if storage.exists(run_uri):
-            return json.loads(storage.read_bytes(run_uri))["run_id"]
+            return recorded_run_id(cfg.out)
         run_id = uuid.uuid4().hex[:12]  # a folder from before run ids: adopt it
     else:
         for name in _outputs_in(cfg.out):  # check_inputs refused them unless overwrite
@@ -102,28 +129,34 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
         p if not p or storage.is_remote(p) else os.path.abspath(p)
         for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
-    K, n_train, n_val = check_inputs(cfg, overwrite)
+    K, n_train, n_val, largest = check_inputs(cfg, overwrite)
     run_id = claim_run_folder(cfg)
     storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
     unscribbled = [] if cfg.method == "full" else images_without_scribbles(train_split(cfg), K)
     if unscribbled:
         print(f"{len(unscribbled)} training image(s) without any scribble, trained on without seeds "
               f"(stage A over all labels): {', '.join(unscribbled[:10])}{' …' if len(unscribbled) > 10 else ''}", flush=True)
-    store = ShardStore(cfg.shard_base())
+    store = ShardStore(cfg.shard_base(), run_id)
+    store.claim(overwrite, adopt=cfg.resume)
     store.clear_failure()
     parts = parts_of(n_train, cfg.shard_size)
     t0 = time.perf_counter()
     farm = None
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     if METHODS[cfg.method].needs_proposals:
+        pool = Pool(cfg.solver_range(), cfg.solver_resource, solver_memory(largest, K), cfg.solver_retries,
+                    cfg.solver_wait)
+        if ray_session.started_here():
+            check_capacity(cfg, pool, use_gpu)
         farm = Farm(
-            store, len(parts), cfg.solver, cfg.solver_range(), cfg.solver_resource,
-            on_round=lambda r, rows, s: _report_round(r, rows, s, cfg), n_images=n_train,
+            store, len(parts), cfg.solver, pool, on_round=lambda r, rows, s: _report_round(r, rows, s, cfg),
+            on_error=_thread.interrupt_main, n_images=n_train,
         )
         farm.start()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty()},
+        torch_config=None if cfg.num_workers > 1 else NoProcessGroup(backend="gloo"),
+        train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty(), "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             name="ray_train",
@@ -133,9 +166,12 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     )
     try:
         trainer.fit()
+    except (KeyboardInterrupt, ray.train.TrainingFailedError):
+        if farm is None or farm.error is None:  # not stopped by the farm: the user's ^C or the trainer's own error
+            raise
     finally:
         if farm is not None:
-            farm.finish()
+            farm.finish(cfg.max_stall)
     if farm is not None and farm.error is not None:
         raise UserError(f"stage A failed: {farm.error}")
     trained = json.loads(storage.read_bytes(storage.join(cfg.out, "trainer_summary.json")))
@@ -164,6 +200,17 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     }
     storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def check_capacity(cfg: TrainConfig, pool: Pool, use_gpu: bool) -> None:
+    """A private Ray must hold the trainer workers and at least one solver actor at once,
+    or stage A would wait forever for a CPU (cluster pools wait `pool.wait_s` instead)."""
+    cpus = ray.cluster_resources().get("CPU", 0)
+    trainer_cpus = cfg.num_workers  # one CPU per trainer worker (ScalingConfig below)
+    if cpus - trainer_cpus < pool.solvers[0]:
+        raise UserError(f"--workers {cfg.num_workers} and --solvers {cfg.solvers}: need {trainer_cpus + pool.solvers[0]} "
+                        f"CPUs at once, this machine gives Ray {cpus:g}; use --workers {max(1, int(cpus) - 1)} "
+                        f"--solvers 1" + ("" if use_gpu else " (or a cluster, --address)"))
 
 
 def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) -> None:

@@ -68,6 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     needs them,) one epoch of stage B, evaluation, checkpoint and metrics."""
     config = dict(config)
     show = config.pop("progress", False)
+    run_id = config.pop("run_id", "")
     cfg = from_dict(TrainConfig, config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
         steps_per_epoch = max(1, len(loader))
         step = start * steps_per_epoch
         if METHODS[method].needs_proposals:
-            stage_a = StageA(cfg, train_samples, train_eval, K, device, rank, world,
+            stage_a = StageA(cfg, run_id, train_samples, train_eval, K, device, rank, world,
                              progress=lambda desc, total: progress_bar(show, desc, total))
         final = phase == len(plan) - 1
         for epoch in range(start, epochs):

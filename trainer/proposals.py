@@ -5,18 +5,23 @@ each part, the newest proposal round p ≤ r. `sync` needs p = r (Alg. 1 exactly
 `overlapped` accepts p ≥ r − max_staleness and waits otherwise; that wait is stall.
 No proposal at all counts as round −1, i.e. the image is trained on its seeds alone,
 which `overlapped` allows in round 0 when max_staleness ≥ 1.
+
+Nothing waits forever: a failed farm (its marker) ends the wait at once, and
+`max_stall_s` seconds without a new part end it with an error naming the round and
+the parts missing. A part of another run is ignored, a corrupt one deleted so that
+the farm solves it again, and one that storage could not deliver is tried again at
+the next poll (nothing is deleted on a transient error).
 """
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
 
 from shared import shards, storage
 from shared.shard_store import ShardStore
-from shared.errors import CorruptShardError, UserError
+from shared.errors import CorruptShardError, ForeignShardError, UserError
 from trainer.metrics import confusion_matrix, miou
 
 MaskReader = Callable[[str], "np.ndarray | None"]
@@ -27,11 +32,14 @@ class ProposalFeed:
     proposals in use are scored against the masks (`diagnostics`)."""
 
     def __init__(self, store: ShardStore, parts: list[list[str]], *, sync: bool, max_staleness: int,
-                 poll_s: float = 0.2, num_classes: int = 0, mask_of: MaskReader | None = None):
+                 max_stall_s: float = float("inf"), poll_s: float = 0.2, num_classes: int = 0,
+                 mask_of: MaskReader | None = None):
         self.store = store
         self.parts = parts  # image ids of every part
         self.min_lag = 0 if sync else max_staleness
+        self.max_stall_s = max_stall_s
         self.poll_s = poll_s
+        self._warned: set[str] = set()
         self.current: dict[int, int] = {}  # part -> proposal round in use
         self.labels: dict[str, np.ndarray] = {}
         self.stall_s = 0.0
@@ -40,19 +48,24 @@ class ProposalFeed:
         self._changed: dict[int, list[float]] = {}  # part -> per-image changed fraction
         self._confusion: dict[int, np.ndarray] = {}  # part -> proposals vs masks
 
-    def refresh(self, r: int, wait: bool) -> dict:
-        """Load newer proposals for round r; wait (stall) while the bound is not met."""
-        start = time.perf_counter()
+    def refresh(self, r: int, wait: bool, on_wait: Callable[[list[int]], None] = lambda missing: None) -> dict:
+        """Load newer proposals for round r; wait (stall) while the bound is not met,
+        calling `on_wait(parts missing)` now and then (the trainer repairs snapshots)."""
+        start = progress = time.perf_counter()
         while True:
             for k, (p, uri) in self.store.newest_proposals(r, len(self.parts)).items():
-                if p > self.current.get(k, -1):
-                    self._load(k, p, uri)
+                if p > self.current.get(k, -1) and self._load(k, p, uri):
+                    progress = time.perf_counter()
             lags = [r - self.current.get(k, -1) for k in range(len(self.parts))]
             if not wait or max(lags) <= self.min_lag:
                 break
             why = self.store.failure()
             if why is not None:
                 raise UserError(f"stage A failed, no proposals for round {r}: {why}")
+            missing = [k for k, lag in enumerate(lags) if lag > self.min_lag]
+            if time.perf_counter() - progress > self.max_stall_s:
+                raise UserError(self._stall_error(r, missing))
+            on_wait(missing)
             time.sleep(self.poll_s)
         stall = time.perf_counter() - start if wait else 0.0
         self.stall_s += stall
@@ -63,14 +76,36 @@ class ProposalFeed:
             "max_staleness": int(max(per_image)),
         }
 
-    def _load(self, k: int, p: int, uri: str) -> None:
+    def _stall_error(self, r: int, missing: list[int]) -> str:
+        oldest = r - self.min_lag
+        names = ", ".join(f"{k} ({self.parts[k][0]}…)" for k in missing[:5]) + (" …" if len(missing) > 5 else "")
+        return (f"no new proposals for {self.max_stall_s:g}s (--max-stall): round {r} needs proposal round ≥ {oldest} "
+                f"for {len(missing)} part(s): {names}; are the solver actors placed and alive?")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            print(f"warning: {message}", flush=True)
+
+    def _load(self, k: int, p: int, uri: str) -> bool:
+        """Take part k's proposals of round p; False if they cannot be used (yet)."""
         try:
-            rows = shards.read_proposals(uri)
-        except CorruptShardError as e:
-            # The farm re-checks every part of a round and recomputes bad ones.
-            warnings.warn(f"{e}; deleting it so that stage A recomputes it")
+            rows = shards.read_proposals(uri, self.store.run_id)
+        except FileNotFoundError:  # replaced or deleted since the listing
+            return False
+        except ForeignShardError as e:
+            self._warn_once(f"{e}; ignored")
+            return False
+        except CorruptShardError as e:  # the farm re-checks every part of a round and recomputes bad ones
+            self._warn_once(f"{e}; deleting it so that stage A recomputes it")
             storage.delete(uri)
-            return
+            return False
+        except OSError as e:  # storage kept failing: try again at the next poll
+            self._warn_once(f"{uri}: {e}; trying again")
+            return False
+        if [row.image_id for row in rows] != self.parts[k]:
+            raise UserError(f"{uri}: answers images {[row.image_id for row in rows][:3]}…, but part {k} "
+                            f"holds {self.parts[k][:3]}…: shards of another data set or --shard-size")
         for row in rows:
             self.labels[row.image_id] = row.labels
         self.current[k] = p
@@ -82,6 +117,7 @@ class ProposalFeed:
                 if mask is not None:
                     conf += confusion_matrix(row.labels, np.where(row.labels == 255, 255, mask), self.num_classes)
             self._confusion[k] = conf
+        return True
 
     def diagnostics(self) -> dict:
         """What stage A did to the proposals in use (SPEC §4 diagnostics): the mean fraction

@@ -36,12 +36,13 @@ def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]
 
 
 def write_snapshot_round(model, dataset, samples, *, store: ShardStore, r, parts, restrict_labels, device,
-                         rank=0, world=1, progress=None):
-    """Write this rank's parts of snapshot round r; returns the number of images written."""
+                         rank=0, world=1, only=None, progress=None):
+    """Write this rank's parts of snapshot round r (those in `only`, if given); returns
+    the number of images written."""
     model.eval()
     written = 0
     for k, part in enumerate(parts):
-        if k % world != rank:
+        if k % world != rank or (only is not None and k not in only):
             continue
         items = [dataset[i] for i in part]
         rows = []

@@ -3,6 +3,9 @@
 At the first epoch of round r the worker writes the round's snapshot (the network's
 −log q on every training image); before every epoch it takes the freshest proposals
 the solver farm has written (SPEC §4), waiting only where the schedule demands it.
+While it waits it checks, now and then, that the snapshot parts still missing an
+answer are there and readable, and writes those that are not again (the farm skips
+them until then).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from shared.image_io import read_label
 from trainer.proposals import ProposalFeed
 from trainer.snapshots import write_snapshot_round
 
+REPAIR_EVERY_S = 5.0  # while waiting: how often the missing parts' snapshots are checked
+
 
 def mask_reader(samples, num_classes: int):
     """image id -> its full mask (None when the image has none), read when asked."""
@@ -25,17 +30,18 @@ def mask_reader(samples, num_classes: int):
 
 
 class StageA:
-    def __init__(self, cfg: TrainConfig, samples, train_eval, num_classes: int, device, rank: int, world: int,
-                 progress=lambda desc, total: None):
+    def __init__(self, cfg: TrainConfig, run_id: str, samples, train_eval, num_classes: int, device, rank: int,
+                 world: int, progress=lambda desc, total: None):
         self.cfg, self.samples, self.train_eval = cfg, samples, train_eval
         self.device, self.rank, self.world, self.progress = device, rank, world, progress
-        self.store = ShardStore(cfg.shard_base())
+        self.store = ShardStore(cfg.shard_base(), run_id)
         self.parts = parts_of(len(samples), cfg.shard_size)
         self.feed = ProposalFeed(
             self.store, [[samples[i].image_id for i in part] for part in self.parts],
-            sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness,
+            sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness, max_stall_s=cfg.max_stall,
             num_classes=num_classes, mask_of=mask_reader(samples, num_classes),
         )
+        self._checked = 0.0
         self.staleness: list[float] = []
         self.max_staleness = 0
 
@@ -53,32 +59,49 @@ class StageA:
         if (first or verify) and not self._snapshot_ok(r, verify):
             t0 = time.perf_counter()
             bar = self.progress(f"snapshot round {r}", len(self.samples))
-            record["snapshot_images"] = write_snapshot_round(
-                net, self.train_eval, self.samples, store=self.store, r=r, parts=self.parts,
-                restrict_labels=self.cfg.solver.restrict_labels, device=self.device, rank=self.rank,
-                world=self.world, progress=bar,
-            )
+            record["snapshot_images"] = self._write(net, r, progress=bar)
             if bar is not None:
                 bar.close()
             if self.world > 1:
                 dist.barrier()
             record["snapshot_s"] = time.perf_counter() - t0
-        got = self.feed.refresh(r, wait=first or self.cfg.schedule == "sync")
+        got = self.feed.refresh(r, wait=first or self.cfg.schedule == "sync",
+                                on_wait=lambda missing: self._repair(net, r, missing))
         self.staleness.append(got["mean_staleness"])
         self.max_staleness = max(self.max_staleness, got["max_staleness"])
         record.update(got)
         record.update(self.feed.diagnostics())
         return record
 
+    def _write(self, net, r: int, only=None, progress=None) -> int:
+        return write_snapshot_round(
+            net, self.train_eval, self.samples, store=self.store, r=r, parts=self.parts,
+            restrict_labels=self.cfg.solver.restrict_labels, device=self.device, rank=self.rank,
+            world=self.world, only=only, progress=progress,
+        )
+
     def _snapshot_ok(self, r: int, verify: bool) -> bool:
+        """Round r's snapshot is whole, this run's, and (if verify) every row reads."""
         if not self.store.round_complete("snapshots", r, len(self.parts)):
             return False
-        if not verify:
-            return True
-        bad = self.store.unreadable("snapshots", r, read_rows=True)
+        bad = self.store.unreadable("snapshots", r, read_rows=verify)
         for e in bad.values():
             print(f"warning: {e}; writing snapshot round {r} again", flush=True)
         return not bad
+
+    def _repair(self, net, r: int, missing: list[int]) -> None:
+        """Write again this rank's snapshot parts of round r that are missing an answer
+        and are absent, unreadable or another run's (checked every REPAIR_EVERY_S)."""
+        if time.monotonic() - self._checked < REPAIR_EVERY_S:
+            return
+        self._checked = time.monotonic()
+        mine = [k for k in missing if k % self.world == self.rank]
+        present = self.store.parts("snapshots", r)
+        bad = set(self.store.unreadable("snapshots", r, only=mine)) | {k for k in mine if k not in present}
+        if bad:
+            print(f"warning: snapshot round {r}: part(s) {sorted(bad)} absent or unreadable; writing them again",
+                  flush=True)
+            self._write(net, r, only=bad)
 
     def summary(self) -> dict:
         return {

@@ -1,0 +1,16 @@
+"""A Ray worker setup hook for tests/test_integrity.py: a solver process dies, the way a
+segfault or an OOM kill would end it, when it reads an image named poison/1.png."""
+import os
+
+
+def install() -> None:
+    from solver_service import parts
+
+    read_image = parts.read_image
+
+    def read_or_die(uri: str):
+        if uri.endswith(os.path.join("poison", "1.png")):
+            os._exit(1)
+        return read_image(uri)
+
+    parts.read_image = read_or_die

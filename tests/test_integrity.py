@@ -1,0 +1,201 @@
+"""Run integrity and failure semantics (SPEC §6, §7): shards of one run, nothing waits
+forever, bounded retries. Real files, real GCO, real Ray (one private Ray for the
+module); the storage faults are in test_s3.py."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from shared import shards
+from shared.config import SolverConfig, TrainConfig
+from shared.errors import ForeignShardError, UserError
+from shared.shard_store import ShardStore
+from tests.test_faults import _solve_parts_locally, _truncate, _write_snapshot_parts
+from trainer.proposals import ProposalFeed
+
+
+def _props(base, run_id, k, ids, r=0):
+    rows = [shards.Proposal(image_id=i, round=r, labels=np.zeros((4, 4), np.uint8), energy=0.0, unary_energy=0.0,
+                            smooth_energy=0.0, iterations=1, seconds=0.0, warm_start=False, solver="t") for i in ids]
+    ShardStore(base, run_id).write_proposals(r, k, rows)
+    return ShardStore(base).part_uri("proposals", r, k)
+
+
+# --------------------------------------------------------------------------- one run per shard base
+
+
+def test_parts_carry_their_run_and_solving_keeps_it(tmp_path):
+    """The trainer's snapshot carries its run id; the proposal that answers it too."""
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 1)
+    table = shards.read_table(ShardStore(base).part_uri("snapshots", 0, 0), "snapshots")
+    rows = shards.snapshot_rows(table, "x")
+    ShardStore(base, "run-a").write_snapshots(0, 0, rows)
+    _solve_parts_locally(base, 1)
+    uri = ShardStore(base).part_uri("proposals", 0, 0)
+    assert shards.run_of(shards.read_table(uri, "proposals").schema) == "run-a"
+    shards.read_proposals(uri, "run-a")
+    with pytest.raises(ForeignShardError, match="run-a"):
+        shards.read_proposals(uri, "run-b")
+
+
+def test_a_base_belongs_to_one_run(tmp_path):
+    base = str(tmp_path / "shards")
+    ShardStore(base, "a").claim()
+    _props(base, "a", 0, ["x"])
+    ShardStore(base, "a").claim()  # the same run (a resume): fine
+    with pytest.raises(UserError, match=r"--shards .*another run \(a\).*--overwrite"):
+        ShardStore(base, "b").claim()
+    assert ShardStore(base).parts("proposals", 0)  # nothing deleted by the refusal
+    ShardStore(base, "b").claim(overwrite=True)
+    assert ShardStore(base).rounds("proposals") == [] and ShardStore(base).owner() == "b"
+
+
+def test_unrecorded_shards_are_adopted_only_by_a_resume(tmp_path):
+    base = str(tmp_path / "shards")
+    _props(base, "", 0, ["x"])  # written before run ids
+    with pytest.raises(UserError, match="unrecorded"):
+        ShardStore(base, "b").claim()
+    ShardStore(base, "b").claim(adopt=True)
+    assert ShardStore(base).owner() == "b" and ShardStore(base).parts("proposals", 0)
+
+
+def test_feed_ignores_another_runs_part_and_keeps_it(tmp_path, capsys):
+    base = str(tmp_path)
+    uri = _props(base, "other", 0, ["a", "b"])
+    feed = ProposalFeed(ShardStore(base, "mine"), [["a", "b"]], sync=False, max_staleness=1)
+    got = feed.refresh(0, wait=False)
+    assert feed.labels == {} and got["max_staleness"] == 1
+    assert os.path.exists(uri) and "run other" in capsys.readouterr().out
+
+
+def test_feed_refuses_a_proposal_for_other_images(tmp_path):
+    base = str(tmp_path)
+    _props(base, "mine", 0, ["a", "z"])
+    feed = ProposalFeed(ShardStore(base, "mine"), [["a", "b"]], sync=True, max_staleness=0)
+    with pytest.raises(UserError, match=r"part-0.*answers images \['a', 'z'\].*holds \['a', 'b'\]"):
+        feed.refresh(0, wait=True)
+
+
+# --------------------------------------------------------------------------- nothing waits forever
+
+
+def test_max_stall_ends_the_wait_naming_round_and_parts(tmp_path):
+    base = str(tmp_path)
+    _props(base, "mine", 0, ["a"])
+    feed = ProposalFeed(ShardStore(base, "mine"), [["a"], ["b", "c"]], sync=True, max_staleness=0,
+                        max_stall_s=0.5, poll_s=0.05)
+    calls = []
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"0\.5s \(--max-stall\): round 0 .* 1 part\(s\): 1 \(b…\)"):
+        feed.refresh(0, wait=True, on_wait=calls.append)
+    assert 0.5 <= time.perf_counter() - t0 < 5
+    assert calls and calls[0] == [1]  # the trainer was asked to look at the missing part
+
+
+def test_max_stall_option_is_checked():
+    with pytest.raises(UserError, match="--max-stall"):
+        TrainConfig(data="x", max_stall=0).validate()
+    with pytest.raises(UserError, match="--solver-retries"):
+        TrainConfig(data="x", solver_retries=-1).validate()
+
+
+# --------------------------------------------------------------------------- with Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "tests.poison.install",
+                          "env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
+    yield ray
+    ray.shutdown()
+
+
+def test_a_part_that_kills_its_solver_ends_the_round_naming_it(ray_local, tmp_path):
+    """tests/poison.py makes every solver process exit on poison/1.png (a segfault, an
+    OOM kill): Ray restarts the actor and retries the part `retries` times, then the
+    round ends with an error naming the parts left (part 1 among them) and their snapshots."""
+    from solver_service.farm import Pool, solve_round
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "poison"), 3)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"round 0: part\(s\) \[.*1.*\] still unsolved after 1 solver restarts.*part-1"):
+        solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), Pool(retries=1))
+    assert time.perf_counter() - t0 < 120  # bounded: not retried forever
+    assert 1 not in ShardStore(base).parts("proposals", 0)
+
+
+def test_an_unplaceable_pool_ends_after_solver_wait(ray_local, tmp_path):
+    from solver_service.farm import Pool, solve_round
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 1, r=0)
+    with pytest.raises(UserError, match=r"within 2s \(--solver-wait\): each asks for 1 CPU, 1 'solver_node'"):
+        solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), Pool(resource="solver_node", wait_s=2))
+
+
+def test_local_capacity_is_checked_before_starting(ray_local):
+    from solver_service.farm import Pool
+    from trainer.driver import check_capacity
+
+    check_capacity(TrainConfig(data="x", num_workers=1), Pool(), use_gpu=False)
+    with pytest.raises(UserError, match=r"--workers 2 and --solvers 1: need 3 CPUs.*gives Ray 2; use --workers 1"):
+        check_capacity(TrainConfig(data="x", num_workers=2), Pool(), use_gpu=False)
+
+
+def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_path, capsys):
+    """Round 0's part 1 is truncated: the farm solves what it can, warns once, and goes
+    on to round 1 instead of waiting on round 0 forever; failures reach on_error."""
+    from solver_service.farm import Farm, Pool
+
+    base = str(tmp_path / "shards")
+    for r in (0, 1):
+        _write_snapshot_parts(base, str(tmp_path / "data"), 2, r=r)
+    bad = ShardStore(base).part_uri("snapshots", 0, 1)
+    _truncate(bad)
+    errors = []
+    farm = Farm(ShardStore(base), 2, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1))
+    farm.start()
+    deadline = time.monotonic() + 120
+    while len(ShardStore(base).parts("proposals", 1)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    farm.finish(60)
+    assert sorted(ShardStore(base).parts("proposals", 1)) == [0, 1]
+    assert sorted(ShardStore(base).parts("proposals", 0)) == [0]
+    assert capsys.readouterr().out.count(bad) == 1 and not errors and farm.error is None
+
+    # bad input in a new round: the farm dies, writes the marker and calls on_error
+    _write_snapshot_parts(base, str(tmp_path / "data2"), 2, r=2)
+    os.remove(os.path.join(str(tmp_path / "data2"), "0.png"))
+    farm = Farm(ShardStore(base), 2, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1))
+    farm.start()
+    farm.join(120)
+    assert errors == [1] and isinstance(farm.error, UserError) and "0.png" in str(farm.error)
+    assert "0.png" in ShardStore(base).failure()
+
+
+def test_trainer_writes_a_missing_answers_unreadable_snapshot_again(tmp_path, synthetic_set):
+    """While it waits, the trainer writes its unreadable snapshot parts again (only those)."""
+    from trainer.architectures import build_model
+    from trainer.data import EvalSet, load_split
+    from trainer.stage_a import StageA
+
+    data = synthetic_set(6, 2, 32)
+    cfg = TrainConfig(data=data, method="grid-tr", shard_size=2, out=str(tmp_path / "run"))
+    samples = load_split(data, "synthetic", "train", "")
+    stage_a = StageA(cfg, "mine", samples, EvalSet(samples, 4), 4, torch.device("cpu"), 0, 1)
+    net = build_model("unet", 4)
+    stage_a._write(net, 0)
+    store = ShardStore(cfg.shard_base(), "mine")
+    bad, good = store.part_uri("snapshots", 0, 1), store.part_uri("snapshots", 0, 2)
+    before = os.stat(good).st_mtime_ns
+    _truncate(bad)
+    stage_a._repair(net, 0, [1, 2])
+    assert store.unreadable("snapshots", 0, read_rows=True) == {}
+    assert os.stat(good).st_mtime_ns == before
