@@ -11,6 +11,15 @@ import os
 import sys
 
 SOLVER_RESOURCE = "solver_node"  # advertised by the `solver` node type of deploy/cluster.yaml
+TOKEN_PATH = "~/.trseg/ray_auth_token"  # file_mounts of deploy/cluster.yaml put it there
+
+
+def auth_env(environ: dict) -> None:
+    """The cluster runs with token authentication: the driver joins it with the same token."""
+    token = os.path.expanduser(TOKEN_PATH)
+    if os.path.exists(token):
+        environ.setdefault("RAY_AUTH_MODE", "token")
+        environ.setdefault("RAY_AUTH_TOKEN_PATH", token)
 
 
 def build_argv(args: list[str], address: str = "auto") -> list[str]:
@@ -30,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.isdir(os.path.join(root, "trainer")) and root not in sys.path:
         sys.path.insert(0, root)  # run from a checkout; on the cluster the package is installed
+    auth_env(os.environ)  # before Ray is imported
     from trainer.cli import main as trainer_main
 
     trainer_main(build_argv(sys.argv[1:] if argv is None else argv))

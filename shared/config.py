@@ -46,7 +46,7 @@ class TrainConfig:
     epochs: int = 20
     arch: str = ""  # trainer.architectures; "": --init's, else the paper's with --backbone-weights, else unet
     optimizer: str = "adamw"  # sgd (the paper's, with momentum) or adamw
-    batch_size: int = 8
+    batch_size: int = 8  # the global batch, split evenly over the trainer workers
     lr: float = 0.003  # peak rate, poly decay; DeepLab's decoder trains at 10× it
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
@@ -72,10 +72,15 @@ class TrainConfig:
     solvers: str = "1"  # N or MIN:MAX solver actors
     solver_resource: str | None = None  # custom resource that solver nodes advertise
     shards: str | None = None  # base URI of the shards; default OUT/shards
+    # local --out/--shards paths are on a filesystem every cluster node mounts (NFS, …)
+    shared_fs: bool = False
     shard_size: int = 8  # images per shard part
     solver: SolverConfig = field(default_factory=SolverConfig)
     # the trainer
     num_workers: int = 1  # Ray Train workers (DDP ranks)
+    max_failures: int = 3  # trainer-worker losses Ray Train recovers from (last checkpoint) per run
+    loader_workers: int = 0  # data-loading processes per trainer worker (each asks for one more CPU)
+    sync_bn: bool = False  # SyncBatchNorm across the workers (CUDA only, as in torch)
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     eval_every: int = 1  # epochs between evaluations
     resume: bool = False
@@ -116,6 +121,10 @@ class TrainConfig:
         _check(self.solver_retries >= 0, "--solver-retries", f"must be ≥ 0, got {self.solver_retries}")
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
+        _check(self.batch_size % self.num_workers == 0, "--batch-size",
+               f"is the global batch: {self.batch_size} does not split evenly over --workers {self.num_workers}")
+        _check(self.max_failures >= 0, "--max-failures", f"must be ≥ 0, got {self.max_failures}")
+        _check(self.loader_workers >= 0, "--loader-workers", f"must be ≥ 0, got {self.loader_workers}")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")
         _check(self.max_image_pixels >= 1, "--max-image-pixels", "must be ≥ 1")
         _check(self.eval_every >= 1, "--eval-every", f"must be ≥ 1, got {self.eval_every}")

@@ -46,6 +46,8 @@ def _open(uri: str, what: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
         return img
+    except Image.UnidentifiedImageError:  # its message names our in-memory buffer, not the file
+        raise UserError(f"{uri}: unreadable {what} (not an image format Pillow knows)") from None
     except _BAD_FILE as exc:
         raise UserError(f"{uri}: unreadable or truncated {what} ({exc})") from None
 

@@ -52,3 +52,15 @@ def started_here() -> bool:
     """Whether this process started the Ray it is connected to (a private, local Ray)."""
     node = ray._private.worker.global_worker.node
     return node is not None and node.head  # a driver that joined a cluster holds a non-head node
+
+
+def nodes_lacking(path: str) -> list[str]:
+    """IP addresses of the live cluster nodes on which `path` does not exist (a zero-CPU
+    probe task pinned to each node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(os.path.exists)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    found = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                     .remote(path) for n in nodes])
+    return [n["NodeManagerAddress"] for n, ok in zip(nodes, found) if not ok]

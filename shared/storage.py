@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import urllib.parse
 import uuid
 
 import pyarrow.fs as pafs
@@ -50,13 +51,22 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+@functools.lru_cache(maxsize=16)
+def _remote_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """One client per scheme, bucket and options (a new one per call costs a TLS handshake
+    and a credential lookup): `root` is scheme://authority?query."""
+    if root.startswith("s3://") and "allow_delayed_open=" not in root:
+        # no multipart upload opened up front: a file below the part size is one PUT
+        root += ("&" if "?" in root else "?") + "allow_delayed_open=true"
+    return pafs.FileSystem.from_uri(root)
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it for a local path or a URI."""
     if is_remote(uri):
-        if uri.startswith("s3://") and "allow_delayed_open=" not in uri:
-            # no multipart upload opened up front: a file below the part size is one PUT
-            uri += ("&" if "?" in uri else "?") + "allow_delayed_open=true"
-        return pafs.FileSystem.from_uri(uri)
+        parts = urllib.parse.urlsplit(uri)
+        fs, top = _remote_filesystem(f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else ""))
+        return fs, top.rstrip("/") + parts.path if top else parts.path
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return pafs.LocalFileSystem(), os.path.abspath(uri)

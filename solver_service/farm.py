@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import ray
@@ -99,17 +100,22 @@ def solve_parts(items: list[dict], solver: SolverConfig, pool: Pool):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images
     context.wait_for_min_actors_s = max(1, math.ceil(pool.wait_s))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        SolverActor,
-        fn_constructor_kwargs={"solver": to_dict(solver)},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=pool.solvers[0], max_size=max(pool.solvers)),
-        num_cpus=1,
-        memory=pool.memory,
-        resources={pool.resource: 1} if pool.resource else None,
-        max_restarts=pool.retries,
-        max_task_retries=pool.retries,
-    )
+    with warnings.catch_warnings():
+        # Ray Data restarts map actors and retries their tasks without limit unless
+        # max_restarts/max_task_retries are passed as extra remote args, which Ray 2.60
+        # warns are deprecated but offers no named parameter for.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            SolverActor,
+            fn_constructor_kwargs={"solver": to_dict(solver)},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.solvers[0], max_size=max(pool.solvers)),
+            num_cpus=1,
+            memory=pool.memory,
+            resources={pool.resource: 1} if pool.resource else None,
+            max_restarts=pool.retries,
+            max_task_retries=pool.retries,
+        )
     try:
         for row in ds.iter_rows():
             if row["error"]:

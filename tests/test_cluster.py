@@ -114,6 +114,25 @@ def test_solve_round_runs_only_on_solver_nodes(cluster, tmp_path):
     used = {str(r["node_id"]) for r in rows}
     assert used <= solver_ids, f"solver actors ran off the solver nodes: {used - solver_ids}"
     assert trainer.node_id not in used and c.head_node.node_id not in used
+    _check_cluster_paths(tmp_path)
+
+
+def _check_cluster_paths(tmp_path):
+    """On the same cluster (it is costly to start): a run joining a several-node cluster
+    refuses local --out/--shards paths unless --shared-fs, and paths missing on a node."""
+    from shared.config import TrainConfig
+    from shared.errors import UserError
+    from trainer.driver import check_cluster_paths
+
+    data = str(tmp_path / "data")
+    with pytest.raises(UserError, match="--out .*local path.*--shared-fs"):
+        check_cluster_paths(TrainConfig(data=data, out=str(tmp_path / "run")))
+    with pytest.raises(UserError, match="--shards .*local path"):
+        check_cluster_paths(TrainConfig(data=data, out="s3://b/run", shards=str(tmp_path / "s")))
+    check_cluster_paths(TrainConfig(data=data, out="s3://b/run", shards="s3://b/s"))
+    check_cluster_paths(TrainConfig(data=data, out=str(tmp_path / "run"), shared_fs=True))
+    with pytest.raises(UserError, match=r"--init .*missing\.pt: not on cluster node\(s\) 127\.0\.0\.1"):
+        check_cluster_paths(TrainConfig(data=data, out="s3://b/run", init=str(tmp_path / "missing.pt")))
 
 
 @pytest.mark.faults

@@ -89,3 +89,29 @@ def test_submit_help_runs_without_a_cluster():
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "--solver-resource" in out.stdout and "--shards" in out.stdout
+
+
+def test_nodes_boot_pinned_authenticated_with_the_data_and_no_idle_gpu(config):
+    types = config["available_node_types"]
+    assert types["trainer"]["min_workers"] == 0
+    assert not any("labels" in t for t in types.values()), "node labels that nothing selects on"
+    pins = dict(line.split("#")[0].strip().split("==") for line in open(os.path.join(ROOT, "deploy", "constraints.txt"))
+                if "==" in line.split("#")[0])
+    assert {"torch", "ray", "gco-wrapper", "pyarrow", "numpy"} <= set(pins)
+    installs = [c for c in config["setup_commands"] + config["head_setup_commands"] if "pip install" in c]
+    assert installs and all("-c /home/ubuntu/trseg/deploy/constraints.txt" in c for c in installs)
+    for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in c:
+            assert "RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=/home/ubuntu/.trseg/ray_auth_token" in c
+    assert "/home/ubuntu/.trseg/ray_auth_token" in config["file_mounts"]
+    assert "/home/ubuntu/data" in config["file_mounts"]  # solvers open images by path
+
+
+def test_submit_joins_with_the_clusters_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(submit, "TOKEN_PATH", str(tmp_path / "token"))
+    env = {}
+    submit.auth_env(env)
+    assert env == {}  # no token file: a cluster without authentication
+    (tmp_path / "token").write_text("secret\n")
+    submit.auth_env(env)
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import kill_processes, popen_cli, read_metrics, run_cli, session_processes
+from tests.helpers import descendants, kill_processes, popen_cli, read_metrics, session_processes
 
 pytestmark = pytest.mark.faults
 
@@ -121,9 +121,23 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
     snap = ShardStore(base).part_uri("snapshots", resume_round, 3)
     _truncate(snap)
 
-    resumed = run_cli("train", "--resume", out, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    log = resumed.stdout + resumed.stderr
+    # the resumed run loses its trainer worker (kill -9) after one more epoch: Ray Train
+    # restarts it from last.pt inside the same run (--max-failures), which ends on its own
+    proc = popen_cli("train", "--resume", out, log_path=str(tmp_path / "resumed.log"))
+    try:
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline and len(read_metrics(out)) <= ckpt["global_epoch"]:
+            time.sleep(0.1)
+        workers = [p for p in descendants(proc.pid) if "RayTrainWorker" in p.cmdline]
+        assert proc.poll() is None and len(workers) == 1, open(tmp_path / "resumed.log").read()[-3000:]
+        os.kill(workers[0].pid, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, open(tmp_path / "resumed.log").read()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_processes(session_processes(proc.pid))
+    log = open(tmp_path / "resumed.log").read()
     metrics = read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5], (epochs_before, [m["epoch"] for m in metrics])
     first_resumed = metrics[ckpt["global_epoch"]]

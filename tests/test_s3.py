@@ -1,7 +1,6 @@
 """Shards on a local S3 endpoint: moto's server on 127.0.0.1, reached through pyarrow's
 S3FileSystem with the endpoint in the URI query (SPEC §6: one PUT per file, so a reader
 never sees half a file)."""
-from shared.shard_store import ShardStore
 import io
 import os
 import socket
@@ -12,6 +11,9 @@ import time
 
 import numpy as np
 import pytest
+
+from shared.errors import UserError
+from shared.shard_store import ShardStore
 
 pytestmark = pytest.mark.s3
 
@@ -387,3 +389,22 @@ def test_feed_keeps_a_part_that_storage_cannot_deliver(flaky, monkeypatch, capsy
     assert storage.exists(uri)
     feed.refresh(0, wait=False)
     assert (feed.labels["a"] == 1).all()
+
+
+def test_a_run_folder_on_s3_resumes_from_its_config_and_checkpoint(base, s3_endpoint):
+    """`--resume s3://…` reads the run's config.toml and checkpoint through the storage
+    layer (not open()), and every call on one bucket shares one filesystem client."""
+    from shared import storage
+    from shared.config import TrainConfig, to_dict
+    from trainer.runlog import RunLog, load_checkpoint
+    from trainer.tomlio import dumps, read_toml
+
+    cfg = TrainConfig(data="/d", method="grid-tr", epochs=3, out=base)
+    storage.write_bytes(storage.join(base, "config.toml"), dumps(to_dict(cfg)).encode())
+    RunLog(base).save_checkpoint("last.pt", {"model": {}, "num_classes": 4, "global_epoch": 2})
+    values = read_toml(storage.join(base, "config.toml"), "--resume")
+    assert values["method"] == "grid-tr" and values["epochs"] == 3
+    assert load_checkpoint(storage.join(base, "checkpoints", "last.pt"))["global_epoch"] == 2
+    with pytest.raises(UserError, match="--resume: .*missing.*does not exist"):
+        read_toml(storage.join(base, "missing", "config.toml"), "--resume")
+    assert storage.resolve(storage.join(base, "a"))[0] is storage.resolve(storage.join(base, "b", "c"))[0]

@@ -8,6 +8,7 @@ import traceback
 
 import click
 
+from shared import storage
 from shared.config import OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
@@ -66,7 +67,7 @@ def _train_options(f):
         click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=None,
                      help="Network [--init's; else the paper's with --backbone-weights; else unet]."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="sgd (the paper's) or adamw [adamw]."),
-        click.option("--batch-size", type=int, default=None),
+        click.option("--batch-size", type=int, default=None, help="Global batch, split over --workers."),
         click.option("--lr", type=float, default=None, help="Peak learning rate, poly decay (DeepLab's decoder: 10×)."),
         click.option("--crop-size", type=int, default=None),
         click.option("--max-image-pixels", type=int, default=None, help="Refuse larger images [4096²]."),
@@ -88,8 +89,16 @@ def _train_options(f):
         click.option("--solvers", default=None, help="Solver actors: N or MIN:MAX."),
         click.option("--solver-resource", default=None, help="Custom resource that solver nodes advertise."),
         click.option("--shards", default=None, help="Shard base URI (local path, s3://, gs://, hdfs://)."),
+        click.option("--shared-fs", "shared_fs", is_flag=True, default=None,
+                     help="With --address: local --out and --shards paths are on a filesystem every node mounts."),
         click.option("--shard-size", type=int, default=None),
         click.option("--workers", "num_workers", type=int, default=None, help="Trainer workers (DDP ranks)."),
+        click.option("--max-failures", type=int, default=None,
+                     help="Trainer-worker losses recovered from the last checkpoint before the run ends [3]."),
+        click.option("--loader-workers", type=int, default=None,
+                     help="Data-loading processes per trainer worker, one CPU each [0: in the trainer]."),
+        click.option("--sync-bn", "sync_bn", is_flag=True, default=None,
+                     help="Synchronise batch-norm statistics across trainer workers (GPU)."),
         click.option("--gpu/--no-gpu", "use_gpu", default=None),
         click.option("--eval-every", type=int, default=None),
         click.option("--tr-weight", type=float, default=None, help="λ of stage A."),
@@ -112,7 +121,7 @@ def resolve_train_config(params: dict) -> TrainConfig:
     config_file = params.pop("config_file")
     preset = params.pop("preset", None)
     if resume_dir:
-        values.update(read_toml(os.path.join(resume_dir, "config.toml")))
+        values.update(read_toml(storage.join(resume_dir, "config.toml"), "--resume"))
     if config_file:
         values.update(read_toml(config_file))
     solver = dict(values.pop("solver", {}))

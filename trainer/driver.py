@@ -130,6 +130,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         p if not p or storage.is_remote(p) else os.path.abspath(p)
         for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
     K, n_train, n_val, largest = check_inputs(cfg, overwrite)
+    check_cluster_paths(cfg)
     run_id = claim_run_folder(cfg)
     storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
     unscribbled = [] if cfg.method == "full" else images_without_scribbles(train_split(cfg), K)
@@ -143,6 +144,8 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     t0 = time.perf_counter()
     farm = None
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.sync_bn and not use_gpu:
+        raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
     if METHODS[cfg.method].needs_proposals:
         pool = Pool(cfg.solver_range(), cfg.solver_resource, solver_memory(largest, K), cfg.solver_retries,
                     cfg.solver_wait)
@@ -157,11 +160,11 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         train_loop_per_worker,
         torch_config=None if cfg.num_workers > 1 else NoProcessGroup(backend="gloo"),
         train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty(), "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
         run_config=RunConfig(
             name="ray_train",
             storage_path=cfg.out if storage.is_remote(cfg.out) else storage.resolve(cfg.out)[1],
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     try:
@@ -202,15 +205,37 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     return summary
 
 
+def check_cluster_paths(cfg: TrainConfig) -> None:
+    """In a cluster of several nodes, every path a run uses must mean the same thing on
+    each of them: rank 0 writes --out and snapshots on its node, the farm on the driver's
+    node reads them, and solvers read --data on theirs."""
+    if ray_session.started_here() or len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        return
+    if not cfg.shared_fs:
+        for option, path in (("--out", cfg.out), ("--shards", cfg.shards)):
+            if path and not storage.is_remote(path):
+                raise UserError(f"{option} {path}: a local path in a cluster of several nodes, where each node "
+                                f"would write its own copy; give an s3://, gs:// or hdfs:// URI, or --shared-fs "
+                                f"if every node mounts it")
+    for option, path in (("--data", cfg.data), ("--init", cfg.init), ("--backbone-weights", cfg.backbone_weights)):
+        if path and not storage.is_remote(path):
+            lacking = ray_session.nodes_lacking(path)
+            if lacking:
+                raise UserError(f"{option} {path}: not on cluster node(s) {', '.join(sorted(set(lacking)))}; "
+                                f"copy it to every node (file_mounts in deploy/cluster.yaml) or use a URI")
+
+
 def check_capacity(cfg: TrainConfig, pool: Pool, use_gpu: bool) -> None:
     """A private Ray must hold the trainer workers and at least one solver actor at once,
     or stage A would wait forever for a CPU (cluster pools wait `pool.wait_s` instead)."""
     cpus = ray.cluster_resources().get("CPU", 0)
-    trainer_cpus = cfg.num_workers  # one CPU per trainer worker (ScalingConfig below)
+    trainer_cpus = cfg.num_workers * (1 + cfg.loader_workers)  # as ScalingConfig below asks
     if cpus - trainer_cpus < pool.solvers[0]:
-        raise UserError(f"--workers {cfg.num_workers} and --solvers {cfg.solvers}: need {trainer_cpus + pool.solvers[0]} "
-                        f"CPUs at once, this machine gives Ray {cpus:g}; use --workers {max(1, int(cpus) - 1)} "
-                        f"--solvers 1" + ("" if use_gpu else " (or a cluster, --address)"))
+        loaders = f" --loader-workers {cfg.loader_workers}" if cfg.loader_workers else ""
+        raise UserError(f"--workers {cfg.num_workers}{loaders} and --solvers {cfg.solvers}: need "
+                        f"{trainer_cpus + pool.solvers[0]} CPUs at once, this machine gives Ray {cpus:g}; use "
+                        f"--workers {max(1, int(cpus) - 1)}{' --loader-workers 0' if loaders else ''} --solvers 1"
+                        + ("" if use_gpu else " (or a cluster, --address)"))
 
 
 def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) -> None:

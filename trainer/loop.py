@@ -13,8 +13,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.experimental import tqdm_ray
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from shared import storage
 from shared.config import TrainConfig, default_eps, from_dict
 from trainer import engine
 from trainer.architectures import build_model
@@ -51,6 +52,35 @@ def close(bar) -> None:
         bar.close()
 
 
+def train_loader(trainset, cfg: TrainConfig, rank: int, world: int, pin_memory: bool = False) -> DataLoader:
+    """Stage B's batches on this rank: `--batch-size` is the global batch, split evenly
+    over the ranks, and each rank draws a disjoint share of one shuffle of the training
+    set, a new shuffle each epoch (`set_loader_epoch`). Loader processes are made anew
+    each epoch, so they see the epoch's proposals and augmentation seed."""
+    per_rank = cfg.batch_size // world
+    sampler = DistributedSampler(trainset, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    share = len(sampler) if sampler is not None else len(trainset)
+    return DataLoader(trainset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
+                      drop_last=share > per_rank, num_workers=cfg.loader_workers, pin_memory=pin_memory)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """The distributed sampler's shuffle for this epoch (Ray Train does not set it)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def last_checkpoint(cfg: TrainConfig, run_id: str) -> dict | None:
+    """Where this run left off: its checkpoints/last.pt, after `--resume` (the driver was
+    lost) or after Ray Train restarted the workers (a worker was lost, FailureConfig).
+    A last.pt of another run is not there: the driver claimed the folder."""
+    uri = storage.join(cfg.out, "checkpoints", "last.pt")
+    if not storage.exists(uri):
+        return None
+    state = load_checkpoint(uri)
+    return state if cfg.resume or state.get("run_id") == run_id else None
+
+
 def build_network(cfg: TrainConfig, num_classes: int, resume: dict | None):
     """The run's network: --arch, with ImageNet backbone weights, --init or the resumed weights."""
     net = build_model(cfg.arch, num_classes)
@@ -85,14 +115,13 @@ def train_loop_per_worker(config: dict) -> None:
     trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank, cache=cache)
     valset = EvalSet(load_split(cfg.data, cfg.format, "val", cfg.scribbles), K, cache=cache)
     train_eval = EvalSet(train_samples, K, cache=cache)  # unaugmented: snapshots and panels
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(trainset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(trainset) > cfg.batch_size),
-        move_to_device=False,
-    )
-    resume = load_checkpoint(f"{cfg.out}/checkpoints/last.pt") if cfg.resume else None
+    loader = train_loader(trainset, cfg, rank, world, pin_memory=device.type == "cuda")
+    resume = last_checkpoint(cfg, run_id)
     if resume:  # metrics.jsonl may hold the epoch after the checkpoint (killed in between): it is run again
         log.drop_epochs_after(resume["global_epoch"])
     net = build_network(cfg, K, resume)
+    if cfg.sync_bn and world > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     model = ray.train.torch.prepare_model(net)
 
     stage_a = None
@@ -118,8 +147,9 @@ def train_loop_per_worker(config: dict) -> None:
                 record.update(stage_a.before_epoch(net, epoch, verify=same_phase and epoch == start))
                 trainset.proposals = stage_a.labels
             trainset.set_epoch(global_epoch)
+            set_loader_epoch(loader, global_epoch)
             t0 = time.perf_counter()
-            bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * cfg.batch_size)
+            bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * loader.batch_size)
             loss, step = engine.train_epoch(
                 model, loader, optimizer, method=method, eps=eps, nu=cfg.nu, device=device,
                 step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
@@ -139,6 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
                 "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
                 "arch": cfg.arch, "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
+                "run_id": run_id,
             }
             if final and "val_miou" in record and record["val_miou"] > best:
                 best = state["best_miou"] = record["val_miou"]

@@ -5,17 +5,18 @@ import tomllib
 
 import tomli_w
 
+from shared import storage
 from shared.errors import UserError
 
 
-def read_toml(path: str) -> dict:
+def read_toml(uri: str, option: str = "--config") -> dict:
+    """A TOML file at a local path or a storage URI (a run folder on s3:// too)."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(storage.read_bytes(uri).decode("utf-8"))
     except FileNotFoundError:
-        raise UserError(f"--config: {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"--config: {path} is not valid TOML ({e})") from None
+        raise UserError(f"{option}: {uri} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{option}: {uri} is not valid TOML ({e})") from None
 
 
 def dumps(d: dict) -> str:

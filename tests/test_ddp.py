@@ -1,0 +1,40 @@
+"""Data-parallel stage B on two gloo workers of Ray Train on this machine: each rank
+draws a disjoint share of the training set, a new shuffle every epoch, and the global
+`--batch-size` is split over the ranks."""
+import json
+
+import pytest
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+from tests.ddp_worker import EPOCHS, GLOBAL_BATCH, N_IMAGES, draw
+from tests.helpers import ROOT
+
+
+def test_two_workers_draw_disjoint_shares_of_a_new_shuffle_each_epoch(tmp_path):
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    try:
+        TorchTrainer(draw, train_loop_config={"out": str(tmp_path)},
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    finally:
+        ray.shutdown()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in range(EPOCHS):
+        shares = [[i for batch in ranks[r][epoch] for i in batch] for r in range(2)]
+        assert all(len(batch) == GLOBAL_BATCH // 2 for r in range(2) for batch in ranks[r][epoch])
+        assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(N_IMAGES))
+    orders = [tuple(i for batch in ranks[0][epoch] for i in batch) for epoch in range(EPOCHS)]
+    assert len(set(orders)) == EPOCHS, f"rank 0 saw the same order in two epochs: {orders}"
+
+
+def test_the_global_batch_must_split_over_the_workers():
+    with pytest.raises(UserError, match="--batch-size.*global batch: 12 .*--workers 5"):
+        TrainConfig(data="x", batch_size=12, num_workers=5).validate()
+    with pytest.raises(UserError, match="--loader-workers"):
+        TrainConfig(data="x", loader_workers=-1).validate()
