@@ -126,10 +126,13 @@ class ShardStore:
             print(f"warning: {e}; solving it again", flush=True)
         return {k: uri for k, uri in self.parts("snapshots", r).items() if k not in done or k in bad}
 
-    def newest_proposals(self, r: int, n_parts: int) -> dict[int, tuple[int, str]]:
-        """part -> (round p, URI) of its newest proposal with p ≤ r."""
+    def newest_proposals(self, r: int, n_parts: int, since: int = -1) -> dict[int, tuple[int, str]]:
+        """part -> (round p, URI) of its newest proposal with since < p ≤ r (a poller that
+        holds round `since` of every part lists only the rounds after it)."""
         best: dict[int, tuple[int, str]] = {}
         for p in self.rounds("proposals"):
+            if p <= since:
+                continue
             if p > r:
                 break
             for k, uri in self.parts("proposals", p).items():

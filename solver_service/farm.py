@@ -32,7 +32,9 @@ from shared.errors import UserError
 from shared.shard_store import ShardStore
 from solver_service.parts import solve_part
 
-SNAPSHOT_POLL_S = 0.2
+SNAPSHOT_POLL_S = 0.2  # first wait of an idle farm, doubled up to MAX_POLL_S
+MAX_POLL_S = 1.0
+RECHECK_S = 30.0  # how long a finished round is not listed again
 # Peak memory of stage A above the process, measured by benchmarks/solver_memory.py:
 # 115 / 171 MB at 375×500 with |L| = 2 / 21, 788 MB / 1.08 GB at 1000×1000.
 SOLVER_BYTES_PER_PIXEL = 900
@@ -201,11 +203,25 @@ class Farm(threading.Thread):
         self.error: BaseException | None = None
         self.images = 0
         self._warned: set[str] = set()
+        self._finished: set[int] = set()  # rounds with every proposal part, as last listed
+        self._checked = time.monotonic()
 
     def pending(self) -> list[int]:
-        """Rounds whose snapshot is whole and which lack a proposal part, oldest first."""
-        return [r for r in self.store.rounds("snapshots")
-                if self.store.round_complete("snapshots", r, self.n_parts) and self.store.unsolved(r)]
+        """Rounds whose snapshot is whole and which lack a proposal part, oldest first.
+        Rounds found finished are not listed again for RECHECK_S (each listing is a
+        request on an object store); then all are, for a proposal the trainer found
+        corrupt and deleted."""
+        if time.monotonic() - self._checked > RECHECK_S:
+            self._finished, self._checked = set(), time.monotonic()
+        pending = []
+        for r in self.store.rounds("snapshots"):
+            if r in self._finished or not self.store.round_complete("snapshots", r, self.n_parts):
+                continue
+            if self.store.unsolved(r):
+                pending.append(r)
+            else:
+                self._finished.add(r)
+        return pending
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -213,6 +229,7 @@ class Farm(threading.Thread):
             print(message, flush=True)
 
     def run(self) -> None:
+        idle_s = SNAPSHOT_POLL_S
         try:
             while True:
                 solved = False
@@ -224,10 +241,13 @@ class Farm(threading.Thread):
                         self.on_round(r, rows, time.perf_counter() - start)
                         solved = True
                         break  # list the rounds again: newer ones may be whole by now
-                if not solved:
+                if solved:
+                    idle_s = SNAPSHOT_POLL_S
+                else:
                     if self.stop_event.is_set():
                         return
-                    time.sleep(SNAPSHOT_POLL_S)
+                    self.stop_event.wait(idle_s)
+                    idle_s = min(2 * idle_s, MAX_POLL_S)  # an idle farm polls ever less often
         except BaseException as e:
             self.error = e
             traceback.print_exc()

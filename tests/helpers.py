@@ -111,6 +111,15 @@ def kill_processes(procs) -> None:
         time.sleep(0.1)
 
 
+def end_session(proc) -> None:
+    """After a test of a CLI started by popen_cli: the CLI and every process of its
+    session (its local Ray) are gone."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    kill_processes(session_processes(proc.pid))
+
+
 def solver_processes(root_pid: int) -> list[Proc]:
     """`ray::…SolverActor…` worker processes among the descendants of `root_pid`."""
     return [p for p in descendants(root_pid) if p.cmdline.startswith("ray::") and "SolverActor" in p.cmdline]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import kill_processes, popen_cli, read_metrics, session_processes, solver_processes
+from tests.helpers import end_session, popen_cli, read_metrics, solver_processes
 
 pytestmark = pytest.mark.faults
 
@@ -74,10 +74,7 @@ def test_grid_tr_survives_two_solver_kills(big_data, tmp_path):
         assert len(killed) >= 2, f"only {len(killed)} solver kill(s) happened mid-round: {killed}"
         rc = proc.wait(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_processes(session_processes(proc.pid))
+        end_session(proc)
     log = open(tmp_path / "train.log").read()
     assert rc == 0, log[-5000:]
     summary = json.loads(open(os.path.join(out, "summary.json")).read())

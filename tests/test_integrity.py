@@ -102,6 +102,30 @@ def test_max_stall_option_is_checked():
         TrainConfig(data="x", solver_retries=-1).validate()
 
 
+def test_pollers_skip_rounds_they_are_done_with(tmp_path, monkeypatch):
+    """Each listing is a request on an object store: the farm does not list a finished
+    round again for RECHECK_S, then does (a proposal found corrupt and deleted is solved
+    again); the feed lists only rounds newer than the one every part holds."""
+    from solver_service import farm as farm_module
+    from solver_service.farm import Farm, Pool
+
+    base = str(tmp_path / "shards")
+    for r in (0, 1):
+        _write_snapshot_parts(base, str(tmp_path / "data"), 2, r=r)
+        _solve_parts_locally(base, 2, r=r)
+    store = ShardStore(base)
+    farm = Farm(store, 2, SolverConfig(), Pool())
+    assert farm.pending() == []
+    os.remove(store.part_uri("proposals", 0, 1))
+    listed = []
+    monkeypatch.setattr(store, "parts", lambda kind, r: listed.append((kind, r)) or ShardStore.parts(store, kind, r))
+    assert farm.pending() == [] and listed == []  # both rounds remembered as finished
+    monkeypatch.setattr(farm_module, "RECHECK_S", 0.0)
+    assert farm.pending() == [0]
+    listed.clear()
+    assert sorted(store.newest_proposals(1, 2, since=0)) == [0, 1] and {r for _, r in listed} == {1}
+
+
 # --------------------------------------------------------------------------- with Ray
 
 

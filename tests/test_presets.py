@@ -82,3 +82,28 @@ def test_train_help_lists_preset():
     assert "--preset" in out and "paper" in out
     bad = CliRunner().invoke(cli, ["train", "--preset", "nope", "--data", "x"])
     assert bad.exit_code != 0 and "--preset" in bad.output
+
+
+def test_print_config_is_the_resolved_toml_and_round_trips(tmp_path):
+    """`train --print-config` prints every option, preset and flags applied, as a TOML
+    file that `--config` reads back to the same configuration; nothing is trained."""
+    import tomllib
+
+    from click.testing import CliRunner
+
+    from shared.config import SolverConfig, to_dict
+    from trainer.cli import cli
+
+    args = ["train", "--data", str(tmp_path / "d"), "--method", "grid-tr", "--preset", "paper", "--scribbles", "0.5",
+            "--tr-weight", "0.2", "--out", str(tmp_path / "run"), "--print-config"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    printed = result.output
+    values = tomllib.loads(printed)
+    assert set(values) - {"solver"} <= set(to_dict(TrainConfig(data="x"))) and set(values["solver"]) == set(
+        to_dict(SolverConfig()))
+    assert values["batch_size"] == 12 and values["solver"]["tr_weight"] == 0.2 and values["arch"]
+    (tmp_path / "run.toml").write_text(printed)
+    again = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / "run.toml"), "--print-config"])
+    assert again.exit_code == 0 and again.output == printed
+    assert not (tmp_path / "run").exists()

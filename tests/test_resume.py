@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import descendants, kill_processes, popen_cli, read_metrics, session_processes
+from tests.helpers import descendants, end_session, popen_cli, read_metrics, session_processes
 
 pytestmark = pytest.mark.faults
 
@@ -105,10 +105,7 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
         while (orphans := _core_processes(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_processes(session_processes(proc.pid))
+        end_session(proc)
     assert not orphans, f"processes left after the trainer was killed: {orphans}"
 
     epochs_before = [m["epoch"] for m in read_metrics(out)]
@@ -133,10 +130,7 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
         os.kill(workers[0].pid, signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, open(tmp_path / "resumed.log").read()[-4000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_processes(session_processes(proc.pid))
+        end_session(proc)
     log = open(tmp_path / "resumed.log").read()
     metrics = read_metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5], (epochs_before, [m["epoch"] for m in metrics])

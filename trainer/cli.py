@@ -9,7 +9,7 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict
+from shared.config import OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
@@ -153,13 +153,23 @@ def resolve_train_config(params: dict) -> TrainConfig:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Settings per scribble length (paper: VOC, SPEC §4); --config and flags override it.")
 @click.option("--overwrite", is_flag=True, help="Clear another run's outputs from --out first.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved configuration as TOML (what config.toml would hold) and exit.")
 @click.pass_context
 def train(ctx, **params):
     """Train one method on one data set."""
     from shared.ray_session import connect
     from trainer.driver import check_inputs, run_train
-    overwrite = params.pop("overwrite")
+    overwrite, print_config = params.pop("overwrite"), params.pop("print_config")
     cfg = resolve_train_config(params)
+    if print_config:
+        from trainer.architectures import resolve_arch
+        from trainer.tomlio import dumps
+
+        cfg.validate()
+        cfg.arch = resolve_arch(cfg.arch, None, cfg.backbone_weights)  # --init's network is read at start
+        click.echo(dumps(to_dict(cfg)), nl=False)
+        return
     check_inputs(cfg, overwrite)  # before Ray starts: bad input fails in a second
     connect(ctx.obj["address"])
     summary = run_train(cfg, overwrite=overwrite)

@@ -53,7 +53,8 @@ class ProposalFeed:
         calling `on_wait(parts missing)` now and then (the trainer repairs snapshots)."""
         start = progress = time.perf_counter()
         while True:
-            for k, (p, uri) in self.store.newest_proposals(r, len(self.parts)).items():
+            held = min(self.current.get(k, -1) for k in range(len(self.parts)))  # every part has this round
+            for k, (p, uri) in self.store.newest_proposals(r, len(self.parts), since=held).items():
                 if p > self.current.get(k, -1) and self._load(k, p, uri):
                     progress = time.perf_counter()
             lags = [r - self.current.get(k, -1) for k in range(len(self.parts))]
