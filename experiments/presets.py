@@ -1,11 +1,15 @@
-"""Named parameter presets, per scribble length (SPEC §4).
+"""Named parameter presets, per scribble length and method (SPEC §4).
 
 `paper` is the paper's Pascal VOC setting (DeepLabV3+ / MobileNetV2, K = 21), as the
-authors' reference implementation runs it: 60 epochs, batch 12, SGD momentum 0.9,
-weight decay 5e-4, poly LR (power 0.9), base LR 7e-4 for the backbone (the decoder
-trains at 10×), β = 100, max_iter 5, M = 5 stage-B epochs per stage-A round, and
-(ε, λ) per scribble length as in `_PAPER_EPS_LAMBDA`. `pretrain_epochs` (the PCE-GD
-model of Alg. 1 line 2, used when a regularised method runs without --init) is also 60.
+authors' reference implementation runs it: 60 epochs, batch 12 on 513-pixel crops, SGD
+momentum 0.9, weight decay 5e-4, poly LR (power 0.9), the decoder at 10× the backbone's
+rate, every data term divided by the batch size as the reference does (`batch_average`,
+so its learning rates apply unchanged), stage A before each round's batches (`sync`),
+β = 100, max_iter 5, M = 5 stage-B epochs per round, (ε, λ) per scribble length
+(`_PAPER_EPS_LAMBDA`), and per method the start, base LR and regulariser weight of the
+method registry's `paper` recipe (`trainer.methods`). The PCE-GD model of Alg. 1 line 2
+(pretraining, when a regularised method runs without --init) trains 60 epochs at
+PCE-GD's LR.
 
 The defaults of TrainConfig / SolverConfig are *not* a preset: they suit the built-in
 synthetic set, and how they were chosen is recorded in docs/ (recipe-synthetic,
@@ -17,16 +21,20 @@ from __future__ import annotations
 from shared.config import TrainConfig, set_option
 from shared.errors import UserError
 from shared.labels import scribble_suffix
+from trainer.methods import METHODS
 
 _PAPER_COMMON = {
     "arch": "deeplabv3plus-mobilenetv2",
     "optimizer": "sgd",
     "epochs": 60,
     "pretrain_epochs": 60,
+    "pretrain_lr": METHODS["pce"].paper["lr"],
     "batch_size": 12,
-    "lr": 7e-4,
+    "crop_size": 513,
+    "batch_average": True,
     "momentum": 0.9,
     "weight_decay": 5e-4,
+    "schedule": "sync",
     "epochs_per_round": 5,
     "potts_weight": 100.0,
     "max_iter": 5,
@@ -48,23 +56,23 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-def preset_values(name: str, scribbles: str = "") -> dict:
-    """The flat {option: value} of preset `name` at scribble suffix `scribbles`
-    (solver keys such as tr_weight included, not nested)."""
+def preset_values(name: str, scribbles: str = "", method: str = "pce") -> dict:
+    """The flat {option: value} of preset `name` for `method` at scribble suffix
+    `scribbles` (solver keys such as tr_weight included, not nested)."""
     if name not in PRESETS:
         raise UserError(f"--preset: unknown preset {name!r} (choose from {', '.join(sorted(PRESETS))})")
     table = PRESETS[name]
     key = scribble_suffix(scribbles)
     if key not in table:
         raise UserError(f"--preset {name}: no setting for scribble length {scribbles!r}")
-    return dict(table[key])
+    return {**table[key], **METHODS[method].paper}
 
 
 def apply_preset(cfg: TrainConfig, name: str, explicit=()) -> TrainConfig:
     """Set the preset's values on `cfg` (in place, also returned), for cfg.scribbles,
     except the options named in `explicit` (the ones the user set: they win)."""
     explicit = {k.replace("-", "_") for k in explicit}
-    for key, value in preset_values(name, cfg.scribbles).items():
+    for key, value in preset_values(name, cfg.scribbles, cfg.method).items():
         if key not in explicit:
             set_option(cfg, key, value)
     return cfg

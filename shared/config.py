@@ -48,6 +48,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # sgd (the paper's, with momentum) or adamw
     batch_size: int = 8  # the global batch, split evenly over the trainer workers
     lr: float = 0.003  # peak rate, poly decay; DeepLab's decoder trains at 10× it
+    pretrain_lr: float | None = None  # of the PCE pretraining phase; None = lr
+    batch_average: bool = False  # divide the data terms by the batch size, as the reference (SPEC §2)
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     crop_size: int = 64  # training crops; 0 trains on whole images
@@ -123,6 +125,7 @@ class TrainConfig:
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
         _check(self.batch_size % self.num_workers == 0, "--batch-size",
                f"is the global batch: {self.batch_size} does not split evenly over --workers {self.num_workers}")
+        _check(self.pretrain_lr is None or self.pretrain_lr > 0, "--pretrain-lr", f"must be > 0, got {self.pretrain_lr}")
         _check(self.max_failures >= 0, "--max-failures", f"must be ≥ 0, got {self.max_failures}")
         _check(self.loader_workers >= 0, "--loader-workers", f"must be ≥ 0, got {self.loader_workers}")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")

@@ -154,8 +154,7 @@ def build_problem(image, probs, seeds, *, tr_weight=0.1, potts_weight=100.0, res
     seeds = np.asarray(seeds)
     h, w = image.shape[:2]
     labels = label_set(seeds, probs.shape[0], restrict_labels)
-    q = E.resize_probs(probs[labels], h, w).reshape(len(labels), h * w)
-    unary = -np.log(np.maximum(q, E.PROB_FLOOR))
+    unary = E.neg_log_probs(probs[labels], h, w).reshape(len(labels), h * w)
     unary *= tr_weight
     seed_flat = seeds.ravel()
     seeded = np.flatnonzero(seed_flat != UNLABELLED)
@@ -211,8 +210,8 @@ def solve(
     """Minimise the SPEC §1 energy (paper eq. 16, 26) with GCO.
 
     image: H×W×3 uint8 or float 0..255. probs: K×h×w probabilities, resized to H×W
-    with `energy.resize_probs` (numpy port of torch bilinear, align_corners=False)
-    when the size differs. seeds: H×W uint8, 255 = unlabeled, hard constraints.
+    in log space with `energy.neg_log_probs` (bilinear on −log q, a numpy port of torch's
+    align_corners=False) when the size differs. seeds: H×W uint8, 255 = unlabeled, hard constraints.
     init: H×W labels to warm-start from (seeds are imposed on it first).
     Raises ValueError on bad input.
     """

@@ -98,15 +98,15 @@ def contrast_weights(image: np.ndarray, potts_weight: float) -> np.ndarray:
     return weights
 
 
-def resize_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of K×h×w probabilities to K×H×W (float64).
+def resize_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of K×h×w values to K×H×W (float64).
 
     A numpy port of torch.nn.functional.interpolate(mode="bilinear",
     align_corners=False, antialias=False): source coordinate (dst + 0.5)·in/out − 0.5,
     clamped at 0, neighbours clamped at the border (checked against torch in the
     tests). Returns the input as float64 unchanged when the size already matches.
     """
-    p = np.asarray(probs, np.float64)
+    p = np.asarray(values, np.float64)
     if p.shape[1:] == (height, width):
         return p
 
@@ -123,6 +123,14 @@ def resize_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:
     c0, c1, fc = axis_weights(p.shape[2], width)
     p = p[:, :, c0] * (1.0 - fc)[None, None, :] + p[:, :, c1] * fc[None, None, :]
     return p
+
+
+def neg_log_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:
+    """−log max(q, 1e-8) at H×W, K×H×W float64, resized in log space (SPEC §4, snapshot
+    precision): a bilinear blend of −log q follows what the network's own upsampled
+    logits give at a class transition far more closely than a blend of probabilities,
+    which lets a confident neighbour's mass leak across the boundary."""
+    return resize_bilinear(-np.log(np.maximum(np.asarray(probs, np.float64), PROB_FLOOR)), height, width)
 
 
 def unary_costs(probs: np.ndarray, seeds: np.ndarray, tr_weight: float) -> np.ndarray:
@@ -153,20 +161,18 @@ def potts_energy(
 ) -> tuple[float, float, float]:
     """E(s) of SPEC §1 (paper eq. 16 / 26) as float64: (total, unary, smooth).
 
-    `labels` H×W class ids; `image` H×W×3 (0..255); `probs` K×h×w (resized bilinearly
-    to H×W when its size differs, like the solver does); `seeds` H×W, 255 = unlabeled.
+    `labels` H×W class ids; `image` H×W×3 (0..255); `probs` K×h×w (resized to H×W in
+    log space when its size differs, like the solver does); `seeds` H×W, 255 = unlabeled.
     The unary sum runs over unseeded pixels only. The hard constraint is not part of
     the value: check it with `seeds_satisfied`.
     """
     labels = np.asarray(labels)
     h, w = labels.shape
-    q = resize_probs(probs, h, w)
-    free = np.asarray(seeds) != UNLABELLED
-    free = ~free
+    cost = neg_log_probs(probs, h, w)
+    free = np.asarray(seeds) == UNLABELLED
     lab = labels.astype(np.intp)
     rows, cols = np.nonzero(free)
-    q_sel = q[lab[rows, cols], rows, cols]
-    unary = float(tr_weight * np.sum(-np.log(np.maximum(q_sel, PROB_FLOOR))))
+    unary = float(tr_weight * np.sum(cost[lab[rows, cols], rows, cols]))
     s1, s2, _ = grid_edges_n8(h, w)
     flat = lab.ravel()
     cut = flat[s1] != flat[s2]

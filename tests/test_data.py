@@ -201,6 +201,7 @@ def _check_aligned(item, tol):
     pad = seeds == 255
     assert ((mask == 255) == pad).all() and ((prop == 255) == pad).all()
     assert (img[:, pad] == 0).all()
+    assert item["roi"].dtype == torch.bool and torch.equal(item["roi"], ~pad)  # the ROI follows the padding
     x, y = img[0] / 3, img[1] / 3
     assert ((seeds[valid] - x[valid]).abs() <= tol).all()
     assert ((mask[valid] - y[valid]).abs() <= tol).all()
@@ -240,6 +241,7 @@ def test_pad_when_crop_larger(tmp_path):
     item = ds[0]
     assert item["image"].shape == (3, 80, 80)
     assert (item["seeds"] == 255).sum() == 80 * 80 - H * W
+    assert item["roi"].sum() == H * W and torch.equal(item["roi"], item["seeds"] != 255)
     assert (item["proposal"] == 255).all()  # no proposal entry
 
 

@@ -89,12 +89,32 @@ def test_resize_matches_torch_bilinear(src, dst):
     p = rng.random((3, *src))
     want = torch.nn.functional.interpolate(torch.from_numpy(p)[None], size=dst, mode="bilinear",
                                            align_corners=False)[0].numpy()
-    np.testing.assert_allclose(E.resize_probs(p, *dst), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(E.resize_bilinear(p, *dst), want, rtol=1e-10, atol=1e-12)
 
 
 def test_potts_energy_resizes_probs():
     rng = np.random.default_rng(2)
     labels, image, _, seeds = random_problem(rng, 8, 6, 2)
     small = rng.dirichlet(np.ones(2), (4, 3)).transpose(2, 0, 1)
-    full = E.resize_probs(small, 8, 6)
-    assert E.potts_energy(labels, image, small, seeds, 0.1, 3.0) == E.potts_energy(labels, image, full, seeds, 0.1, 3.0)
+    full = np.exp(-E.neg_log_probs(small, 8, 6))  # resized in log space
+    assert E.potts_energy(labels, image, small, seeds, 0.1, 3.0) == pytest.approx(
+        E.potts_energy(labels, image, full, seeds, 0.1, 3.0), rel=1e-12)
+
+
+def test_low_resolution_probabilities_are_resized_in_log_space():
+    """SPEC §4: what stage A sees from a stride-4 snapshot should be the network's own
+    upsampled output (log-softmax of bilinearly upsampled logits). Resizing −log q is
+    much closer to it at class transitions than resizing q."""
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(0, 6, (1, 4, 6, 8)))  # confident, changing classes
+    want = -torch.log_softmax(torch.nn.functional.interpolate(logits, size=(24, 32), mode="bilinear",
+                                                              align_corners=False), 1)[0].numpy()
+    q = torch.softmax(logits, 1)[0].numpy()
+    in_log_space = E.neg_log_probs(q, 24, 32)
+    as_probs = -np.log(np.maximum(E.resize_bilinear(q, 24, 32), 1e-8))
+    assert np.allclose(E.neg_log_probs(q, 6, 8), -np.log(np.maximum(q, 1e-8)))
+    err_log, err_prob = np.abs(in_log_space - want).max(), np.abs(as_probs - want).max()
+    assert err_log < err_prob / 2, (err_log, err_prob)
+    # and what the solver picks (argmin cost) agrees with the network's upsampled argmax more often
+    agree = lambda cost: (cost.argmin(0) == want.argmin(0)).mean()
+    assert agree(in_log_space) >= agree(as_probs)

@@ -56,7 +56,8 @@ def ref_robust_ce(logits, props, seeds, eps):
     return total / max(1, n_seeds)
 
 
-def ref_grid_potts(probs, images):
+def ref_grid_potts(probs, images, roi=None):
+    """SPEC §3 by a loop over the N8 pairs, only those with both pixels in `roi`."""
     N, K, H, W = probs.shape
     vals = []
     for b in range(N):
@@ -65,9 +66,10 @@ def ref_grid_potts(probs, images):
             for j in range(W):
                 for di, dj in [(0, 1), (1, 0), (1, 1), (1, -1)]:
                     i2, j2 = i + di, j + dj
-                    if 0 <= i2 < H and 0 <= j2 < W:
+                    if 0 <= i2 < H and 0 <= j2 < W and (roi is None or (roi[b, i, j] and roi[b, i2, j2])):
                         pairs.append(((i, j), (i2, j2), math.sqrt(di * di + dj * dj)))
-        assert len(pairs) == (H - 1) * W + H * (W - 1) + 2 * (H - 1) * (W - 1)
+        if roi is None:
+            assert len(pairs) == (H - 1) * W + H * (W - 1) + 2 * (H - 1) * (W - 1)
         img = images[b].double()
         d2 = [float(((img[:, p[0], p[1]] - img[:, r[0], r[1]]) ** 2).sum()) for p, r, _ in pairs]
         sigma2 = sum(d2) / len(pairs) or 1.0
@@ -185,6 +187,38 @@ def test_grid_potts_matches_loop():
     assert grid_potts(probs, images).item() == pytest.approx(ref_grid_potts(probs, images), rel=1e-5)
 
 
+def test_grid_potts_with_a_roi_counts_only_pairs_inside_it():
+    """Padding (outside the ROI) enters neither σ², nor the pair sum, nor |N8| (SPEC §3):
+    the value equals the loop over in-ROI pairs, and is blind to what the padding holds."""
+    g = torch.Generator().manual_seed(9)
+    probs = torch.softmax(torch.randn(2, 3, 6, 7, generator=g) * 2, 1)
+    images = torch.rand(2, 3, 6, 7, generator=g) * 255
+    roi = torch.ones(2, 6, 7, dtype=torch.bool)
+    roi[0, 4:, :] = False  # padded at the bottom
+    roi[1, :, 5:] = False  # and at the right
+    assert grid_potts(probs, images, roi).item() == pytest.approx(ref_grid_potts(probs, images, roi), rel=1e-5)
+    other = images.clone()
+    other[~roi[:, None].expand_as(other)] = 0.0  # padding painted black
+    assert grid_potts(probs, other, roi).item() == pytest.approx(grid_potts(probs, images, roi).item(), rel=1e-6)
+    assert grid_potts(probs, images, torch.ones_like(roi)).item() == pytest.approx(grid_potts(probs, images).item())
+
+
+def test_dense_crf_with_a_roi_filters_q_times_roi():
+    """Dense-GD multiplies q by the ROI before the filter (SPEC §3): the value is that of
+    q·roi, and padded pixels get no gradient."""
+    N, K, H, W = 1, 2, 20, 20
+    images = smooth_images(N, H, W)
+    roi = torch.ones(N, H, W, dtype=torch.bool)
+    roi[:, 14:, :] = False
+    z = torch.randn(N, K, H, W, requires_grad=True)
+    q = torch.softmax(z, 1)
+    val = dense_crf(q, images, sigma_rgb=15.0, sigma_xy=10.0, scale=1.0, roi=roi)
+    assert val.item() == pytest.approx(
+        dense_crf(q.detach() * roi[:, None], images, sigma_rgb=15.0, sigma_xy=10.0, scale=1.0).item(), rel=1e-6)
+    val.backward()
+    assert torch.all(z.grad[:, :, 14:, :] == 0) and z.grad[:, :, :14].abs().sum() > 0
+
+
 def test_grid_potts_constant_image_and_labelling():
     images = torch.full((1, 3, 4, 4), 9.0)  # σ² = 0 -> 1, all weights 1/d
     hard = torch.zeros(1, 2, 4, 4)
@@ -276,3 +310,52 @@ def test_dense_crf_under_autocast():
     assert val.dtype == torch.float32 and torch.isfinite(val)
     val.backward()
     assert torch.isfinite(z.grad).all()
+
+
+def _batch(n=3, k=4, h=6, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, h, w, generator=g)
+    seeds = torch.full((n, h, w), 255, dtype=torch.long)
+    seeds[:, 1, 1:4] = torch.randint(0, k, (n, 3), generator=g)
+    proposals = torch.randint(0, k, (n, h, w), generator=g)
+    return logits, seeds, proposals
+
+
+def test_batch_average_divides_the_data_terms_by_n():
+    """SPEC §2: with batch_average the reference's scale, the per-batch value / N."""
+    from trainer.methods import method_loss
+
+    logits, seeds, proposals = _batch()
+    assert partial_ce(logits, seeds, batch_average=True) == pytest.approx(partial_ce(logits, seeds).item() / 3)
+    assert robust_ce(logits, proposals, seeds, 0.5, batch_average=True) == pytest.approx(
+        robust_ce(logits, proposals, seeds, 0.5).item() / 3)
+    image = torch.rand(3, 3, 6, 5) * 255
+    batch = {"seeds": seeds, "proposal": proposals, "image": image, "mask": proposals}
+    for name in ("full", "pce", "grid-tr"):
+        assert method_loss(name, logits, batch, 0.5, None, True) == pytest.approx(
+            method_loss(name, logits, batch, 0.5, None).item() / 3), name
+    # the regulariser is a batch mean already: only the PCE part changes
+    pce = partial_ce(logits, seeds).item()
+    assert method_loss("grid-gd", logits, batch, 0.5, 2.0, True) == pytest.approx(
+        method_loss("grid-gd", logits, batch, 0.5, 2.0).item() - pce + pce / 3)
+
+
+def test_batch_average_equals_lr_and_weight_decay_rescaling():
+    """One SGD step (momentum, weight decay) on the batch-averaged loss at LR η, wd λ is
+    the step on the per-batch loss at η/N, wd N·λ: the two ways to use the reference's LRs."""
+    from trainer.engine import make_optimizer
+
+    logits, seeds, proposals = _batch(n=4)
+    x = torch.randn(4, 3, 6, 5)
+    steps = []
+    for batch_average, lr, wd in ((True, 0.1, 5e-4), (False, 0.1 / 4, 4 * 5e-4)):
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(3, 4, 3, padding=1)
+        opt = make_optimizer(net.parameters(), "sgd", lr, 0.9, wd)
+        for _ in range(2):  # a second step exercises the momentum buffer
+            opt.zero_grad()
+            robust_ce(net(x) + logits, proposals, seeds, 0.5, batch_average=batch_average).backward()
+            opt.step()
+        steps.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -22,12 +22,25 @@ def _params(**given):
 
 @pytest.mark.parametrize("suffix", list(PAPER))
 def test_paper_preset_per_length(suffix):
-    cfg = apply_preset(TrainConfig(data="x", scribbles=suffix), "paper")
+    cfg = apply_preset(TrainConfig(data="x", scribbles=suffix, method="grid-tr"), "paper")
     eps, lam = PAPER[suffix]
     assert (cfg.eps, cfg.solver.tr_weight) == (eps, lam)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.solver.potts_weight) == (60, 12, 7e-4, 100.0)
     assert (cfg.momentum, cfg.weight_decay, cfg.solver.max_iter, cfg.epochs_per_round) == (0.9, 5e-4, 5, 5)
+    assert (cfg.crop_size, cfg.batch_average, cfg.schedule, cfg.pretrain_lr) == (513, True, "sync", 0.007)
     cfg.validate()
+
+
+def test_paper_preset_per_method_is_the_reference_recipe():
+    """SPEC §4's table: base LR and regulariser weight per method, the weights converted
+    from the reference's units once (trainer.methods)."""
+    from trainer.methods import PAPER_DENSE_NU
+    from trainer.permutohedral import krahenbuhl_factor
+
+    recipe = {m: apply_preset(TrainConfig(data="x", method=m), "paper") for m in ("pce", "dense-gd", "grid-gd", "grid-tr")}
+    assert {m: c.lr for m, c in recipe.items()} == {"pce": 0.007, "dense-gd": 0.007, "grid-gd": 7e-7, "grid-tr": 7e-4}
+    assert recipe["grid-gd"].nu == 100.0 and recipe["pce"].nu is None
+    assert recipe["dense-gd"].nu == PAPER_DENSE_NU == pytest.approx(2e-9 * krahenbuhl_factor(5))
 
 
 def test_preset_length_spellings_and_unknown():

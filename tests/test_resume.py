@@ -23,7 +23,7 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path):
 
     cfg = TrainConfig(lr=0.01, momentum=0.9, optimizer="sgd")
     net = DeepLabV3Plus(3)
-    opt, base_lrs = make_optimizer(net, cfg)
+    opt, base_lrs = make_optimizer(net, cfg, cfg.lr)
     net(torch.rand(1, 3, 32, 32) * 255).logsumexp(1).mean().backward()
     opt.step()
     for g in opt.param_groups:
@@ -35,7 +35,7 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path):
     state = load_checkpoint(str(tmp_path / "checkpoints" / "last.pt"))
     net2 = DeepLabV3Plus(3)
     net2.load_state_dict(state["model"])
-    opt2, base_lrs2 = make_optimizer(net2, cfg, state["optimizer"])
+    opt2, base_lrs2 = make_optimizer(net2, cfg, cfg.lr, state["optimizer"])
     assert base_lrs2 == base_lrs  # the schedule restarts from the base rates, not the decayed ones
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
     bufs = [(p, opt.state[p]["momentum_buffer"]) for p in net.parameters() if p in opt.state]

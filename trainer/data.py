@@ -278,12 +278,13 @@ class _Base(torch.utils.data.Dataset):
         return s, image, maps[0], maps[1]
 
 
-def _to_item(image, seeds, proposal, mask, index) -> dict:
+def _to_item(image, seeds, proposal, mask, index, roi=None) -> dict:
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
         "seeds": torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)),
         "proposal": torch.from_numpy(np.ascontiguousarray(proposal, dtype=np.int64)),
         "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+        "roi": torch.ones(seeds.shape, dtype=torch.bool) if roi is None else torch.from_numpy(roi.astype(bool)),
         "index": index,
     }
 
@@ -311,7 +312,7 @@ class TrainSet(_Base):
     from torch's global generator (which DataLoader seeds per worker and epoch).
 
     Items: {"image": float32 3×h×w (0..255), "seeds", "proposal", "mask": int64 h×w,
-    "index": int}.
+    "roi": bool h×w (False on padding: the regularisers leave it out, SPEC §3), "index": int}.
     """
 
     def __init__(
@@ -352,7 +353,9 @@ class TrainSet(_Base):
                 f"proposal for image {s.image_id!r} has size {proposal.shape[1]}×{proposal.shape[0]}, "
                 f"image {s.image_path} is {w}×{h}"
             )
-        labels = [seeds, np.asarray(proposal, np.uint8), mask]
+        # the label maps, then the ROI (1 = image, 0 = padding), transformed alike
+        labels = [seeds, np.asarray(proposal, np.uint8), mask, np.ones((h, w), np.uint8)]
+        fill = [UNLABELLED, UNLABELLED, UNLABELLED, 0]
         rng = self._rng(index) if self.augment else None
         cs = self.crop_size
 
@@ -371,7 +374,7 @@ class TrainSet(_Base):
                 top, left = (0, 0) if rng is not None else (ph // 2, pw // 2)
                 pads = ((top, ph - top), (left, pw - left))
                 image = np.pad(image, pads + ((0, 0),), constant_values=0)
-                labels = [np.pad(m, pads, constant_values=UNLABELLED) for m in labels]
+                labels = [np.pad(m, pads, constant_values=v) for m, v in zip(labels, fill)]
                 h, w = h + ph, w + pw
             if rng is not None:
                 y0, x0 = int(rng.integers(0, h - cs + 1)), int(rng.integers(0, w - cs + 1))
@@ -382,7 +385,7 @@ class TrainSet(_Base):
         if rng is not None and rng.random() < 0.5:
             image = image[:, ::-1]
             labels = [m[:, ::-1] for m in labels]
-        return _to_item(image, labels[0], labels[1], labels[2], index)
+        return _to_item(image, *labels[:3], index, roi=labels[3])
 
 
 class EvalSet(_Base):

@@ -38,7 +38,8 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None):
+def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None,
+                batch_average=False):
     """SGD over the loader once; returns (mean loss, next global step)."""
     model.train()
     losses = []
@@ -48,7 +49,7 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
             group["lr"] = poly_lr(base, step, total_steps)
         with autocast(device):
             logits = model(batch["image"])
-        loss = method_loss(method, logits, batch, eps, nu)
+        loss = method_loss(method, logits, batch, eps, nu, batch_average)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite {method} loss at step {step}")
         optimizer.zero_grad(set_to_none=True)

@@ -133,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
         if resume and phase < resume["phase"]:
             continue
         same_phase = bool(resume) and phase == resume["phase"]
-        optimizer, base_lrs = make_optimizer(net, cfg, resume["optimizer"] if same_phase else None)
+        lr = cfg.pretrain_lr if method != cfg.method and cfg.pretrain_lr is not None else cfg.lr
+        optimizer, base_lrs = make_optimizer(net, cfg, lr, resume["optimizer"] if same_phase else None)
         start = resume["epoch"] if same_phase else 0
         steps_per_epoch = max(1, len(loader))
         step = start * steps_per_epoch
@@ -153,6 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss, step = engine.train_epoch(
                 model, loader, optimizer, method=method, eps=eps, nu=cfg.nu, device=device,
                 step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
+                batch_average=cfg.batch_average,
             )
             close(bar)
             stage_b_s += time.perf_counter() - t0
@@ -188,10 +190,10 @@ def train_loop_per_worker(config: dict) -> None:
     log.close()
 
 
-def make_optimizer(net, cfg: TrainConfig, state: dict | None = None):
-    """The run's optimizer over the model's parameter groups, and their base learning
-    rates (before any decay); `state` (a checkpoint's optimizer state) is loaded."""
-    optimizer = engine.make_optimizer(net.param_groups(cfg.lr), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None):
+    """A phase's optimizer over the model's parameter groups at base rate `lr`, and their
+    base learning rates (before any decay); `state` (a checkpoint's optimizer state) is loaded."""
+    optimizer = engine.make_optimizer(net.param_groups(lr), cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if state is not None:
         optimizer.load_state_dict(state)

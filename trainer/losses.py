@@ -28,7 +28,7 @@ __all__ = [
     "grid_potts",
     "bilateral_filter",
     "dense_crf",
-    "grid_weights",
+    "grid_pairs",
 ]
 
 
@@ -56,12 +56,13 @@ def _label_log_prob(logq: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return torch.where(mask, picked, torch.zeros_like(picked)), mask
 
 
-def partial_ce(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = False) -> torch.Tensor:
     """Partial cross-entropy, eq. (6) / SPEC §3 PCE: mean of −log q_i(y_i) over seeds.
 
     ``seeds`` N×H×W long, 255 = unlabeled.  The mean is over all seeded pixels of
-    the batch.  Returns a float32 zero that still carries a gradient (of zeros)
-    when the batch has no seed.
+    the batch, divided by N as well with ``batch_average`` (the reference's scale,
+    SPEC §2).  Returns a float32 zero that still carries a gradient (of zeros) when
+    the batch has no seed.
     """
     _check(logits, seeds, "seeds")
     with _no_autocast(logits.device):
@@ -70,11 +71,11 @@ def partial_ce(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         n = mask.sum()
         if int(n) == 0:
             return logq.sum() * 0.0
-        return -lp.sum() / n
+        return -lp.sum() / n / (logits.shape[0] if batch_average else 1)
 
 
 def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor,
-              eps: float) -> torch.Tensor:
+              eps: float, batch_average: bool = False) -> torch.Tensor:
     """Stage-B robust loss L_B, SPEC §2 (eq. 17, 18, 22, 24, 25).
 
     With K classes, a = ε/(K−1), b = 1 − K·a:
@@ -88,6 +89,7 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
     with autocast disabled, so values and gradients stay finite for logits up to
     ±1e4 whatever the input dtype.  ε = 0 gives plain cross-entropy on seeds and
     proposals (normalised by the seed count).  ε must lie in [0, (K−1)/K).
+    ``batch_average`` divides by N as well (the reference's scale, SPEC §2).
     """
     _check(logits, seeds, "seeds")
     _check(logits, proposals, "proposals")
@@ -111,33 +113,38 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
             robust = prop_lp
         robust = torch.where(prop_mask, robust, torch.zeros_like(robust))
         total = -(seed_lp.sum() + robust.sum())
-        return total / max(1, int(seed_mask.sum()))
+        return total / max(1, int(seed_mask.sum())) / (logits.shape[0] if batch_average else 1)
 
 
-def grid_weights(images: torch.Tensor) -> list[tuple[tuple[int, int], torch.Tensor]]:
-    """The N8 contrast weights w'_ij of SPEC §1/§3, without β and without H·W/|N8|.
+def grid_pairs(images: torch.Tensor, roi: torch.Tensor | None = None):
+    """The N8 contrast weights w'_ij of SPEC §1/§3 (without β) over the pairs inside the
+    ROI, and the number of those pairs per image.
 
-    Returns [((dy, dx), w)] for the four pair directions (0,1), (1,0), (1,1), (1,−1);
-    w is N×H'×W' for the pairs (i, i + (dy, dx)) with
-    w'_ij = exp(−‖I_i − I_j‖²/(2σ²)) / d_ij, σ² per image = mean over all N8 pairs
-    of ‖I_i − I_j‖² (1 if that is 0).
+    Returns ([((dy, dx), w)], n_pairs): w is N×H'×W' for the pairs (i, i + (dy, dx)) of
+    the four directions (0,1), (1,0), (1,1), (1,−1), w'_ij = exp(−‖I_i − I_j‖²/(2σ²)) / d_ij,
+    and 0 for a pair with a pixel outside ``roi`` (N×H×W, True = image, False = padding;
+    None = every pixel). σ² per image = mean of ‖I_i − I_j‖² over its in-ROI pairs (1 if
+    that is 0); n_pairs (N) counts them, |N8| of an image without padding.
     """
     img = images.detach().float()
     N, _, H, W = img.shape
+    inside = torch.ones(N, H, W, dtype=torch.bool, device=img.device) if roi is None else roi.to(img.device).bool()
     shifts = [(0, 1), (1, 0), (1, 1), (1, -1)]
-    diffs = []
+    diffs, masks = [], []
     for dy, dx in shifts:
         a, b = _pair_views(img, dy, dx)
-        diffs.append(((a - b) ** 2).sum(1))  # N×H'×W'
-    n_pairs = sum(d[0].numel() for d in diffs)
+        ra, rb = _pair_views(inside, dy, dx)
+        masks.append((ra & rb).float())
+        diffs.append(((a - b) ** 2).sum(1) * masks[-1])  # N×H'×W'
+    n_pairs = sum(m.flatten(1).sum(1) for m in masks)  # N
     sq_sum = sum(d.flatten(1).sum(1) for d in diffs)  # N
-    sigma2 = sq_sum / max(n_pairs, 1)
+    sigma2 = sq_sum / n_pairs.clamp(min=1)
     sigma2 = torch.where(sigma2 > 0, sigma2, torch.ones_like(sigma2)).view(N, 1, 1)
     out = []
-    for (dy, dx), d2 in zip(shifts, diffs):
+    for (dy, dx), d2, m in zip(shifts, diffs, masks):
         dist = math.sqrt(2.0) if dy and dx else 1.0
-        out.append(((dy, dx), torch.exp(-d2 / (2.0 * sigma2)) / dist))
-    return out
+        out.append(((dy, dx), torch.exp(-d2 / (2.0 * sigma2)) / dist * m))
+    return out, n_pairs
 
 
 def _pair_views(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,29 +159,28 @@ def _pair_views(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.
     return a, b
 
 
-def grid_potts(probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def grid_potts(probs: torch.Tensor, images: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
     """Grid-GD regulariser, SPEC §3 (eq. 7, 8), unweighted (ν is the caller's).
 
         (1/|N8|) · Σ_{{i,j} ∈ N8} w'_ij · (1 − Σ_k q_i^k q_j^k)
 
-    per image, averaged over the batch; w'_ij as in :func:`grid_weights`,
-    |N8| = (H−1)W + H(W−1) + 2(H−1)(W−1).  ``probs`` N×K×H×W (softmax outputs);
-    if their size differs from the images' they are resized bilinearly to the
-    image size first (SPEC §1).  Computed in float32 with autocast disabled.
+    per image, averaged over the batch; w'_ij and |N8| as in :func:`grid_pairs`: only
+    pairs with both pixels in ``roi`` (N×H×W; None = all) count, in σ², the sum and
+    |N8| alike (padding is not image, SPEC §3).  ``probs`` N×K×H×W (softmax outputs);
+    if their size differs from the images' they are resized bilinearly to the image
+    size first (SPEC §1).  Computed in float32 with autocast disabled.
     """
     N, H, W = _batch_shape(probs, images)
     with _no_autocast(probs.device):
         q = probs.float()
         if q.shape[-2:] != (H, W):
             q = F.interpolate(q, size=(H, W), mode="bilinear", align_corners=False)
-        n_pairs = (H - 1) * W + H * (W - 1) + 2 * (H - 1) * (W - 1)
-        if n_pairs == 0:
-            return q.sum() * 0.0
+        pairs, n_pairs = grid_pairs(images.to(q.device), roi)
         total = q.new_zeros(N)
-        for (dy, dx), w in grid_weights(images.to(q.device)):
+        for (dy, dx), w in pairs:
             qa, qb = _pair_views(q, dy, dx)
             total = total + (w * (1.0 - (qa * qb).sum(1))).flatten(1).sum(1)
-        return (total / n_pairs).mean()
+        return (total / n_pairs.clamp(min=1)).mean()
 
 
 def _batch_shape(probs: torch.Tensor, images: torch.Tensor) -> tuple[int, int, int]:
@@ -185,7 +191,7 @@ def _batch_shape(probs: torch.Tensor, images: torch.Tensor) -> tuple[int, int, i
 
 
 def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0,
-              sigma_xy: float = 100.0, scale: float = 0.5) -> torch.Tensor:
+              sigma_xy: float = 100.0, scale: float = 0.5, roi: torch.Tensor | None = None) -> torch.Tensor:
     """Dense-GD regulariser, SPEC §3 (Tang et al.'s DenseCRF loss), unweighted.
 
     Images and probabilities are resized bilinearly by ``scale`` (σ_xy, given in
@@ -193,7 +199,9 @@ def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0
 
         −Σ_k q^kᵀ W q^k / N,   W_ij = exp(−‖p_i−p_j‖²/(2σ_xy²) − ‖I_i−I_j‖²/(2σ_rgb²))
 
-    with W·q^k from :func:`bilateral_filter` (permutohedral lattice, normalised to
+    with q multiplied by ``roi`` (N×H×W, False on padding, resized with the images;
+    None = all pixels) first, as the reference does, and
+    W·q^k from :func:`bilateral_filter` (permutohedral lattice, normalised to
     match the exact W·q on image content; Tang et al.'s C++ lattice returns
     ``trainer.permutohedral.krahenbuhl_factor(5)`` ≈ 0.52 times this).  The
     gradient (by autograd) is −(W + Wᵀ)q/N ≈ −2·W·q/N w.r.t. the resized q.
@@ -214,6 +222,8 @@ def dense_crf(probs: torch.Tensor, images: torch.Tensor, sigma_rgb: float = 15.0
             h, w = H, W
         if q.shape[-2:] != (h, w):
             q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
+        if roi is not None:
+            q = q * F.interpolate(roi.to(q.device)[:, None].float(), size=(h, w), mode="nearest")
         Wq = bilateral_filter(q, img, sigma_rgb, sigma_xy * scale)
         return -(q * Wq).sum() / N
 

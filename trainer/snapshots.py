@@ -1,7 +1,8 @@
 """Stage A's input: the network's probabilities on every training image (Alg. 1 line 5).
 
-Eval mode, no augmentation, at the network's output resolution (stride 4), only over
-each image's label set L, stored as 8-bit codes of −log q (SPEC §6). Parts are chunks of
+Eval mode, no augmentation, an fp32 forward at the network's output resolution (stride
+4), only over each image's label set L, stored as 8-bit codes of −log q (SPEC §6); the
+solver resizes them to the image in log space. Parts are chunks of
 `shard_size` consecutive training images; DDP rank `rank` writes parts k ≡ rank.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 from shared import shards
 from shared.errors import UserError
 from shared.shard_store import ShardStore
-from trainer.engine import autocast
 
 NEG_LOG_Q_MAX = 20.0  # −log(1e-8) ≈ 18.4 is the solver's floor; larger values carry nothing
 
@@ -26,9 +26,8 @@ def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]
     by_size: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         by_size.setdefault(tuple(image.shape), []).append(i)
-    for idx in by_size.values():
-        with autocast(device):
-            logits = model.forward_lowres(torch.stack([images[i] for i in idx]).to(device))
+    for idx in by_size.values():  # fp32, not the training autocast: stage A sees the exact output (SPEC §4)
+        logits = model.forward_lowres(torch.stack([images[i] for i in idx]).to(device))
         neg = (-torch.log_softmax(logits.float(), 1)).clamp_(max=NEG_LOG_Q_MAX).cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = neg[j]
