@@ -359,3 +359,56 @@ def test_batch_average_equals_lr_and_weight_decay_rescaling():
         steps.append([p.detach().clone() for p in net.parameters()])
     for a, b in zip(*steps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- outlier model
+
+def test_learned_eps_starts_at_the_given_value_and_matches_the_fixed_loss():
+    from trainer.outliers import OutlierModel
+
+    logits, seeds, proposals = _batch(k=4)
+    for kind in ("learned", "learned-per-class"):
+        model = OutlierModel(kind, 0.5, 4)
+        eps = model()
+        assert torch.allclose(eps, torch.full_like(eps, 0.5))
+        loss = robust_ce(logits, proposals, seeds, eps)
+        assert loss.item() == pytest.approx(robust_ce(logits, proposals, seeds, 0.5).item(), rel=1e-6)
+        loss.backward()
+        assert model.theta.grad is not None and model.theta.grad.abs().sum() > 0
+    assert OutlierModel("const", 0.5, 4)() == 0.5 and OutlierModel("const", 0.5, 4).param_groups(0.1) == []
+
+
+def test_per_class_eps_applies_each_labels_own_value():
+    logits, seeds, proposals = _batch(k=3)
+    eps = torch.tensor([0.1, 0.3, 0.6])
+    K, q = 3, torch.softmax(logits, 1)
+    want, n_seeds = 0.0, int((seeds != 255).sum())
+    for n, i, j in zip(*torch.nonzero(torch.ones_like(seeds, dtype=torch.bool), as_tuple=True)):
+        if seeds[n, i, j] != 255:
+            want -= math.log(q[n, seeds[n, i, j], i, j])
+        else:
+            s = int(proposals[n, i, j])
+            a = float(eps[s]) / (K - 1)
+            want -= math.log(a + (1 - K * a) * float(q[n, s, i, j]))
+    assert robust_ce(logits, proposals, seeds, eps).item() == pytest.approx(want / n_seeds, rel=1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        robust_ce(logits, proposals, seeds, torch.tensor([0.1, 0.9, 0.2]))  # 0.9 ≥ (K−1)/K
+
+
+@pytest.mark.parametrize("wrong,direction", [(True, 1), (False, -1)])
+def test_learned_eps_follows_how_often_proposals_are_wrong(wrong, direction):
+    """Trained alone on a fixed, confident network: ε rises when the proposals disagree
+    with it (outliers) and falls when they agree."""
+    from trainer.outliers import OutlierModel
+
+    logits, seeds, _ = _batch(k=4)
+    logits = logits * 4
+    agree = logits.argmax(1)
+    proposals = (agree + 1) % 4 if wrong else agree
+    model = OutlierModel("learned", 0.3, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        robust_ce(logits, proposals, seeds, model()).backward()
+        opt.step()
+    assert direction * (model.value() - 0.3) > 0.05, model.value()

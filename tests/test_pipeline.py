@@ -30,12 +30,13 @@ def data(synthetic_set):
 
 @pytest.fixture(scope="module")
 def sync_run(data, tmp_path_factory):
-    """grid-tr with the sync schedule, configured from a TOML file."""
+    """grid-tr with the sync schedule and a learned ε per class, configured from a TOML file."""
     out = tmp_path_factory.mktemp("sync") / "run"
     config = tmp_path_factory.mktemp("cfg") / "run.toml"
     config.write_text(
         f'data = "{data}"\nformat = "synthetic"\nmethod = "grid-tr"\nepochs = 3\npretrain_epochs = 2\n'
         f'epochs_per_round = 1\nschedule = "sync"\nbatch_size = 4\ncrop_size = 48\nshard_size = 3\n'
+        f'eps_model = "learned-per-class"\n'
         f"\n[solver]\ntr_weight = 0.1\n"
     )
     proc = run_cli("--local", "train", "--config", str(config), "--out", str(out), "--max-iter", "3")
@@ -54,6 +55,17 @@ def test_sync_run_writes_every_output(sync_run):
     assert 0 <= summary["val_miou"] <= 1
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "last.pt"))
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "best.pt"))
+
+
+def test_learned_eps_per_class_is_logged_every_epoch_and_trains(sync_run):
+    from shared.config import default_eps
+
+    records = [json.loads(line) for line in open(os.path.join(sync_run, "metrics.jsonl"))]
+    eps = [r["eps"] for r in records if r["phase"] == "grid-tr"]
+    assert len(eps) == 3 and all(len(e) == 4 for e in eps)  # K = 4 classes, every Grid-TR epoch
+    assert eps[0] == pytest.approx([default_eps(4)] * 4, rel=1e-5)  # starts at the given ε
+    assert eps[-1] != pytest.approx(eps[0], abs=1e-6)  # and moved with the network
+    assert all(0 < e < 3 / 4 for e in eps[-1])
 
 
 def test_terminal_shows_each_epoch_once_without_ray_train_chatter(sync_run):

@@ -9,6 +9,7 @@ import torch
 
 from trainer.metrics import confusion_matrix, miou, trimap_confusions
 from trainer.methods import method_loss
+from trainer.outliers import OutlierModel
 
 TRIMAP_WIDTHS = (1, 2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40)
 
@@ -40,7 +41,8 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
 
 def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None,
                 batch_average=False):
-    """SGD over the loader once; returns (mean loss, next global step)."""
+    """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
+    or an `OutlierModel` whose ε is read at every step (learned with the network)."""
     model.train()
     losses = []
     for batch in loader:
@@ -49,11 +51,14 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
             group["lr"] = poly_lr(base, step, total_steps)
         with autocast(device):
             logits = model(batch["image"])
-        loss = method_loss(method, logits, batch, eps, nu, batch_average)
+        outliers = eps if isinstance(eps, OutlierModel) else None
+        loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite {method} loss at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if outliers is not None:
+            outliers.average_gradients()
         optimizer.step()
         losses.append(loss.item())
         step += 1

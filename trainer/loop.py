@@ -21,6 +21,7 @@ from trainer import engine
 from trainer.architectures import build_model
 from trainer.data import EvalSet, TrainSet, load_split, read_classes
 from trainer.methods import METHODS
+from trainer.outliers import OutlierModel
 from trainer.model import load_backbone_weights
 from trainer.runlog import RunLog, load_checkpoint
 from trainer.stage_a import NO_STAGE_A, StageA
@@ -109,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     classes = read_classes(cfg.data, cfg.format)
     K = len(classes)
-    eps = cfg.eps if cfg.eps is not None else default_eps(K)
+    outliers = OutlierModel(cfg.eps_model, cfg.eps if cfg.eps is not None else default_eps(K), K).to(device)
     train_samples = train_split(cfg)
     cache = len(train_samples) <= CACHE_MAX_IMAGES
     trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank, cache=cache)
@@ -120,6 +121,8 @@ def train_loop_per_worker(config: dict) -> None:
     if resume:  # metrics.jsonl may hold the epoch after the checkpoint (killed in between): it is run again
         log.drop_epochs_after(resume["global_epoch"])
     net = build_network(cfg, K, resume)
+    if resume and "outliers" in resume:
+        outliers.load_state_dict(resume["outliers"])
     if cfg.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     model = ray.train.torch.prepare_model(net)
@@ -134,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         same_phase = bool(resume) and phase == resume["phase"]
         lr = cfg.pretrain_lr if method != cfg.method and cfg.pretrain_lr is not None else cfg.lr
-        optimizer, base_lrs = make_optimizer(net, cfg, lr, resume["optimizer"] if same_phase else None)
+        learned = outliers.param_groups(lr) if METHODS[method].needs_proposals else []  # ε trains with the robust loss
+        optimizer, base_lrs = make_optimizer(net, cfg, lr, resume["optimizer"] if same_phase else None, learned)
         start = resume["epoch"] if same_phase else 0
         steps_per_epoch = max(1, len(loader))
         step = start * steps_per_epoch
@@ -147,12 +151,13 @@ def train_loop_per_worker(config: dict) -> None:
             if METHODS[method].needs_proposals:  # Alg. 1 lines 4-6
                 record.update(stage_a.before_epoch(net, epoch, verify=same_phase and epoch == start))
                 trainset.proposals = stage_a.labels
+                record["eps"] = outliers.value()  # as this epoch starts
             trainset.set_epoch(global_epoch)
             set_loader_epoch(loader, global_epoch)
             t0 = time.perf_counter()
             bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * loader.batch_size)
             loss, step = engine.train_epoch(
-                model, loader, optimizer, method=method, eps=eps, nu=cfg.nu, device=device,
+                model, loader, optimizer, method=method, eps=outliers, nu=cfg.nu, device=device,
                 step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
                 batch_average=cfg.batch_average,
             )
@@ -171,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
                 "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
                 "arch": cfg.arch, "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
-                "run_id": run_id,
+                "run_id": run_id, "outliers": outliers.state_dict(),
             }
             if final and "val_miou" in record and record["val_miou"] > best:
                 best = state["best_miou"] = record["val_miou"]
@@ -190,10 +195,12 @@ def train_loop_per_worker(config: dict) -> None:
     log.close()
 
 
-def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None):
-    """A phase's optimizer over the model's parameter groups at base rate `lr`, and their
-    base learning rates (before any decay); `state` (a checkpoint's optimizer state) is loaded."""
-    optimizer = engine.make_optimizer(net.param_groups(lr), cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
+def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None, extra: list[dict] = ()):
+    """A phase's optimizer over the model's parameter groups at base rate `lr` (and the
+    `extra` groups: a learned outlier model), and their base learning rates (before any
+    decay); `state` (a checkpoint's optimizer state) is loaded."""
+    optimizer = engine.make_optimizer([*net.param_groups(lr), *extra], cfg.optimizer, lr, cfg.momentum,
+                                      cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if state is not None:
         optimizer.load_state_dict(state)

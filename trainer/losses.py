@@ -75,7 +75,7 @@ def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = 
 
 
 def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor,
-              eps: float, batch_average: bool = False) -> torch.Tensor:
+              eps: float | torch.Tensor, batch_average: bool = False) -> torch.Tensor:
     """Stage-B robust loss L_B, SPEC §2 (eq. 17, 18, 22, 24, 25).
 
     With K classes, a = ε/(K−1), b = 1 − K·a:
@@ -90,25 +90,32 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
     ±1e4 whatever the input dtype.  ε = 0 gives plain cross-entropy on seeds and
     proposals (normalised by the seed count).  ε must lie in [0, (K−1)/K).
     ``batch_average`` divides by N as well (the reference's scale, SPEC §2).
+    ``eps`` may be a tensor with a gradient (a learned outlier model,
+    `trainer.outliers`): a scalar, or K values, one per proposal label.
     """
     _check(logits, seeds, "seeds")
     _check(logits, proposals, "proposals")
     K = logits.shape[1]
-    eps = float(eps)
     if K < 2:
         raise ValueError("robust_ce needs at least two classes")
-    if not (0.0 <= eps < (K - 1) / K):
-        raise ValueError(f"eps must be in [0, (K-1)/K) = [0, {(K - 1) / K:.4f}), got {eps}")
-    a = eps / (K - 1)
-    b = 1.0 - K * a
+    values = eps.detach() if torch.is_tensor(eps) else torch.tensor(float(eps))
+    if values.numel() not in (1, K) or not bool(((values >= 0) & (values < (K - 1) / K)).all()):
+        raise ValueError(f"eps must be in [0, (K-1)/K) = [0, {(K - 1) / K:.4f}), one value or one per class, "
+                         f"got {values.tolist()}")
     with _no_autocast(logits.device):
         logq = F.log_softmax(logits.float(), dim=1)
         seed_lp, seed_mask = _label_log_prob(logq, seeds)
         prop = torch.where(seed_mask, torch.full_like(proposals, UNLABELLED), proposals)
         prop_lp, prop_mask = _label_log_prob(logq, prop)
-        if a > 0.0:
-            robust = torch.logaddexp(torch.full_like(prop_lp, math.log(a)),
-                                     prop_lp + math.log(b))
+        if torch.is_tensor(eps):
+            e = eps.float().to(logq.device)
+            if e.numel() == K:  # ε of each pixel's proposed label
+                e = e[prop.clamp(max=K - 1)]
+            a = e / (K - 1)
+            robust = torch.logaddexp(torch.log(a).expand_as(prop_lp), prop_lp + torch.log(1.0 - K * a))
+        elif float(eps) > 0.0:
+            a = float(eps) / (K - 1)
+            robust = torch.logaddexp(torch.full_like(prop_lp, math.log(a)), prop_lp + math.log(1.0 - K * a))
         else:
             robust = prop_lp
         robust = torch.where(prop_mask, robust, torch.zeros_like(robust))
