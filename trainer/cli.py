@@ -222,11 +222,14 @@ def predict(checkpoint, images, out):
 @click.option("--seed", type=int, default=0)
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="hard: weak object boundaries, strong edges that are not boundaries, small objects.")
-def make_synthetic_cmd(out, n_train, n_val, size, classes, seed, variant):
-    """Generate the synthetic data set (folder layout, every scribble length)."""
+@click.option("--layout", type=click.Choice(["folder", "voc"]), default="folder",
+              help="voc: VOC's folders, its 21 classes and VOC-like shapes with long side --size (--classes unused).")
+def make_synthetic_cmd(out, n_train, n_val, size, classes, seed, variant, layout):
+    """Generate the synthetic data set (every scribble length)."""
     from trainer.synthetic import make_synthetic
 
-    make_synthetic(out, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed, variant=variant)
+    make_synthetic(out, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed, variant=variant,
+                   layout=layout)
     click.echo(out)
 
 

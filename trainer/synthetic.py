@@ -30,7 +30,9 @@ eroded by 2 px, ends trimmed), and 2–3 random smooth 2–3 px strokes in the b
 
 Layout written (the ``folder`` format, SPEC §5): images/{id}.png, masks/{id}.png (train
 and val), scribbles{suffix}/{id}.png for suffixes '', '0.8', '0.5', '0.3', '0',
-train.txt, val.txt, classes.txt. Ids: ``train_0000``…, ``val_0000``…
+train.txt, val.txt, classes.txt; or VOC's (``layout="voc"``: JPEGImages/, the mask and
+scribble folders and split lists of SPEC §5, the 21 VOC classes, VOC-like shapes). Ids:
+``train_0000``…, ``val_0000``…
 
 Everything is a deterministic function of the arguments (numpy's PCG64 seeded with
 (seed, split, index)).
@@ -211,8 +213,10 @@ VARIANTS = {
 }
 
 
-def _make_image(rng: np.random.Generator, size: int, classes: int, variant: Variant = VARIANTS["default"]):
-    h = w = size
+def _make_image(rng: np.random.Generator, height: int, width: int, classes: int,
+                variant: Variant = VARIANTS["default"]):
+    h, w = height, width
+    size = min(h, w)
     s = size / 96.0
     num_obj = classes - 1
     styles = [None] + [_ClassStyle(k, num_obj) for k in range(1, classes)]
@@ -304,6 +308,20 @@ def _make_image(rng: np.random.Generator, size: int, classes: int, variant: Vari
 # --------------------------------------------------------------------------- data set
 
 
+# VOC's usual image shapes (short side / long side), either way up
+VOC_ASPECTS = (0.75, 0.666, 0.562)
+
+
+def _shape(layout: str, size: int, seed: int, split_code: int, i: int) -> tuple[int, int]:
+    """(height, width): size×size, or for `voc` a VOC-like shape with long side `size`
+    (from its own random stream, so the image content draws stay the same)."""
+    if layout != "voc":
+        return size, size
+    rng = np.random.default_rng([seed, split_code, i, 1])
+    short = max(32, int(round(size * VOC_ASPECTS[int(rng.integers(len(VOC_ASPECTS)))])))
+    return (size, short) if rng.random() < 0.3 else (short, size)
+
+
 def make_synthetic(
     out: str,
     n_train: int = 64,
@@ -312,15 +330,27 @@ def make_synthetic(
     classes: int = 4,
     seed: int = 0,
     variant: str = "default",
+    layout: str = "folder",
 ) -> dict:
-    """Generate the synthetic data set into ``out`` (the ``folder`` layout, SPEC §5).
+    """Generate the synthetic data set into ``out``, in the ``folder`` layout (SPEC §5)
+    or the ``voc`` one.
 
-    ``classes`` counts the background (K ≥ 2; class names 'background', 'class1', …).
-    Writes images/, masks/ (train and val), scribbles{'', 0.8, 0.5, 0.3, 0}/, train.txt,
-    val.txt, classes.txt. Deterministic in its arguments. Returns a summary dict:
-    {"train": n_train, "val": n_val, "classes": [...], "coverage": {suffix: fraction of
-    labelled pixels in the train scribbles}}.
+    ``folder``: ``classes`` counts the background (K ≥ 2; class names 'background',
+    'class1', …); size×size images; images/, masks/ (train and val),
+    scribbles{'', 0.8, 0.5, 0.3, 0}/, train.txt, val.txt, classes.txt.
+    ``voc``: VOC's folders and 21 classes (each image holds a few of them), JPEG images
+    of VOC-like shapes with long side ``size`` (500 for VOC's own), so that the VOC path
+    (``--format voc``, ``--preset paper``) runs without VOC.
+    Deterministic in its arguments. Returns a summary dict: {"train": n_train, "val":
+    n_val, "classes": [...], "coverage": {suffix: fraction of labelled pixels in the
+    train scribbles}}.
     """
+    from trainer.data import LAYOUTS, VOC_CLASSES
+
+    if layout not in ("folder", "voc"):
+        raise UserError(f"--layout: must be folder or voc, got {layout!r}")
+    if layout == "voc":
+        classes = len(VOC_CLASSES)
     if n_train < 1 or n_val < 1:
         raise UserError(f"--n-train/--n-val: must be ≥ 1, got {n_train}/{n_val}")
     if size < 32:
@@ -329,16 +359,19 @@ def make_synthetic(
         raise UserError(f"--variant: must be one of {tuple(VARIANTS)}, got {variant!r}")
     if not 2 <= classes <= 21:
         raise UserError(f"--classes: must be in 2..21, got {classes}")
+    where = LAYOUTS[layout]
+    mask_dirs = {split: where.mask_dirs[split] for split in ("train", "val")}
     try:
         os.makedirs(out, exist_ok=True)
-        dirs = {"images": "images", "masks": "masks"}
-        dirs.update({f"scribbles{sfx}": f"scribbles{sfx}" for sfx in SUFFIXES})
-        for d in dirs.values():
+        dirs = {where.image_dir, *mask_dirs["train"], *mask_dirs["val"],
+                os.path.dirname(where.split_file.format(split="train")),
+                *(where.scribble_dir.format(suffix=sfx) for sfx in SUFFIXES)}
+        for d in dirs:
             os.makedirs(os.path.join(out, d), exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out}: cannot create the data set folder ({exc})") from None
 
-    names = ["background"] + [f"class{k}" for k in range(1, classes)]
+    names = list(where.classes or ["background"] + [f"class{k}" for k in range(1, classes)])
     counts = {sfx: 0 for sfx in SUFFIXES}
     total = 0
     for split, n, split_code in (("train", n_train, 0), ("val", n_val, 1)):
@@ -346,21 +379,24 @@ def make_synthetic(
         for i in range(n):
             image_id = f"{split}_{i:04d}"
             rng = np.random.default_rng([seed, split_code, i])
-            image, label, seeds = _make_image(rng, size, classes, VARIANTS[variant])
-            Image.fromarray(image).save(os.path.join(out, "images", image_id + ".png"))
-            write_label(os.path.join(out, "masks", image_id + ".png"), label)
+            image, label, seeds = _make_image(rng, *_shape(layout, size, seed, split_code, i), classes,
+                                              VARIANTS[variant])
+            Image.fromarray(image).save(os.path.join(out, where.image_dir, image_id + where.image_exts[0]))
+            for d in mask_dirs[split]:
+                write_label(os.path.join(out, d, image_id + ".png"), label)
             for sfx, ratio in SUFFIXES.items():
                 s = seeds if ratio == 1.0 else shorten_scribble(seeds, ratio)
-                write_label(os.path.join(out, f"scribbles{sfx}", image_id + ".png"), s)
+                write_label(os.path.join(out, where.scribble_dir.format(suffix=sfx), image_id + ".png"), s)
                 if split == "train":
                     counts[sfx] += int((s != UNLABELLED).sum())
             if split == "train":
                 total += seeds.size
             ids.append(image_id)
-        with open(os.path.join(out, f"{split}.txt"), "w") as f:
+        with open(os.path.join(out, where.split_file.format(split=split)), "w") as f:
             f.write("\n".join(ids) + "\n")
-    with open(os.path.join(out, "classes.txt"), "w") as f:
-        f.write("\n".join(names) + "\n")
+    if where.classes is None:
+        with open(os.path.join(out, "classes.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
     return {
         "train": n_train,
         "val": n_val,
