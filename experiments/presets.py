@@ -1,7 +1,8 @@
 """Named parameter presets, per scribble length and method (SPEC §4).
 
 `paper` is the paper's Pascal VOC setting (DeepLabV3+ / MobileNetV2, K = 21), as the
-authors' reference implementation runs it: 60 epochs, batch 12 on 513-pixel crops, SGD
+authors' reference implementation runs it: 60 epochs, batch 12 on 513-pixel crops with
+their augmentation (`trainer.data.reference_augment`), SGD
 momentum 0.9, weight decay 5e-4, poly LR (power 0.9), the decoder at 10× the backbone's
 rate, every data term divided by the batch size as the reference does (`batch_average`,
 so its learning rates apply unchanged), stage A before each round's batches (`sync`),
@@ -31,6 +32,7 @@ _PAPER_COMMON = {
     "pretrain_lr": METHODS["pce"].paper["lr"],
     "batch_size": 12,
     "crop_size": 513,
+    "augmentation": "reference",
     "batch_average": True,
     "momentum": 0.9,
     "weight_decay": 5e-4,

@@ -269,3 +269,33 @@ def test_cached_after_first_read(folder):
     os.remove(ev.samples[0].mask_path)
     again = ev[0]
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+
+
+def test_reference_augmentation_rescales_pads_centred_with_the_mean_and_marks_the_roi(tmp_path):
+    """SPEC §4's VOC recipe: short side to [256, 1026], centred padding to the crop with
+    the mean RGB, the ROI False exactly on that padding, maps aligned with it."""
+    from trainer.data import REFERENCE_SHORT_SIDE
+    from trainer.model import IMAGENET_MEAN
+
+    s, prop = _coord_sample(str(tmp_path))
+    crop = 513  # the recipe's
+    ds = TrainSet([s], 250, crop, augment=True, seed=0, augmentation="reference")
+    ds.proposals["c"] = prop
+    padded = 0
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        roi, img = item["roi"], item["image"]
+        assert img.shape == (3, crop, crop) and roi.any()
+        assert torch.equal(item["seeds"] != 255, roi) and torch.equal(item["mask"] != 255, roi)
+        mean = torch.tensor([round(m) for m in IMAGENET_MEAN], dtype=torch.float32)
+        assert (img[:, ~roi] == mean[:, None]).all()
+        rows, cols = torch.nonzero(roi.any(1)).flatten(), torch.nonzero(roi.any(0)).flatten()
+        for idx, n in ((rows, crop), (cols, crop)):
+            if len(idx) < n:  # the image is smaller than the crop this way: centred
+                padded += 1
+                assert abs(int(idx[0]) - (n - 1 - int(idx[-1]))) <= 1
+        assert min(len(rows), len(cols)) <= REFERENCE_SHORT_SIDE[1]
+    assert padded > 0
+    with pytest.raises(ValueError, match="augmentation"):
+        TrainSet([s], 250, crop, augmentation="nope")

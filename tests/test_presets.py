@@ -28,6 +28,7 @@ def test_paper_preset_per_length(suffix):
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.solver.potts_weight) == (60, 12, 7e-4, 100.0)
     assert (cfg.momentum, cfg.weight_decay, cfg.solver.max_iter, cfg.epochs_per_round) == (0.9, 5e-4, 5, 5)
     assert (cfg.crop_size, cfg.batch_average, cfg.schedule, cfg.pretrain_lr) == (513, True, "sync", 0.007)
+    assert cfg.augmentation == "reference"
     cfg.validate()
 
 

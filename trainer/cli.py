@@ -9,7 +9,7 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import EPS_MODELS, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import AUGMENTATIONS, EPS_MODELS, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
@@ -65,6 +65,8 @@ def _train_options(f):
         click.option("--epochs", type=int, default=None),
         click.option("--pretrain-epochs", type=int, default=None, help="PCE epochs first when there is no --init."),
         click.option("--pretrain-lr", type=float, default=None, help="Base LR of those PCE epochs [--lr]."),
+        click.option("--augmentation", type=click.Choice(AUGMENTATIONS), default=None,
+                     help="Training crops: ours, or the authors' VOC recipe (SPEC §4) [default]."),
         click.option("--eps-model", type=click.Choice(EPS_MODELS), default=None,
                      help="Outlier model of the robust loss: ε fixed, learned, or learned per class [const]."),
         click.option("--batch-average/--no-batch-average", "batch_average", default=None,

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from shared.errors import UserError
 from shared.image_io import read_image, read_label
+from shared.config import AUGMENTATIONS
 from shared.labels import UNLABELLED, check_scribbles
+from trainer.model import IMAGENET_MEAN
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -45,6 +47,7 @@ VOC_CLASSES = [
     "sheep", "sofa", "train", "tvmonitor",
 ]
 SPLITS = ("train", "val")
+REFERENCE_SHORT_SIDE = (256, 1026)  # the authors' VOC rescaling range (SPEC §4)
 
 
 @dataclass
@@ -325,10 +328,14 @@ class TrainSet(_Base):
         *,
         scale_range: tuple[float, float] | None = None,
         cache: bool = True,
+        augmentation: str = "default",
     ):
         super().__init__(samples, num_classes, cache)
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
         self.crop_size = int(crop_size)
         self.augment = augment
+        self.augmentation = augmentation
         self.seed = seed
         self.scale_range = scale_range
         self.epoch: int | None = None
@@ -358,6 +365,9 @@ class TrainSet(_Base):
         fill = [UNLABELLED, UNLABELLED, UNLABELLED, 0]
         rng = self._rng(index) if self.augment else None
         cs = self.crop_size
+        if rng is not None and cs > 0 and self.augmentation == "reference":
+            image, labels = reference_augment(image, labels, fill, cs, rng)
+            return _to_item(image, *labels[:3], index, roi=labels[3])
 
         if rng is not None and cs > 0:
             lo, hi = self.scale_range or ((0.5, 2.0) if min(h, w) >= 200 else (0.75, 1.5))
@@ -386,6 +396,33 @@ class TrainSet(_Base):
             image = image[:, ::-1]
             labels = [m[:, ::-1] for m in labels]
         return _to_item(image, *labels[:3], index, roi=labels[3])
+
+
+def reference_augment(image: np.ndarray, maps: list[np.ndarray], fill: list[int], crop: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The authors' VOC augmentation (SPEC §4): a horizontal flip (p 0.5); the short side
+    rescaled to a uniform integer in REFERENCE_SHORT_SIDE (image bilinear, maps nearest);
+    padded centred to `crop` with the mean RGB (zero after the network's normalisation;
+    the maps with `fill`, so the ROI map marks the padding); a random crop×crop crop; a
+    Gaussian blur of random radius in [0, 1) px (p 0.5), on the image only."""
+    if rng.random() < 0.5:
+        image, maps = image[:, ::-1], [m[:, ::-1] for m in maps]
+    h, w = image.shape[:2]
+    short = int(rng.integers(REFERENCE_SHORT_SIDE[0], REFERENCE_SHORT_SIDE[1] + 1))
+    nh, nw = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
+    pil = Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR)
+    maps = [np.asarray(Image.fromarray(np.ascontiguousarray(m)).resize((nw, nh), Image.NEAREST)) for m in maps]
+    if rng.random() < 0.5:
+        pil = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.random())))
+    image = np.asarray(pil)
+    ph, pw = max(crop - nh, 0), max(crop - nw, 0)
+    if ph or pw:
+        pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        image = np.stack([np.pad(image[..., c], pads, constant_values=round(IMAGENET_MEAN[c])) for c in range(3)], -1)
+        maps = [np.pad(m, pads, constant_values=v) for m, v in zip(maps, fill)]
+    h, w = image.shape[:2]
+    y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    return image[y0:y0 + crop, x0:x0 + crop], [m[y0:y0 + crop, x0:x0 + crop] for m in maps]
 
 
 class EvalSet(_Base):

@@ -113,7 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
     outliers = OutlierModel(cfg.eps_model, cfg.eps if cfg.eps is not None else default_eps(K), K).to(device)
     train_samples = train_split(cfg)
     cache = len(train_samples) <= CACHE_MAX_IMAGES
-    trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank, cache=cache)
+    trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + rank, cache=cache,
+                        augmentation=cfg.augmentation)
     valset = EvalSet(load_split(cfg.data, cfg.format, "val", cfg.scribbles), K, cache=cache)
     train_eval = EvalSet(train_samples, K, cache=cache)  # unaugmented: snapshots and panels
     loader = train_loader(trainset, cfg, rank, world, pin_memory=device.type == "cuda")
