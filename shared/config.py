@@ -59,7 +59,7 @@ class TrainConfig:
     crop_size: int = 64  # training crops; 0 trains on whole images
     max_image_pixels: int = 4096 * 4096  # larger images are an input error (stage A memory)
     init: str | None = None  # checkpoint to start from (Alg. 1 line 2: the PCE model)
-    pretrain_epochs: int = 10  # PCE epochs before grid-gd/dense-gd/grid-tr when no --init
+    pretrain_epochs: int = 10  # PCE epochs before grid-gd/dense-gd/grid-tr when no --init; 0: none
     backbone_weights: str | None = None  # torchvision mobilenet_v2 ImageNet state_dict
     out: str = "runs/train"
     seed: int = 0
@@ -121,7 +121,7 @@ class TrainConfig:
         _check(self.eps_model in EPS_MODELS, "--eps-model", f"must be one of {EPS_MODELS}")
         _check(self.augmentation in AUGMENTATIONS, "--augmentation", f"must be one of {AUGMENTATIONS}")
         _check(self.arch in ("", *ARCHITECTURES), "--arch", f"must be one of {tuple(ARCHITECTURES)}")
-        _check(self.pretrain_epochs >= 1, "--pretrain-epochs", "must be ≥ 1")
+        _check(self.pretrain_epochs >= 0, "--pretrain-epochs", "must be ≥ 0")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
         _check(self.max_stall > 0, "--max-stall", f"must be > 0 seconds, got {self.max_stall}")

@@ -41,6 +41,10 @@ def test_paper_preset_per_method_is_the_reference_recipe():
     recipe = {m: apply_preset(TrainConfig(data="x", method=m), "paper") for m in ("pce", "dense-gd", "grid-gd", "grid-tr")}
     assert {m: c.lr for m, c in recipe.items()} == {"pce": 0.007, "dense-gd": 0.007, "grid-gd": 7e-7, "grid-tr": 7e-4}
     assert recipe["grid-gd"].nu == 100.0 and recipe["pce"].nu is None
+    assert recipe["dense-gd"].pretrain_epochs == 0 and recipe["grid-gd"].pretrain_epochs == 60  # backbone vs PCE-GD
+    from trainer.loop import phases
+
+    assert phases(recipe["dense-gd"]) == [("dense-gd", 60)] and phases(recipe["grid-gd"])[0] == ("pce", 60)
     assert recipe["dense-gd"].nu == PAPER_DENSE_NU == pytest.approx(2e-9 * krahenbuhl_factor(5))
 
 
@@ -121,3 +125,8 @@ def test_print_config_is_the_resolved_toml_and_round_trips(tmp_path):
     again = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / "run.toml"), "--print-config"])
     assert again.exit_code == 0 and again.output == printed
     assert not (tmp_path / "run").exists()
+    for method, lr, nu in (("pce", 0.007, None), ("grid-gd", 7e-7, 100.0), ("grid-tr", 7e-4, None)):
+        shown = CliRunner().invoke(cli, ["train", "--data", "d", "--format", "voc", "--preset", "paper", "--method",
+                                         method, "--print-config"])
+        values = tomllib.loads(shown.output)
+        assert (values["lr"], values.get("nu")) == (lr, nu), method  # each method's recipe

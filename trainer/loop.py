@@ -31,8 +31,9 @@ CACHE_MAX_IMAGES = 2000  # decoded images kept in memory: the synthetic sets, no
 
 
 def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
-    """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model."""
-    if METHODS[cfg.method].starts_from_pce and not cfg.init:
+    """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model, or
+    --pretrain-epochs 0 starts the method from the backbone (Dense-GD in the paper)."""
+    if METHODS[cfg.method].starts_from_pce and not cfg.init and cfg.pretrain_epochs > 0:
         return [("pce", cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
     return [(cfg.method, cfg.epochs)]
 
