@@ -1,12 +1,14 @@
 """Local paths and pyarrow filesystem URIs (s3://, gs://, hdfs://) behind one API.
 
 Writes are atomic: a local file is written under a temporary name in the same folder
-and renamed; an object store receives the whole file in one request, so a reader
-never sees half a file (SPEC §6).
+and renamed; an object appears in an object store only once its upload completes (one
+PUT below the part size, a multipart upload above), so a reader never sees half a file
+(SPEC §6).
 
 Errors fall into three cases. "Not found" (FileNotFoundError) and refusals
-(PermissionError, …) are final at once. Any other OSError (an S3 503, a reset
-connection, a listing that timed out) is taken as transient: the call is repeated
+(PermissionError, …, and an object store's missing bucket or denied access) are final
+at once. Any other OSError (an S3 503, a reset connection, a listing that timed out)
+is taken as transient: the call is repeated
 with exponential backoff, ATTEMPTS times in all, and only then raised. Whether the
 bytes make sense is not this module's business: `shared.shards` calls a file that
 reads but does not parse corrupt.
@@ -24,6 +26,8 @@ import pyarrow.fs as pafs
 ATTEMPTS = 5  # tries of one storage call
 BACKOFF_S = 0.5  # wait after the first failure, doubled after each: 7.5 s in all
 FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# object-store errors that pyarrow raises as plain OSError but that no retry mends
+FINAL_MESSAGES = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
 
 
 def retried(fn):
@@ -37,7 +41,7 @@ def retried(fn):
             except FINAL:
                 raise
             except OSError as e:
-                if attempt == ATTEMPTS - 1:
+                if attempt == ATTEMPTS - 1 or any(m in str(e) for m in FINAL_MESSAGES):
                     raise
                 wait = BACKOFF_S * 2 ** attempt
                 print(f"warning: storage error ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "

@@ -408,3 +408,14 @@ def test_a_run_folder_on_s3_resumes_from_its_config_and_checkpoint(base, s3_endp
     with pytest.raises(UserError, match="--resume: .*missing.*does not exist"):
         read_toml(storage.join(base, "missing", "config.toml"), "--resume")
     assert storage.resolve(storage.join(base, "a"))[0] is storage.resolve(storage.join(base, "b", "c"))[0]
+
+
+def test_a_missing_bucket_is_final_at_once(s3_endpoint, capsys):
+    """No retry mends a bucket that does not exist: the first error is raised."""
+    from shared import storage
+
+    uri = f"s3://no-such-bucket-here/x.bin?endpoint_override={s3_endpoint[0]}&scheme=http&region=us-east-1"
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="NO_SUCH_BUCKET"):
+        storage.write_bytes(uri, b"x")
+    assert time.monotonic() - t0 < storage.BACKOFF_S and "trying again" not in capsys.readouterr().out

@@ -71,7 +71,7 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> Inputs:
         init_arch = checkpoint_arch(state)
     cfg.arch = resolve_arch(cfg.arch, init_arch, cfg.backbone_weights)
     if cfg.resume and not storage.exists(storage.join(cfg.out, "checkpoints", "last.pt")):
-        raise UserError(f"--resume: {cfg.out}/checkpoints/last.pt does not exist")
+        raise UserError(f"--resume: {storage.join(cfg.out, 'checkpoints', 'last.pt')} does not exist")
     found = _outputs_in(cfg.out)
     if found and not (cfg.resume or overwrite):
         raise UserError(f"--out {cfg.out}: holds another run's outputs ({', '.join(found[:3])}); "
@@ -163,7 +163,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=cfg.out if storage.is_remote(cfg.out) else storage.resolve(cfg.out)[1],
+            storage_path=ray_train_storage(cfg.out),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
@@ -203,6 +203,18 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     }
     storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def ray_train_storage(out: str) -> str:
+    """Where Ray Train keeps its own state (metrics and checkpoints of the run go through
+    `shared.storage`): the run folder; for a remote --out, the object store only in a
+    cluster, where every node must reach it, and a local folder on a private Ray (Ray
+    Train's own multipart uploads are not needed there and not every S3 endpoint takes them)."""
+    if not storage.is_remote(out):
+        return storage.resolve(out)[1]
+    if ray_session.started_here():
+        return os.path.join(os.path.expanduser("~"), ".cache", "trseg", "ray_train")
+    return out
 
 
 def check_cluster_paths(cfg: TrainConfig) -> None:
