@@ -45,13 +45,13 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
     or an `OutlierModel` whose ε is read at every step (learned with the network)."""
     model.train()
     losses = []
+    outliers = eps if isinstance(eps, OutlierModel) else None
     for batch in loader:
         batch = to_device(batch, device)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = poly_lr(base, step, total_steps)
         with autocast(device):
             logits = model(batch["image"])
-        outliers = eps if isinstance(eps, OutlierModel) else None
         loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite {method} loss at step {step}")
