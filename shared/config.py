@@ -17,7 +17,7 @@ SCHEDULES = ("overlapped", "sync")
 ALGORITHMS = ("expansion", "swap")
 OPTIMIZERS = ("sgd", "adamw")
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
-AUGMENTATIONS = ("default", "reference")  # trainer/data.py: ours, or the authors' VOC one (SPEC §4)
+AUGMENTATIONS = ("default", "reference", "crop")  # trainer/data.py: ours, the authors' VOC one (SPEC §4), crop only
 
 
 @dataclass
@@ -51,7 +51,10 @@ class TrainConfig:
     batch_size: int = 8  # the global batch, split evenly over the trainer workers
     lr: float = 0.003  # peak rate, poly decay; DeepLab's decoder trains at 10× it
     pretrain_lr: float | None = None  # of the PCE pretraining phase; None = lr
-    augmentation: str = "default"  # of the training crops: ours, or the authors' VOC recipe
+    # of the training crops: "default" (scale, crop, flip), "reference" (the authors' VOC recipe),
+    # "crop" (crop only); "": crop on the synthetic format, whose classes differ by stripe
+    # orientation and period (a flip or a rescale turns one class's texture into another's)
+    augmentation: str = ""
     eps_model: str = "const"  # const, learned, learned-per-class (trainer/outliers.py)
     batch_average: bool = False  # divide the data terms by the batch size, as the reference (SPEC §2)
     momentum: float = 0.9  # SGD only
@@ -119,6 +122,7 @@ class TrainConfig:
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
         _check(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {OPTIMIZERS}")
         _check(self.eps_model in EPS_MODELS, "--eps-model", f"must be one of {EPS_MODELS}")
+        self.augmentation = self.augmentation or ("crop" if self.format == "synthetic" else "default")
         _check(self.augmentation in AUGMENTATIONS, "--augmentation", f"must be one of {AUGMENTATIONS}")
         _check(self.arch in ("", *ARCHITECTURES), "--arch", f"must be one of {tuple(ARCHITECTURES)}")
         _check(self.pretrain_epochs >= 0, "--pretrain-epochs", "must be ≥ 0")

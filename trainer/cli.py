@@ -66,7 +66,7 @@ def _train_options(f):
         click.option("--pretrain-epochs", type=int, default=None, help="PCE epochs first when there is no --init."),
         click.option("--pretrain-lr", type=float, default=None, help="Base LR of those PCE epochs [--lr]."),
         click.option("--augmentation", type=click.Choice(AUGMENTATIONS), default=None,
-                     help="Training crops: ours, or the authors' VOC recipe (SPEC §4) [default]."),
+                     help="Training crops: default (scale, crop, flip), reference (the authors' VOC recipe, SPEC §4), crop (crop only) [crop on --format synthetic, else default]."),
         click.option("--eps-model", type=click.Choice(EPS_MODELS), default=None,
                      help="Outlier model of the robust loss: ε fixed, learned, or learned per class [const]."),
         click.option("--batch-average/--no-batch-average", "batch_average", default=None,

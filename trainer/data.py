@@ -307,7 +307,10 @@ class TrainSet(_Base):
     images whose short side is ≥ 200 px, and (0.75, 1.5) for smaller images (the
     synthetic ones: at 0.5 their 1–3 px scribbles and fine textures are lost to
     resampling). With ``crop_size`` 0 (whole images) no rescaling is done, only the
-    flip, so that images of one size still batch. ``augment=False``: no scale or flip,
+    flip, so that images of one size still batch. ``augmentation="crop"``: the random
+    crop only, for data whose classes differ in orientation or scale (the synthetic
+    sets' stripe textures: a flip or a rescale turns one class's texture into
+    another's). ``augment=False``: no scale or flip,
     a centred crop (padded if needed) when ``crop_size`` > 0.
 
     Randomness: call ``set_epoch(e)`` each epoch for augmentations that are a
@@ -369,7 +372,7 @@ class TrainSet(_Base):
             image, labels = reference_augment(image, labels, fill, cs, rng)
             return _to_item(image, *labels[:3], index, roi=labels[3])
 
-        if rng is not None and cs > 0:
+        if rng is not None and cs > 0 and self.augmentation != "crop":
             lo, hi = self.scale_range or ((0.5, 2.0) if min(h, w) >= 200 else (0.75, 1.5))
             scale = rng.uniform(lo, hi)
             nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
@@ -392,7 +395,7 @@ class TrainSet(_Base):
                 y0, x0 = (h - cs) // 2, (w - cs) // 2
             image = image[y0:y0 + cs, x0:x0 + cs]
             labels = [m[y0:y0 + cs, x0:x0 + cs] for m in labels]
-        if rng is not None and rng.random() < 0.5:
+        if rng is not None and self.augmentation != "crop" and rng.random() < 0.5:
             image = image[:, ::-1]
             labels = [m[:, ::-1] for m in labels]
         return _to_item(image, *labels[:3], index, roi=labels[3])

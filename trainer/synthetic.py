@@ -51,7 +51,7 @@ from shared.image_io import write_label
 from shared.labels import UNLABELLED
 from trainer.scribbles import shorten_scribble
 
-VERSION = 2  # bump when the generated images change: cached copies are keyed by it
+VERSION = 3  # bump when the generated images change: cached copies are keyed by it
 SUFFIXES = {"": 1.0, "0.8": 0.8, "0.5": 0.5, "0.3": 0.3, "0": 0.0}
 
 
@@ -189,7 +189,7 @@ def _draw(h, w, pts, width) -> np.ndarray:
 class _ClassStyle:
     def __init__(self, k: int, num_obj: int):
         self.hue = (k - 1) / num_obj
-        self.hue_jitter = 0.55 / num_obj  # ± over half the spacing: neighbours overlap
+        self.hue_jitter = 0.45 / num_obj  # ± under half the spacing: hue alone tells the class
         self.angle = np.pi * (k - 1) / num_obj
         self.period = 5.0 + 2.0 * ((k - 1) % 3)
 
@@ -271,9 +271,11 @@ def _make_image(rng: np.random.Generator, height: int, width: int, classes: int,
         if region.sum() < 6:
             regions.append(None)
             continue
-        rim = int(np.ceil(ob["rim"]))
-        depth = _depth(region, rim + 1)
-        beta = ob["blend"] * np.clip(1.0 - depth / ob["rim"], 0.0, 1.0)
+        # the rim covers at most half of the region's depth: every object keeps a core
+        # that shows its class (v2 faded small objects whole, and their class with them)
+        depth = _depth(region, 2 * int(np.ceil(ob["rim"])) + 2)
+        rim = max(min(ob["rim"], 0.5 * float(depth.max())), 1.0)
+        beta = ob["blend"] * np.clip(1.0 - depth / rim, 0.0, 1.0)
         appearance = ob["col"][None, None, :] + ob["tex"][..., None]
         mix = (1 - beta[..., None]) * appearance + beta[..., None] * bg
         boundary = region & ~_erode(region)  # image border is not a boundary
