@@ -55,6 +55,8 @@ def test_truncated_snapshot_part_is_reported(tmp_path):
             image_id=f"img{k}", round=0, image_uri="i.png", seeds_uri="s.png", height=8, width=8, num_classes=3,
             label_set=np.arange(3, dtype=np.uint8), neg_log_q=np.ones((3, 2, 2), np.float16))]
         store.write_snapshots(0, k, rows)
+    assert not store.round_complete("snapshots", 0, 2)  # not committed yet
+    store.commit("snapshots", 0, {0: ["img0"], 1: ["img1"]})
     assert store.round_complete("snapshots", 0, 2) and not store.unreadable("snapshots", 0, read_rows=True)
     bad = store.part_uri("snapshots", 0, 1)
     _truncate(bad)
