@@ -115,6 +115,16 @@ class StageA:
                   flush=True)
             self._write(net, r, only=bad)
 
+    def state(self) -> dict:
+        """The counters a restarted worker continues from (checkpointed every epoch). The
+        feed's position needs no saving: it reads again, from the manifests, the newest
+        committed proposal of every part, the one it held or a fresher one."""
+        return {"stall_s": self.feed.stall_s, "staleness": list(self.staleness), "max_staleness": self.max_staleness}
+
+    def restore(self, state: dict) -> None:
+        self.feed.stall_s, self.staleness, self.max_staleness = (
+            state["stall_s"], list(state["staleness"]), state["max_staleness"])
+
     def summary(self) -> dict:
         return {
             "stall_s": self.feed.stall_s,
