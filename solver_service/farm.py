@@ -152,7 +152,7 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
     rows = []
     while True:  # every pass re-checks: a truncated proposal (e.g. left by an earlier run) is solved again
         todo = store.unsolved(r, verify=True)
-        for k, e in store.unreadable("snapshots", r).items():
+        for k, e in (store.unreadable("snapshots", r, only=todo) if todo else {}).items():  # each a GET: only those to solve
             warn(f"warning: {e}; not solved until the trainer writes it again")
             todo.pop(k, None)
         if not todo:
