@@ -14,6 +14,12 @@ Parts (run in this order; `--only` picks some):
   Epoch time = (stage_b_s + stall_s + snapshot_s summed over the run's epochs, from
   its metrics.jsonl) / epochs: the trainer's time per epoch without Ray Train's fixed
   start/stop cost and without the validation pass. wall_s is reported beside it.
+- `requests`: storage requests per image per stage-A round with the shards on S3: a
+  Grid-TR run (the synthetic set, 64 images in parts of 8, two rounds, `--shards
+  s3://…`) against moto's S3 server on 127.0.0.1, which counts every request it
+  answers from every process of the run (benchmarks/s3_counter.py): reads (GET, HEAD),
+  writes (PUT, POST, DELETE) and listings. `storage_requests_per_image_round` = all of
+  them ÷ (training images × rounds), the run's fixed costs included.
 - `scaling`: the solver farm (solve_round, Ray Data ActorPoolStrategy) on one snapshot
   round of 375×500 images with 1 and then 2 actors, on a fresh Ray each. Throughput
   counts the solving window only: from the earliest part start (arrival of its result
@@ -50,7 +56,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from shared import shards  # noqa: E402
 from shared.shard_store import ShardStore, parts_of  # noqa: E402
 
-PARTS = ("sizes", "solver", "epochs", "scaling")
+PARTS = ("sizes", "solver", "epochs", "requests", "scaling")
 
 # VOC-sized shard rows (SPEC §6)
 VOC_H, VOC_W, VOC_K, VOC_PRESENT = 375, 500, 21, 3
@@ -67,7 +73,11 @@ TARGETS = {
     "solver_scaling_2": (">=", 0.85),
     "snapshot_bytes_per_image": ("<=", 100_000),
     "proposal_bytes_per_image": ("<=", 20_000),
+    "storage_requests_per_image_round": ("<=", 3.0),
 }
+# credentials for moto, set before Ray starts so that its workers inherit them
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
 
 def log(msg: str) -> None:
@@ -242,6 +252,70 @@ def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- requests
+
+
+@contextlib.contextmanager
+def counting_s3():
+    """moto's S3 server with a request counter (benchmarks/s3_counter.py) on 127.0.0.1 and
+    a bucket; yields (endpoint, counts()); stopped afterwards."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "s3_counter.py"), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/trseg-bench", method="PUT"), timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the counting S3 server (benchmarks/s3_counter.py) did not start")
+                time.sleep(0.2)
+        yield endpoint, lambda: json.loads(urllib.request.urlopen(f"{endpoint}/__requests__", timeout=10).read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def measure_requests(workdir: str, per_round: int = 2, rounds: int = 2) -> dict:
+    from shared.config import TrainConfig
+    from experiments.default_job import synthetic_dataset
+    from trainer.driver import run_train
+
+    n_train, n_val, size = 64, 32, 96
+    data = synthetic_dataset(n_train, n_val, size)
+    with counting_s3() as (endpoint, counts):
+        shards_uri = f"s3://trseg-bench/shards?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        before = counts()
+        log(f"requests: Grid-TR, {rounds} rounds of {n_train} images, shards on {shards_uri}")
+        cfg = TrainConfig(
+            data=data, format="synthetic", method="grid-tr", pretrain_epochs=0, epochs=rounds * per_round,
+            epochs_per_round=per_round, solvers="1", num_workers=1, use_gpu=False, eval_every=10**6,
+            shards=shards_uri, out=os.path.join(workdir, "requests"))
+        summary = run_train(cfg, "synthetic")
+        after = counts()
+    assert summary["proposals_missing"] == 0, summary
+    made = {k: after[k] - before[k] for k in ("read", "write", "list")}
+    total = sum(made.values())
+    per = n_train * rounds
+    log(f"requests: {made} in {summary['wall_s']:.0f} s: {total / per:.2f} per image per round")
+    return {
+        "storage_requests_per_image_round": round(total / per, 3),
+        "storage_requests": {**made, "images": n_train, "rounds": rounds, "parts_per_round": -(-n_train // cfg.shard_size),
+                             "wall_s": round(summary["wall_s"], 1),
+                             "by_request": {k: v - before["by_request"].get(k, 0)
+                                            for k, v in after["by_request"].items() if v > before["by_request"].get(k, 0)}},
+    }
+
+
 # ---------------------------------------------------------------------------- scaling
 
 
@@ -358,6 +432,8 @@ def run(parts=PARTS, quick: bool = False, out: str | None = None, repeats: int |
     t_start = time.perf_counter()
     load_before = round(os.getloadavg()[0], 2)  # a busy machine makes every timing here noisy
     workdir = out or tempfile.mkdtemp(prefix="trseg-bench-")
+    if "requests" in parts:
+        os.environ.update(S3_ENV)
     os.makedirs(workdir, exist_ok=True)
     result: dict = {"quick": quick}
     try:
@@ -374,12 +450,14 @@ def run(parts=PARTS, quick: bool = False, out: str | None = None, repeats: int |
                 result["solver_vs_authors"] = round(s["solver_ms_per_image"] / AUTHORS_SOLVER_MS, 3)
                 result["solver_detail"] = {k: v for k, v in s.items() if k not in result}
                 log(f"solver: {s['solver_ms_per_image']} ms/image (cold {s['solver_cold_ms']}, raw GCO {s['raw_gco_ms']})")
-            if "epochs" in parts or "scaling" in parts:
+            if "epochs" in parts or "requests" in parts or "scaling" in parts:
                 from shared.ray_session import connect
 
                 connect(None)
             if "epochs" in parts:
                 result.update(measure_epochs(quick, os.path.join(workdir, "epochs"), epochs_per_round))
+            if "requests" in parts:
+                result.update(measure_requests(workdir, epochs_per_round))
             if "scaling" in parts:
                 result.update(measure_scaling(quick, workdir))
             import ray

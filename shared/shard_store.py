@@ -1,7 +1,9 @@
 """The shard store: the one owner of the shard layout of SPEC §6.
 
     {base}/snapshots/round={r}/part-{k}.{parquet|arrow}
+    {base}/snapshots/round={r}/manifest.json             the round's commit record, written last
     {base}/proposals/round={r}/part-{k}.{parquet|arrow}
+    {base}/proposals/round={r}/manifest.json
     {base}/FARM_FAILED                                   stage A failed: stop waiting
     {base}/RUN                                           the id of the run that owns the base
 
@@ -10,6 +12,14 @@ proposal part k of round r answers snapshot part k of round r, and the warm star
 an image is part k of an earlier proposal round. The trainer, the solver farm, the
 driver, the solver's command line and the benchmarks reach shards only through this
 class; the row formats themselves are `shared.shards`.
+
+Readers that poll (the farm waiting for a snapshot round, the trainer waiting for
+proposals) read one manifest per round (`shared.shards.Manifest`: the parts, their image
+ids, the run) instead of listing folders: on an object store a listing is a billed,
+throttled request per poll. A round is visible to them once its manifest exists; the
+trainer commits a snapshot round when all its parts are written, the farm a proposal
+round when it has solved what it could of it. Listings remain for the checks that run
+once a round (what is left to solve, what was left by a killed run).
 
 A base belongs to one run (SPEC §6, §7): `claim` records the run's id in RUN, every
 part written through a store carries it in its schema metadata, and the store's
@@ -25,6 +35,7 @@ from shared.errors import CorruptShardError, UserError
 
 _PART = re.compile(r"^part-(\d+)\.(parquet|arrow)$")
 _ROUND = re.compile(r"^round=(\d+)$")
+_MANIFEST = "manifest.json"
 _FAILED = "FARM_FAILED"
 _RUN = "RUN"
 
@@ -88,6 +99,34 @@ class ShardStore:
     def parts(self, kind: str, r: int) -> dict[int, str]:
         return parts_in(self.round_dir(kind, r))
 
+    # -- commit records
+    def manifest_uri(self, kind: str, r: int) -> str:
+        return storage.join(self.round_dir(kind, r), _MANIFEST)
+
+    def manifest(self, kind: str, r: int) -> shards.Manifest | None:
+        """Round r's commit record (one read); None if the round is not committed, or
+        committed by another run."""
+        uri = self.manifest_uri(kind, r)
+        data = storage.read_if_exists(uri)
+        if data is None:
+            return None
+        m = shards.Manifest.from_bytes(uri, data)
+        return m if not self.run_id or m.run_id == self.run_id else None
+
+    def commit(self, kind: str, r: int, image_ids: dict[int, list[str]], fmt: str = "parquet") -> None:
+        """Commit round r: its parts (part index -> image ids), all written before."""
+        m = shards.Manifest(kind, r, self.run_id, {k: (f"part-{k}.{fmt}", ids) for k, ids in image_ids.items()})
+        storage.write_bytes(self.manifest_uri(kind, r), m.to_bytes())
+
+    def uncommit(self, kind: str, r: int) -> None:
+        """Hide round r from the pollers until it is committed again (a part was found bad)."""
+        storage.delete(self.manifest_uri(kind, r))
+
+    def committed(self, kind: str, r: int) -> dict[int, str]:
+        """Part index -> URI of every part that round r's manifest names ({} if none)."""
+        m = self.manifest(kind, r)
+        return {k: storage.join(self.round_dir(kind, r), name) for k, (name, _) in m.parts.items()} if m else {}
+
     # -- rows
     def write_snapshots(self, r: int, k: int, rows: list[shards.Snapshot]) -> None:
         shards.write_table(shards.snapshots_table(rows, self.run_id), self.part_uri("snapshots", r, k))
@@ -97,7 +136,9 @@ class ShardStore:
 
     # -- state of a round
     def round_complete(self, kind: str, r: int, n_parts: int) -> bool:
-        return len(self.parts(kind, r)) >= n_parts
+        """Round r is committed with at least n_parts parts."""
+        m = self.manifest(kind, r)
+        return m is not None and len(m.parts) >= n_parts
 
     def unreadable(self, kind: str, r: int, read_rows: bool = False, only=None) -> dict[int, CorruptShardError]:
         """The parts of a round that do not read (footer and schema, or every row) or
@@ -127,23 +168,17 @@ class ShardStore:
         return {k: uri for k, uri in self.parts("snapshots", r).items() if k not in done or k in bad}
 
     def newest_proposals(self, r: int, n_parts: int, since: int = -1) -> dict[int, tuple[int, str]]:
-        """part -> (round p, URI) of its newest proposal with since < p ≤ r (a poller that
-        holds round `since` of every part lists only the rounds after it)."""
+        """part -> (round p, URI) of its newest committed proposal with since < p ≤ r.
+        Reads the manifests from round r down, and stops once every part has one (a
+        poller that holds round `since` of every part reads only the rounds after it)."""
         best: dict[int, tuple[int, str]] = {}
-        for p in self.rounds("proposals"):
-            if p <= since:
-                continue
-            if p > r:
-                break
-            for k, uri in self.parts("proposals", p).items():
+        for p in range(r, since, -1):
+            for k, uri in self.committed("proposals", p).items():
                 if k < n_parts:
-                    best[k] = (p, uri)
+                    best.setdefault(k, (p, uri))
+            if len(best) == n_parts:
+                break
         return best
-
-    def warm_start(self, r: int, k: int) -> str:
-        """The newest proposal of part k from a round before r ('' if none)."""
-        newest = self.newest_proposals(r - 1, k + 1).get(k)
-        return newest[1] if newest else ""
 
     def images_missing(self, parts: list[range]) -> int:
         """Images of every snapshot round without a proposal of that round."""
@@ -158,8 +193,8 @@ class ShardStore:
         storage.write_bytes(storage.join(self.base, _FAILED), (why.strip() + "\n").encode())
 
     def failure(self) -> str | None:
-        uri = storage.join(self.base, _FAILED)
-        return storage.read_bytes(uri).decode().strip() if storage.exists(uri) else None
+        data = storage.read_if_exists(storage.join(self.base, _FAILED))  # polled: one request
+        return data.decode().strip() if data is not None else None
 
     def clear_failure(self) -> None:
         storage.delete(storage.join(self.base, _FAILED))

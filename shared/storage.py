@@ -109,6 +109,15 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_if_exists(uri: str) -> bytes | None:
+    """The file's bytes, or None if it does not exist: one request on an object store
+    for an absent object, where `exists` costs two (pyarrow looks for a folder too)."""
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        return None
+
+
 @retried
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)

@@ -137,7 +137,8 @@ def _free() -> str:
 def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_images: int | None = None,
                 warn=print) -> list[dict]:
     """Stage A for every part of snapshot round r that lacks a (readable, this run's)
-    proposal; blocks.
+    proposal; blocks. Then commits the round's proposals (its manifest names every
+    part solved, with the image ids of the snapshot manifest).
 
     A snapshot part that does not read (or is another run's) is reported through `warn`
     and left alone: the trainer writes it again, and the farm solves it then. Parts
@@ -151,13 +152,14 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
     rows = []
     while True:  # every pass re-checks: a truncated proposal (e.g. left by an earlier run) is solved again
         todo = store.unsolved(r, verify=True)
-        for k, e in store.unreadable("snapshots", r).items():
+        for k, e in (store.unreadable("snapshots", r, only=todo) if todo else {}).items():  # each a GET: only those to solve
             warn(f"warning: {e}; not solved until the trainer writes it again")
             todo.pop(k, None)
         if not todo:
             break
-        items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", r, k), "init": store.warm_start(r, k)}
-                 for k, uri in sorted(todo.items())]
+        inits = store.newest_proposals(r - 1, max(todo) + 1)
+        items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", r, k),
+                  "init": inits[k][1] if k in inits else ""} for k, uri in sorted(todo.items())]
         try:
             for row in solve_parts(items, solver, pool):
                 rows.append(row)
@@ -170,6 +172,10 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"snapshots: {', '.join(todo[k] for k in left if k in todo)}") from None
     bar.close()
+    snapshots = store.manifest("snapshots", r)
+    if snapshots is not None:
+        solved = store.parts("proposals", r)
+        store.commit("proposals", r, {k: ids for k, ids in snapshots.image_ids().items() if k in solved})
     return rows
 
 
@@ -203,25 +209,29 @@ class Farm(threading.Thread):
         self.error: BaseException | None = None
         self.images = 0
         self._warned: set[str] = set()
-        self._finished: set[int] = set()  # rounds with every proposal part, as last listed
+        self._finished: set[int] = set()  # rounds with every proposal part committed, as last read
         self._checked = time.monotonic()
 
     def pending(self) -> list[int]:
-        """Rounds whose snapshot is whole and which lack a proposal part, oldest first.
-        Rounds found finished are not listed again for RECHECK_S (each listing is a
-        request on an object store); then all are, for a proposal the trainer found
-        corrupt and deleted."""
+        """Committed snapshot rounds whose proposals are not all committed, oldest first.
+        The trainer commits rounds in order, so an idle poll reads one manifest: that of
+        the round after the last one seen. Rounds found finished are not read again for
+        RECHECK_S; then all are, for a proposal the trainer found corrupt (it deletes the
+        part and its round's manifest)."""
         if time.monotonic() - self._checked > RECHECK_S:
             self._finished, self._checked = set(), time.monotonic()
-        pending = []
-        for r in self.store.rounds("snapshots"):
-            if r in self._finished or not self.store.round_complete("snapshots", r, self.n_parts):
-                continue
-            if self.store.unsolved(r):
-                pending.append(r)
-            else:
-                self._finished.add(r)
-        return pending
+        pending, r = [], 0
+        while True:
+            if r not in self._finished:
+                snapshots = self.store.manifest("snapshots", r)
+                if snapshots is None:
+                    return pending
+                solved = self.store.manifest("proposals", r)
+                if solved is not None and len(solved.parts) >= len(snapshots.parts):
+                    self._finished.add(r)
+                else:
+                    pending.append(r)
+            r += 1
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

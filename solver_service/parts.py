@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from shared import shards, storage
+from shared import shards
 from shared.config import SolverConfig
 from shared.errors import CorruptShardError, UserError
 from shared.image_io import read_image, read_label
@@ -21,10 +21,12 @@ from solver_service.alpha_expansion import solve
 
 
 def _warm_starts(init_uri: str | None, run_id: str) -> dict[str, np.ndarray]:
-    if not init_uri or not storage.exists(init_uri):
+    if not init_uri:
         return {}
     try:
         return {p.image_id: p.labels for p in shards.read_proposals(init_uri, run_id)}
+    except FileNotFoundError:
+        return {}
     except CorruptShardError as e:  # a warm start is an optimisation (another run's too): solve cold
         warnings.warn(f"ignoring warm starts: {e}")
         return {}

@@ -114,6 +114,7 @@ def _write_snapshot_parts(base, data_dir, n_parts, size=40, classes=3, r=0):
             image_id=f"img{k}", round=r, image_uri=image_path, seeds_uri=seeds_path, height=size, width=size,
             num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16))
         shards.write_table(shards.snapshots_table([row]), ShardStore(base).part_uri("snapshots", r, k))
+    ShardStore(base).commit("snapshots", r, {k: [f"img{k}"] for k in range(n_parts)})
 
 
 def _truncate(path):
@@ -129,6 +130,7 @@ def _solve_parts_locally(base, n_parts, r=0):
 
     for k in range(n_parts):
         solve_part(ShardStore(base).part_uri("snapshots", r, k), ShardStore(base).part_uri("proposals", r, k), SolverConfig(max_iter=1))
+    ShardStore(base).commit("proposals", r, {k: [f"img{k}"] for k in range(n_parts)})
 
 
 def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):

@@ -19,7 +19,10 @@ from trainer.proposals import ProposalFeed
 def _props(base, run_id, k, ids, r=0):
     rows = [shards.Proposal(image_id=i, round=r, labels=np.zeros((4, 4), np.uint8), energy=0.0, unary_energy=0.0,
                             smooth_energy=0.0, iterations=1, seconds=0.0, warm_start=False, solver="t") for i in ids]
-    ShardStore(base, run_id).write_proposals(r, k, rows)
+    store = ShardStore(base, run_id)
+    store.write_proposals(r, k, rows)
+    committed = store.manifest("proposals", r)
+    store.commit("proposals", r, {**(committed.image_ids() if committed else {}), k: ids})
     return ShardStore(base).part_uri("proposals", r, k)
 
 
@@ -66,6 +69,9 @@ def test_feed_ignores_another_runs_part_and_keeps_it(tmp_path, capsys):
     base = str(tmp_path)
     uri = _props(base, "other", 0, ["a", "b"])
     feed = ProposalFeed(ShardStore(base, "mine"), [["a", "b"]], sync=False, max_staleness=1)
+    got = feed.refresh(0, wait=False)  # the other run's manifest: not this run's round
+    assert feed.labels == {} and got["max_staleness"] == 1
+    ShardStore(base, "mine").commit("proposals", 0, {0: ["a", "b"]})  # this run's manifest, the other's part
     got = feed.refresh(0, wait=False)
     assert feed.labels == {} and got["max_staleness"] == 1
     assert os.path.exists(uri) and "run other" in capsys.readouterr().out
@@ -102,10 +108,12 @@ def test_max_stall_option_is_checked():
         TrainConfig(data="x", solver_retries=-1).validate()
 
 
-def test_pollers_skip_rounds_they_are_done_with(tmp_path, monkeypatch):
-    """Each listing is a request on an object store: the farm does not list a finished
-    round again for RECHECK_S, then does (a proposal found corrupt and deleted is solved
-    again); the feed lists only rounds newer than the one every part holds."""
+def test_pollers_read_one_manifest_a_poll_and_never_list(tmp_path, monkeypatch):
+    """Each read or listing is a request on an object store: the idle farm reads the
+    manifest of the round after the last one seen and nothing else; a finished round is
+    read again after RECHECK_S (a proposal found corrupt, its round uncommitted, is
+    solved again); the feed reads only rounds newer than the one every part holds."""
+    from shared import storage
     from solver_service import farm as farm_module
     from solver_service.farm import Farm, Pool
 
@@ -116,14 +124,19 @@ def test_pollers_skip_rounds_they_are_done_with(tmp_path, monkeypatch):
     store = ShardStore(base)
     farm = Farm(store, 2, SolverConfig(), Pool())
     assert farm.pending() == []
+    read, listed = [], []
+    monkeypatch.setattr(store, "manifest", lambda kind, r: read.append((kind, r)) or ShardStore.manifest(store, kind, r))
+    monkeypatch.setattr(storage, "list_dir", lambda uri: listed.append(uri) or [])
+    assert farm.pending() == [] and read == [("snapshots", 2)]
     os.remove(store.part_uri("proposals", 0, 1))
-    listed = []
-    monkeypatch.setattr(store, "parts", lambda kind, r: listed.append((kind, r)) or ShardStore.parts(store, kind, r))
-    assert farm.pending() == [] and listed == []  # both rounds remembered as finished
+    store.uncommit("proposals", 0)  # what the feed does with a corrupt part
+    read.clear()
+    assert farm.pending() == [] and read == [("snapshots", 2)]  # both rounds remembered as finished
     monkeypatch.setattr(farm_module, "RECHECK_S", 0.0)
     assert farm.pending() == [0]
-    listed.clear()
-    assert sorted(store.newest_proposals(1, 2, since=0)) == [0, 1] and {r for _, r in listed} == {1}
+    read.clear()
+    assert sorted(store.newest_proposals(1, 2, since=0)) == [0, 1] and read == [("proposals", 1)]
+    assert listed == []
 
 
 # --------------------------------------------------------------------------- with Ray

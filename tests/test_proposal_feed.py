@@ -19,7 +19,10 @@ def write_proposals(base, r, k, value):
                         unary_energy=0.5, smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t")
         for i in PARTS[k]
     ]
-    shards.write_table(shards.proposals_table(rows), ShardStore(base).part_uri("proposals", r, k))
+    store = ShardStore(base)
+    shards.write_table(shards.proposals_table(rows), store.part_uri("proposals", r, k))
+    committed = store.manifest("proposals", r)
+    store.commit("proposals", r, {**(committed.image_ids() if committed else {}), k: PARTS[k]})
 
 
 def test_overlapped_round0_trains_on_seeds_until_proposals_arrive(tmp_path):
@@ -80,10 +83,28 @@ def test_corrupt_proposal_is_reported_and_removed(tmp_path, capsys):
     write_proposals(base, 0, 0, 0)
     uri = ShardStore(base).part_uri("proposals", 0, 1)
     (tmp_path / "proposals" / "round=0" / "part-1.parquet").write_bytes(b"not parquet")
+    ShardStore(base).commit("proposals", 0, {0: PARTS[0], 1: PARTS[1]})
     feed = ProposalFeed(ShardStore(base), PARTS, sync=False, max_staleness=1)
     feed.refresh(0, wait=False)
     assert "part-1.parquet" in capsys.readouterr().out
     assert "c" not in feed.labels and not (tmp_path / "proposals" / "round=0" / "part-1.parquet").exists(), uri
+    # the round is uncommitted: the farm sees it unfinished and solves the part again
+    assert ShardStore(base).manifest("proposals", 0) is None
+
+
+def test_uncommitted_proposals_are_not_read(tmp_path):
+    """A part is visible once its round's manifest names it (written after the parts)."""
+    base = str(tmp_path)
+    write_proposals(base, 0, 0, 0)
+    rows = [shards.Proposal(image_id="c", round=0, labels=np.full((4, 4), 7, np.uint8), energy=1.0, unary_energy=0.5,
+                            smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t")]
+    ShardStore(base).write_proposals(0, 1, rows)  # written, not yet committed
+    feed = ProposalFeed(ShardStore(base), PARTS, sync=False, max_staleness=1)
+    feed.refresh(0, wait=False)
+    assert sorted(feed.labels) == ["a", "b"]
+    ShardStore(base).commit("proposals", 0, {0: PARTS[0], 1: PARTS[1]})
+    feed.refresh(0, wait=False)
+    assert feed.labels["c"][0, 0] == 7
 
 
 def test_diagnostics_score_the_proposals_in_use_against_masks(tmp_path):
@@ -96,6 +117,7 @@ def test_diagnostics_score_the_proposals_in_use_against_masks(tmp_path):
                                     smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t",
                                     changed=changed))
     shards.write_table(shards.proposals_table(rows), ShardStore(base).part_uri("proposals", 0, 0))
+    ShardStore(base).commit("proposals", 0, {0: ["a", "b"]})
     mask = np.zeros((4, 4), np.uint8)
     mask[:, 1:] = 1  # the proposals miss one column of class 1: IoU 8/12 (class 1), 4/8 (class 0)
     feed = ProposalFeed(ShardStore(base), [["a", "b"]], sync=True, max_staleness=0, num_classes=2,

@@ -1,6 +1,7 @@
 """The trainer killed mid-round, then `train --resume DIR`: same round, epoch and optimizer
 state, the proposal shards already written are reused, a truncated snapshot is rewritten."""
 from shared.shard_store import ShardStore
+import json
 import os
 import signal
 import time
@@ -55,6 +56,8 @@ def test_truncated_snapshot_part_is_reported(tmp_path):
             image_id=f"img{k}", round=0, image_uri="i.png", seeds_uri="s.png", height=8, width=8, num_classes=3,
             label_set=np.arange(3, dtype=np.uint8), neg_log_q=np.ones((3, 2, 2), np.float16))]
         store.write_snapshots(0, k, rows)
+    assert not store.round_complete("snapshots", 0, 2)  # not committed yet
+    store.commit("snapshots", 0, {0: ["img0"], 1: ["img1"]})
     assert store.round_complete("snapshots", 0, 2) and not store.unreadable("snapshots", 0, read_rows=True)
     bad = store.part_uri("snapshots", 0, 1)
     _truncate(bad)
@@ -144,6 +147,18 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
     assert not changed, f"proposal shards recomputed on resume: {changed}"
     for r in ShardStore(base).rounds("snapshots"):
         assert sorted(ShardStore(base).parts("proposals", r)) == [0, 1, 2, 3]
-    summary = __import__("json").loads(open(os.path.join(out, "summary.json")).read())
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
     assert summary["proposals_missing"] == 0
     assert load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))["global_epoch"] == 5
+    # every epoch went to Ray Train with a checkpoint, which the restarts read back
+    # (get_checkpoint); it keeps the latest and the best by val mIoU
+    from trainer.loop import CHECKPOINT_FILE, CHECKPOINT_SCORE
+
+    ray_state = json.loads(open(os.path.join(out, "ray_train", "checkpoint_manager_snapshot.json")).read())
+    latest = ray_state["latest_checkpoint_result"]
+    assert latest["metrics"]["epoch"] == 5 and latest["metrics"][CHECKPOINT_SCORE] == summary["val_miou"]
+    kept = ray_state["checkpoint_results"]
+    assert latest["checkpoint_dir_name"] in [c["checkpoint_dir_name"] for c in kept] and len(kept) <= 2
+    assert all(c["metrics"][CHECKPOINT_SCORE] >= latest["metrics"][CHECKPOINT_SCORE] for c in kept)
+    state = load_checkpoint(os.path.join(out, "ray_train", latest["checkpoint_dir_name"], CHECKPOINT_FILE))
+    assert state["global_epoch"] == 5 and state["stage_a"]["stall_s"] == pytest.approx(summary["trainer_stall_s"])

@@ -380,6 +380,7 @@ def test_feed_keeps_a_part_that_storage_cannot_deliver(flaky, monkeypatch, capsy
     p = shards.Proposal(image_id="a", round=0, labels=np.full((5, 6), 1, np.uint8), energy=1.0, unary_energy=0.5,
                         smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t:1")
     ShardStore(base, "r").write_proposals(0, 0, [p])
+    ShardStore(base, "r").commit("proposals", 0, {0: ["a"]})
     uri = ShardStore(base).part_uri("proposals", 0, 0)
     feed = ProposalFeed(ShardStore(base, "r"), [["a"]], sync=False, max_staleness=1)
     proxy.fail, proxy.match = 10**6, "part-0"

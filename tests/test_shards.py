@@ -124,3 +124,49 @@ def test_check_shard_reads_only_the_footer_and_catches_truncation(tmp_path, fmt)
     with pytest.raises(shards.CorruptShardError, match=f"part-0.{fmt}"):
         shards.check_shard(uri, "snapshots")
 
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_a_round_is_visible_once_its_manifest_commits_it(tmp_path, fmt):
+    """Pollers read the manifest only: parts written but not committed are not there
+    for them; the manifest names each part's file and image ids and the run."""
+    store = ShardStore(str(tmp_path), "run-a")
+    for k in range(2):
+        shards.write_table(shards.proposals_table([prop(2 * k), prop(2 * k + 1)], "run-a"),
+                           store.part_uri("proposals", 2, k, fmt))
+    assert store.newest_proposals(2, 2) == {} and not store.round_complete("proposals", 2, 2)
+    assert sorted(store.parts("proposals", 2)) == [0, 1]  # the listing (once-a-round checks) sees them
+    store.commit("proposals", 2, {0: ["img0", "img1"], 1: ["img2", "img3"]}, fmt)
+    m = store.manifest("proposals", 2)
+    assert (m.kind, m.round, m.run_id) == ("proposals", 2, "run-a")
+    assert m.image_ids() == {0: ["img0", "img1"], 1: ["img2", "img3"]}
+    assert store.round_complete("proposals", 2, 2) and not store.round_complete("proposals", 2, 3)
+    newest = store.newest_proposals(3, 2)
+    assert newest == {k: (2, store.part_uri("proposals", 2, k, fmt)) for k in range(2)}
+    assert [p.image_id for p in shards.read_proposals(newest[1][1], "run-a")] == ["img2", "img3"]
+    assert sorted(os.listdir(tmp_path / "proposals" / "round=2")) == ["manifest.json", f"part-0.{fmt}", f"part-1.{fmt}"]
+    assert store.parts("proposals", 2) == store.committed("proposals", 2)  # the manifest is not a part
+    store.uncommit("proposals", 2)
+    assert store.manifest("proposals", 2) is None and store.newest_proposals(2, 2) == {}
+
+
+def test_newest_proposals_per_part_across_rounds(tmp_path):
+    store = ShardStore(str(tmp_path))
+    for r, ks in ((0, [0, 1]), (1, [0]), (3, [0, 1])):
+        for k in ks:
+            store.write_proposals(r, k, [prop(k, r)])
+        store.commit("proposals", r, {k: [f"img{k}"] for k in ks})
+    assert {k: p for k, (p, _) in store.newest_proposals(2, 2).items()} == {0: 1, 1: 0}
+    assert {k: p for k, (p, _) in store.newest_proposals(3, 2).items()} == {0: 3, 1: 3}
+    assert store.newest_proposals(2, 2, since=0) == {0: (1, store.part_uri("proposals", 1, 0))}
+
+
+def test_manifests_of_another_run_are_ignored_and_garbage_is_named(tmp_path):
+    store = ShardStore(str(tmp_path), "mine")
+    store.write_snapshots(0, 0, [snap(0, 0)])
+    ShardStore(str(tmp_path), "other").commit("snapshots", 0, {0: ["img0"]})
+    assert store.manifest("snapshots", 0) is None and not store.round_complete("snapshots", 0, 1)
+    assert ShardStore(str(tmp_path)).round_complete("snapshots", 0, 1)  # a store outside a run takes any
+    (tmp_path / "snapshots" / "round=0" / "manifest.json").write_bytes(b'{"version": 1}')
+    with pytest.raises(CorruptShardError, match=r"round=0/manifest.json.*not a round manifest"):
+        store.manifest("snapshots", 0)

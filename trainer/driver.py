@@ -3,7 +3,8 @@
     trainer (TorchTrainer) ──snapshots──▶ shards ──▶ Farm (SolverActors) ──proposals──▶ shards ──▶ trainer
 
 The driver validates the input before anything starts, runs the farm in a thread
-beside `TorchTrainer.fit()`, and writes summary.json (SPEC §7) when both are done.
+beside `TorchTrainer.fit()`, and writes summary.json (SPEC §7) when both are done,
+from the trainer's last report (the `Result` of `fit()`) and the farm's figures.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import uuid
 from typing import NamedTuple
 
 import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -31,7 +32,7 @@ from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
 from trainer.methods import METHODS
-from trainer.loop import train_loop_per_worker, train_split
+from trainer.loop import CHECKPOINT_SCORE, train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
 
@@ -163,12 +164,15 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=ray_train_storage(cfg.out),
+            storage_path=ray_train_storage(cfg.out, run_id),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # the latest checkpoint (Ray Train never deletes it) and the best by val mIoU
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE,
+                                               checkpoint_score_order="max"),
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except (KeyboardInterrupt, ray.train.TrainingFailedError):
         if farm is None or farm.error is None:  # not stopped by the farm: the user's ^C or the trainer's own error
             raise
@@ -177,7 +181,10 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             farm.finish(cfg.max_stall)
     if farm is not None and farm.error is not None:
         raise UserError(f"stage A failed: {farm.error}")
-    trained = json.loads(storage.read_bytes(storage.join(cfg.out, "trainer_summary.json")))
+    trained = result.metrics.get("summary") if result.metrics else None
+    if trained is None:
+        raise UserError(f"--out {cfg.out}: the trainer ended without its last epoch's report"
+                        + (" (--resume of a run that had finished)" if cfg.resume else ""))
     summary = {
         "method": cfg.method,
         "dataset": dataset_name or cfg.data,
@@ -205,15 +212,16 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     return summary
 
 
-def ray_train_storage(out: str) -> str:
-    """Where Ray Train keeps its own state (metrics and checkpoints of the run go through
-    `shared.storage`): the run folder; for a remote --out, the object store only in a
-    cluster, where every node must reach it, and a local folder on a private Ray (Ray
-    Train's own multipart uploads are not needed there and not every S3 endpoint takes them)."""
+def ray_train_storage(out: str, run_id: str) -> str:
+    """Where Ray Train keeps its own state and checkpoints (it restores them on a restart,
+    and from an earlier fit() of the same folder on `--resume`): the run folder; for a
+    remote --out, the object store only in a cluster, where every node must reach it, and
+    a local folder of this run on a private Ray (Ray Train's own multipart uploads are not
+    needed there and not every S3 endpoint takes them)."""
     if not storage.is_remote(out):
         return storage.resolve(out)[1]
     if ray_session.started_here():
-        return os.path.join(os.path.expanduser("~"), ".cache", "trseg", "ray_train")
+        return os.path.join(os.path.expanduser("~"), ".cache", "trseg", "ray_train", run_id)
     return out
 
 

@@ -3,9 +3,18 @@
 Stage A is not here: the worker writes a snapshot at the start of every round and
 reads back the proposals that the solver farm writes (SPEC §4, §6). Rank 0 writes
 the run's outputs; every rank trains on its share of the data (DDP).
+
+Every epoch ends with `ray.train.report(metrics, checkpoint)`: the checkpoint (rank
+0's, one file) holds what a restarted worker needs (weights, optimizer, phase, epoch
+and round counters, outlier model, stage-A counters), and Ray Train keeps the latest
+and the best by val mIoU (`CHECKPOINT_SCORE`). The same state goes to the run folder's
+checkpoints/last.pt for users (`--init`, `eval`, `--resume`). The last report carries
+the trainer's summary, which the driver reads from the `Result` of `fit()`.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import ray.train
@@ -28,6 +37,10 @@ from trainer.stage_a import NO_STAGE_A, StageA
 from trainer.visualize import write_panels
 
 CACHE_MAX_IMAGES = 2000  # decoded images kept in memory: the synthetic sets, not VOC's 10,582
+CHECKPOINT_FILE = "state.pt"  # the one file of a Ray Train checkpoint
+# Ray Train's checkpoint_score_attribute: the val mIoU of an evaluated epoch of the
+# method's phase, -1 otherwise (never the best); every report carries it
+CHECKPOINT_SCORE = "checkpoint_val_miou"
 
 
 def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
@@ -73,9 +86,17 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def last_checkpoint(cfg: TrainConfig, run_id: str) -> dict | None:
-    """Where this run left off: its checkpoints/last.pt, after `--resume` (the driver was
-    lost) or after Ray Train restarted the workers (a worker was lost, FailureConfig).
-    A last.pt of another run is not there: the driver claimed the folder."""
+    """Where this run left off: the latest checkpoint Ray Train holds for it (after a lost
+    worker, FailureConfig; or after `--resume` where Ray Train's storage of the run
+    survived), else its checkpoints/last.pt (`--resume` without it: a remote --out
+    resumed on another machine). A last.pt of another run is not there: the driver
+    claimed the folder."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
+        if state.get("run_id") == run_id:
+            return state
     uri = storage.join(cfg.out, "checkpoints", "last.pt")
     if not storage.exists(uri):
         return None
@@ -130,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(net)
 
     stage_a = None
-    stage_b_s = 0.0
+    stage_b_s = resume.get("stage_b_s", 0.0) if resume else 0.0
     best = resume["best_miou"] if resume else -1.0
     global_epoch = resume["global_epoch"] if resume else 0
     plan = phases(cfg)
@@ -147,6 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
         if METHODS[method].needs_proposals:
             stage_a = StageA(cfg, run_id, train_samples, train_eval, K, device, rank, world,
                              progress=lambda desc, total: progress_bar(show, desc, total))
+            if same_phase and resume.get("stage_a"):
+                stage_a.restore(resume["stage_a"])
         final = phase == len(plan) - 1
         for epoch in range(start, epochs):
             record = {"phase": method, "epoch": global_epoch + 1}
@@ -178,7 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
                 "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
                 "arch": cfg.arch, "method": method, "val_miou": record.get("val_miou"), "best_miou": best,
-                "run_id": run_id, "outliers": outliers.state_dict(),
+                "run_id": run_id, "outliers": outliers.state_dict(), "stage_b_s": stage_b_s,
+                "stage_a": stage_a.state() if stage_a else None,
             }
             if final and "val_miou" in record and record["val_miou"] > best:
                 best = state["best_miou"] = record["val_miou"]
@@ -189,12 +213,27 @@ def train_loop_per_worker(config: dict) -> None:
             log.save_checkpoint("last.pt", state)
             if rank == 0:
                 print(_progress_line(record, global_epoch, sum(e for _, e in plan)), flush=True)
-            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str))})
-    log.write_json("trainer_summary.json", {
-        **(stage_a.summary() if stage_a else NO_STAGE_A), "stage_b_s": stage_b_s, "val_miou": record.get("val_miou"),
-        "per_class_iou": record.get("per_class_iou"), "trimap": record.get("trimap"), "epochs": global_epoch,
-    })
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
+            metrics[CHECKPOINT_SCORE] = record["val_miou"] if final and "val_miou" in record else -1.0
+            if final and last:
+                metrics["summary"] = {
+                    **(stage_a.summary() if stage_a else NO_STAGE_A), "stage_b_s": stage_b_s,
+                    "val_miou": record.get("val_miou"), "per_class_iou": record.get("per_class_iou"),
+                    "trimap": record.get("trimap"), "epochs": global_epoch,
+                }
+            report(metrics, state if rank == 0 else None)
     log.close()
+
+
+def report(metrics: dict, state: dict | None) -> None:
+    """One epoch's metrics to Ray Train, with the checkpoint `state` (rank 0 gives it,
+    the other ranks None: every rank reports, as Ray Train requires)."""
+    with tempfile.TemporaryDirectory(prefix="trseg-checkpoint-") as folder:
+        checkpoint = None
+        if state is not None:
+            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None, extra: list[dict] = ()):

@@ -1,15 +1,17 @@
 """Stage B's input: the freshest proposal of every training image, staleness bounded.
 
-The trainer reads proposals only from the shards (SPEC §6). At round r it uses, for
-each part, the newest proposal round p ≤ r. `sync` needs p = r (Alg. 1 exactly);
+The trainer reads proposals only from the shards (SPEC §6), through the rounds'
+manifests (one read a poll: `ShardStore.newest_proposals`). At round r it uses, for
+each part, the newest committed proposal round p ≤ r. `sync` needs p = r (Alg. 1 exactly);
 `overlapped` accepts p ≥ r − max_staleness and waits otherwise; that wait is stall.
 No proposal at all counts as round −1, i.e. the image is trained on its seeds alone,
 which `overlapped` allows in round 0 when max_staleness ≥ 1.
 
 Nothing waits forever: a failed farm (its marker) ends the wait at once, and
 `max_stall_s` seconds without a new part end it with an error naming the round and
-the parts missing. A part of another run is ignored, a corrupt one deleted so that
-the farm solves it again, and one that storage could not deliver is tried again at
+the parts missing. Polls back off from `poll_s` to MAX_POLL_S. A part of another run
+is ignored, a corrupt one deleted with its round's manifest so that the farm solves it
+again, and one that storage could not deliver is tried again at
 the next poll (nothing is deleted on a transient error).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from shared.shard_store import ShardStore
 from shared.errors import CorruptShardError, ForeignShardError, UserError
 from trainer.metrics import confusion_matrix, miou
 
+MAX_POLL_S = 1.0  # a long wait polls storage at most this often
 MaskReader = Callable[[str], "np.ndarray | None"]
 
 
@@ -52,6 +55,7 @@ class ProposalFeed:
         """Load newer proposals for round r; wait (stall) while the bound is not met,
         calling `on_wait(parts missing)` now and then (the trainer repairs snapshots)."""
         start = progress = time.perf_counter()
+        poll_s = self.poll_s
         while True:
             held = min(self.current.get(k, -1) for k in range(len(self.parts)))  # every part has this round
             for k, (p, uri) in self.store.newest_proposals(r, len(self.parts), since=held).items():
@@ -67,7 +71,8 @@ class ProposalFeed:
             if time.perf_counter() - progress > self.max_stall_s:
                 raise UserError(self._stall_error(r, missing))
             on_wait(missing)
-            time.sleep(self.poll_s)
+            time.sleep(poll_s)
+            poll_s = min(2 * poll_s, max(self.poll_s, MAX_POLL_S))
         stall = time.perf_counter() - start if wait else 0.0
         self.stall_s += stall
         per_image = [lag for k, lag in enumerate(lags) for _ in self.parts[k]]
@@ -100,6 +105,7 @@ class ProposalFeed:
         except CorruptShardError as e:  # the farm re-checks every part of a round and recomputes bad ones
             self._warn_once(f"{e}; deleting it so that stage A recomputes it")
             storage.delete(uri)
+            self.store.uncommit("proposals", p)
             return False
         except OSError as e:  # storage kept failing: try again at the next poll
             self._warn_once(f"{uri}: {e}; trying again")

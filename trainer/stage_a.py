@@ -3,9 +3,10 @@
 At the first epoch of round r the worker writes the round's snapshot (the network's
 −log q on every training image); before every epoch it takes the freshest proposals
 the solver farm has written (SPEC §4), waiting only where the schedule demands it.
-While it waits it checks, now and then, that the snapshot parts still missing an
-answer are there and readable, and writes those that are not again (the farm skips
-them until then).
+A snapshot round is committed (its manifest, `ShardStore.commit`) by rank 0 once every
+rank has written its parts: the farm waits on that one object. While it waits, the
+worker checks now and then that the snapshot parts still missing an answer are there
+and readable, and writes those that are not again (the farm skips them until then).
 """
 from __future__ import annotations
 
@@ -64,7 +65,10 @@ class StageA:
                 bar.close()
             if self.world > 1:
                 dist.barrier()
+            self._commit(r)
             record["snapshot_s"] = time.perf_counter() - t0
+        elif verify:  # whole and readable, perhaps left uncommitted by a killed worker
+            self._commit(r)
         got = self.feed.refresh(r, wait=first or self.cfg.schedule == "sync",
                                 on_wait=lambda missing: self._repair(net, r, missing))
         self.staleness.append(got["mean_staleness"])
@@ -80,11 +84,19 @@ class StageA:
             world=self.world, only=only, progress=progress,
         )
 
+    def _commit(self, r: int) -> None:
+        if self.rank == 0:
+            self.store.commit("snapshots", r, {k: [self.samples[i].image_id for i in part]
+                                               for k, part in enumerate(self.parts)})
+
     def _snapshot_ok(self, r: int, verify: bool) -> bool:
-        """Round r's snapshot is whole, this run's, and (if verify) every row reads."""
-        if not self.store.round_complete("snapshots", r, len(self.parts)):
+        """Round r's snapshot is committed (if verify: every part is there, this run's,
+        and every row reads)."""
+        if not verify:
+            return self.store.round_complete("snapshots", r, len(self.parts))
+        if len(self.store.parts("snapshots", r)) < len(self.parts):
             return False
-        bad = self.store.unreadable("snapshots", r, read_rows=verify)
+        bad = self.store.unreadable("snapshots", r, read_rows=True)
         for e in bad.values():
             print(f"warning: {e}; writing snapshot round {r} again", flush=True)
         return not bad
@@ -102,6 +114,16 @@ class StageA:
             print(f"warning: snapshot round {r}: part(s) {sorted(bad)} absent or unreadable; writing them again",
                   flush=True)
             self._write(net, r, only=bad)
+
+    def state(self) -> dict:
+        """The counters a restarted worker continues from (checkpointed every epoch). The
+        feed's position needs no saving: it reads again, from the manifests, the newest
+        committed proposal of every part, the one it held or a fresher one."""
+        return {"stall_s": self.feed.stall_s, "staleness": list(self.staleness), "max_staleness": self.max_staleness}
+
+    def restore(self, state: dict) -> None:
+        self.feed.stall_s, self.staleness, self.max_staleness = (
+            state["stall_s"], list(state["staleness"]), state["max_staleness"])
 
     def summary(self) -> dict:
         return {
