@@ -432,7 +432,7 @@ def test_a_run_on_s3_killed_then_resumed_then_evaluated(base, synthetic_set, tmp
     import signal
 
     from shared import storage
-    from tests.helpers import end_session, popen_cli, run_cli, session_processes
+    from tests.helpers import end_session, popen_cli, run_cli
     from trainer.driver import local_ray_train_dir
     from trainer.runlog import load_checkpoint
 
@@ -454,11 +454,8 @@ def test_a_run_on_s3_killed_then_resumed_then_evaluated(base, synthetic_set, tmp
         assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 60
-        while session_processes(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
     finally:
-        end_session(proc)
+        end_session(proc)  # its local Ray too
     run_id = json.loads(storage.read_bytes(storage.join(base, "run.json")))["run_id"]
     killed_at = load_checkpoint(last_pt)["global_epoch"]
     assert 1 <= killed_at < 3 and epochs()[:killed_at] == list(range(1, killed_at + 1))
