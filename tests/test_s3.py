@@ -486,3 +486,28 @@ def test_a_run_on_s3_killed_then_resumed_then_evaluated(base, synthetic_set, tmp
 
     proc = run_cli("eval", "--checkpoint", last_pt, "--data", data, "--json", timeout=300, check=True)
     assert json.loads(proc.stdout.splitlines()[-1])["val_miou"] == pytest.approx(summary["val_miou"], abs=1e-6)
+
+
+def test_backbone_weights_from_s3(base, s3_endpoint):
+    """--backbone-weights s3://… is read through the storage layer; a missing object is
+    one error naming it."""
+    import torch
+
+    from shared import storage
+    from trainer.model import DeepLabV3Plus, load_backbone_weights
+
+    src = DeepLabV3Plus(3)
+    with torch.no_grad():
+        for p in src.backbone.parameters():
+            p.normal_()
+    buf = io.BytesIO()
+    torch.save(src.backbone.state_dict(), buf)
+    uri = storage.join(base, "mobilenet_v2.pth")
+    storage.write_bytes(uri, buf.getvalue())
+    dst = DeepLabV3Plus(3)
+    load_backbone_weights(dst, uri)
+    for k, v in src.backbone.state_dict().items():
+        assert torch.equal(dst.backbone.state_dict()[k], v), k
+    missing = storage.join(base, "absent.pth")
+    with pytest.raises(UserError, match="absent.pth.*: backbone weights file not found"):
+        load_backbone_weights(dst, missing)
