@@ -26,8 +26,10 @@ import pyarrow.fs as pafs
 ATTEMPTS = 5  # tries of one storage call
 BACKOFF_S = 0.5  # wait after the first failure, doubled after each: 7.5 s in all
 FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-# object-store errors that pyarrow raises as plain OSError but that no retry mends
-FINAL_MESSAGES = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")
+# errors that pyarrow raises as plain OSError but that no retry mends (an object store's,
+# and a local folder opened as a file)
+FINAL_MESSAGES = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                  "is a directory")
 
 
 def retried(fn):

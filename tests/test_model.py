@@ -1,4 +1,6 @@
 """DeepLabV3+ / MobileNetV2: shapes, parameter groups, torchvision key layout, weight loading."""
+import time
+
 import pytest
 import torch
 
@@ -95,6 +97,12 @@ def test_load_backbone_weights_errors(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(UserError, match="nope.pth"):
         load_backbone_weights(m, str(missing))
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="weights: cannot read backbone weights .*is a directory"):
+        load_backbone_weights(m, str(folder))
+    assert time.monotonic() - t0 < 0.5  # final at once, not retried as a storage error
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file at all")
     with pytest.raises(UserError, match="garbage.pth"):

@@ -3,6 +3,7 @@ S3FileSystem with the endpoint in the URI query (SPEC §6: one PUT per file, so 
 never sees half a file)."""
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -420,3 +421,93 @@ def test_a_missing_bucket_is_final_at_once(s3_endpoint, capsys):
     with pytest.raises(OSError, match="NO_SUCH_BUCKET"):
         storage.write_bytes(uri, b"x")
     assert time.monotonic() - t0 < storage.BACKOFF_S and "trying again" not in capsys.readouterr().out
+
+
+def test_a_run_on_s3_killed_then_resumed_then_evaluated(base, synthetic_set, tmp_path):
+    """`train --out s3://…` (PCE, then Grid-TR with its shards on S3 too), the driver killed
+    once the first checkpoint is on S3 and resumed by `train --resume s3://…` on a machine without Ray Train's
+    local state (only the object store survives): every epoch logged once, the run's
+    outputs on S3, and `eval` of the S3 checkpoint gives the run's final val mIoU."""
+    import json
+    import signal
+
+    from shared import storage
+    from tests.helpers import end_session, popen_cli, run_cli
+    from trainer.driver import local_ray_train_dir
+    from trainer.runlog import load_checkpoint
+
+    data = synthetic_set(4, 2, 48)
+    metrics_uri = storage.join(base, "metrics.jsonl")
+
+    def epochs():
+        raw = storage.read_if_exists(metrics_uri)
+        return [json.loads(line)["epoch"] for line in (raw or b"").decode().splitlines() if line.strip()]
+
+    last_pt = storage.join(base, "checkpoints", "last.pt")
+    proc = popen_cli("train", "--data", data, "--method", "grid-tr", "--epochs", 2, "--pretrain-epochs", 1,
+                     "--epochs-per-round", 1, "--schedule", "sync", "--solvers", 1, "--batch-size", 4,
+                     "--shard-size", 2, "--max-iter", 3, "--out", base, log_path=str(tmp_path / "first.log"))
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not storage.exists(last_pt):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "first.log").read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        end_session(proc)  # its local Ray too
+    run_id = json.loads(storage.read_bytes(storage.join(base, "run.json")))["run_id"]
+    killed_at = load_checkpoint(last_pt)["global_epoch"]
+    assert 1 <= killed_at < 3 and epochs()[:killed_at] == list(range(1, killed_at + 1))
+    local_state = local_ray_train_dir(run_id)
+    assert os.path.isdir(local_state)
+    shutil.rmtree(local_state)  # another machine: only S3 holds the run
+
+    try:
+        proc = run_cli("train", "--resume", base, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        shutil.rmtree(local_state, ignore_errors=True)
+    assert epochs() == [1, 2, 3]
+    assert load_checkpoint(last_pt)["global_epoch"] == 3
+    summary = json.loads(storage.read_bytes(storage.join(base, "summary.json")))
+    assert summary["run_id"] == run_id and summary["proposals_missing"] == 0 and summary["epochs"] == 2
+    assert storage.list_dir(storage.join(base, "panels"))[-1] == "epoch-003"
+    # TensorBoard's events: the killed run's file (uploaded after its epoch) and the resumed run's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for name in storage.list_dir(storage.join(base, "tensorboard")):
+        (tmp_path / name).write_bytes(storage.read_bytes(storage.join(base, "tensorboard", name)))
+        events = EventAccumulator(str(tmp_path / name))
+        events.Reload()
+        steps |= {e.step for e in events.Scalars("loss")}
+    assert steps == {1, 2, 3}
+
+    proc = run_cli("eval", "--checkpoint", last_pt, "--data", data, "--json", timeout=300, check=True)
+    assert json.loads(proc.stdout.splitlines()[-1])["val_miou"] == pytest.approx(summary["val_miou"], abs=1e-6)
+
+
+def test_backbone_weights_from_s3(base, s3_endpoint):
+    """--backbone-weights s3://… is read through the storage layer; a missing object is
+    one error naming it."""
+    import torch
+
+    from shared import storage
+    from trainer.model import DeepLabV3Plus, load_backbone_weights
+
+    src = DeepLabV3Plus(3)
+    with torch.no_grad():
+        for p in src.backbone.parameters():
+            p.normal_()
+    buf = io.BytesIO()
+    torch.save(src.backbone.state_dict(), buf)
+    uri = storage.join(base, "mobilenet_v2.pth")
+    storage.write_bytes(uri, buf.getvalue())
+    dst = DeepLabV3Plus(3)
+    load_backbone_weights(dst, uri)
+    for k, v in src.backbone.state_dict().items():
+        assert torch.equal(dst.backbone.state_dict()[k], v), k
+    missing = storage.join(base, "absent.pth")
+    with pytest.raises(UserError, match="absent.pth.*: backbone weights file not found"):
+        load_backbone_weights(dst, missing)

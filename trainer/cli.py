@@ -282,6 +282,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     from experiments.table1 import run_table1
 
     _check_data_folder(data)
+    _check_local_out(out, "table1")
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers)) if v is not None}
     connect(ctx.obj["address"])
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
@@ -310,6 +311,7 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
 
     lams = parse_values(values)
     _check_data_folder(data)
+    _check_local_out(out, "sweep-tr-weight")
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight)
@@ -320,6 +322,13 @@ def _check_data_folder(data: str | None) -> None:
     """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
     if data and not os.path.isdir(data):
         raise UserError(f"--data: no such data set folder: {data!r}")
+
+
+def _check_local_out(out: str, command: str) -> None:
+    """The experiments write their tables and plots with local files (a run's own outputs
+    may be remote: `train --out s3://…`)."""
+    if storage.is_remote(out):
+        raise UserError(f"--out {out}: {command} writes a local folder; give a local path")
 
 
 def main(argv=None) -> None:

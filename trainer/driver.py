@@ -220,9 +220,12 @@ def ray_train_storage(out: str, run_id: str) -> str:
     needed there and not every S3 endpoint takes them)."""
     if not storage.is_remote(out):
         return storage.resolve(out)[1]
-    if ray_session.started_here():
-        return os.path.join(os.path.expanduser("~"), ".cache", "trseg", "ray_train", run_id)
-    return out
+    return local_ray_train_dir(run_id) if ray_session.started_here() else out
+
+
+def local_ray_train_dir(run_id: str) -> str:
+    """Ray Train's state of a run with a remote --out on a private Ray (see ray_train_storage)."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "trseg", "ray_train", run_id)
 
 
 def check_cluster_paths(cfg: TrainConfig) -> None:

@@ -24,12 +24,13 @@ Any H, W works (sizes need not be multiples of 16).
 """
 from __future__ import annotations
 
-import os
+import io
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared import storage
 from shared.errors import UserError
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -243,10 +244,14 @@ def load_backbone_weights(model: DeepLabV3Plus, path: str) -> None:
     Keys prefixed ``backbone.`` (this project's checkpoints) are accepted too.
     Raises UserError naming the file on any failure.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: backbone weights file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = storage.read_bytes(path)  # a local path or a URI
+    except FileNotFoundError:
+        raise UserError(f"{path}: backbone weights file not found") from None
+    except OSError as exc:  # a folder, a refused read
+        raise UserError(f"{path}: cannot read backbone weights ({str(exc).splitlines()[0]})") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reading failure is the file's fault
         raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

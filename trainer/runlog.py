@@ -1,13 +1,17 @@
 """What a run writes into --out (SPEC §7): metrics.jsonl, TensorBoard events, checkpoints.
 
 Everything goes through shared.storage, so --out may be a local folder or an object
-store URI; TensorBoard events are written only for local folders (TensorBoard's own
-writer cannot commit atomically to object stores).
+store URI. TensorBoard's writer appends to a local file: for a remote --out it writes
+into a local temporary folder whose event files are uploaded whole (one PUT each)
+after every epoch.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
 
 import torch
 
@@ -22,12 +26,15 @@ class RunLog:
         self.metrics_uri = storage.join(self.out, "metrics.jsonl")
         self._lines = []
         self._tb = None
+        self._tb_dir = None  # the local folder of TensorBoard's events for a remote --out
         if enabled and storage.exists(self.metrics_uri):  # a resumed run keeps its history
             self._lines = storage.read_bytes(self.metrics_uri).decode().splitlines()
-        if enabled and not storage.is_remote(out):
+        if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(storage.resolve(storage.join(self.out, "tensorboard"))[1])
+            if storage.is_remote(out):
+                self._tb_dir = tempfile.mkdtemp(prefix="trseg-tensorboard-")
+            self._tb = SummaryWriter(self._tb_dir or storage.resolve(storage.join(self.out, "tensorboard"))[1])
 
     def log_epoch(self, record: dict, step: int) -> None:
         """Append one epoch's record to metrics.jsonl and its numbers to TensorBoard."""
@@ -39,6 +46,7 @@ class RunLog:
             for key, value in _flatten(record):
                 self._tb.add_scalar(key, value, step)
             self._tb.flush()
+            self._upload_events()
 
     def drop_epochs_after(self, epoch: int) -> None:
         """Forget records past `epoch`: a resumed run trains them again."""
@@ -58,9 +66,21 @@ class RunLog:
             torch.save(state, buf)
             storage.write_bytes(storage.join(self.out, "checkpoints", name), buf.getvalue())
 
+    def _upload_events(self) -> None:
+        """A remote --out: the event files written so far, each whole (a resumed run's
+        writer starts a new file, so the earlier ones stay)."""
+        if self._tb_dir is None:
+            return
+        for name in os.listdir(self._tb_dir):
+            with open(os.path.join(self._tb_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(self.out, "tensorboard", name), f.read())
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._upload_events()
+        if self._tb_dir is not None:
+            shutil.rmtree(self._tb_dir, ignore_errors=True)
 
 
 def load_checkpoint(uri: str) -> dict:
