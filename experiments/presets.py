@@ -14,7 +14,7 @@ PCE-GD's LR.
 
 The defaults of TrainConfig / SolverConfig are *not* a preset: they suit the built-in
 synthetic set, and how they were chosen is recorded in docs/ (recipe-synthetic,
-table1-synthetic, lambda-synthetic). A preset only fills in what the user did not set:
+table1-synthetic-v2, lambda-synthetic-v2). A preset only fills in what the user did not set:
 the CLI applies defaults ← preset ← --resume config ← --config file ← flags.
 """
 from __future__ import annotations

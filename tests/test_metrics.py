@@ -117,3 +117,16 @@ def test_trimap_speed_on_voc_sized_masks():
     confs = trimap_confusions(pred, gt, 21, range(1, 41))
     assert time.perf_counter() - t < 5.0  # ≈ 0.1-0.2 s on an idle core
     assert confs.shape == (40, 21, 21)
+
+
+def test_where_errors_are_splits_finding_objects_from_naming_them():
+    from experiments.recipe_sweep import where_errors_are
+
+    # rows: truth (0 background), columns: prediction
+    conf = [[90, 10, 0],
+            [0, 30, 10],  # every object pixel found; a quarter of class 1's called class 2
+            [0, 0, 60]]
+    out = where_errors_are(conf)
+    # background vs objects: bg IoU 90/100, fg IoU 100/110
+    assert out["fg_miou"] == round((0.9 + 100 / 110) / 2, 4)
+    assert out["class_acc"] == 0.9  # 90 of the 100 object pixels found get their class

@@ -72,7 +72,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # SPEC §3's ν, sized for VOC images: on 96 px images it barely acts (docs/)
     Method("dense-gd", "Dense-GD", _dense_gd, starts_from_pce=True, default_nu=2e-9,
            paper={"lr": 0.007, "nu": PAPER_DENSE_NU, "pretrain_epochs": 0}),  # from the backbone
-    # tuned on the synthetic val split (docs/table1-synthetic)
+    # tuned on the synthetic val split (docs/table1-synthetic-v2, synthetic v2)
     Method("grid-gd", "Grid-GD", _grid_gd, starts_from_pce=True, default_nu=3.0,
            paper={"lr": 7e-7, "nu": PAPER_GRID_NU}),
     Method("grid-tr", "Grid-TR (our)", _grid_tr, starts_from_pce=True, needs_proposals=True,

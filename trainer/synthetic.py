@@ -2,10 +2,13 @@
 
 Images (``size``×``size`` RGB) hold a background and 1–4 objects of K−1 object classes.
 
-- Classes differ in colour AND texture, with overlap: class k has a hue (evenly spaced
-  on the colour wheel) and an oriented stripe texture (orientation and period per
-  class); each object draws its hue, saturation, value, stripe angle and period with a
-  jitter wide enough that neighbouring classes overlap a little.
+- Classes differ in colour AND texture: class k has a hue (evenly spaced on the colour
+  wheel) and an oriented stripe texture (orientation and period per class); each
+  object draws its hue (± 0.45/(K−1), under half the spacing 1/(K−1): hues of
+  neighbouring classes do not overlap), saturation, value, stripe angle and period with
+  a jitter. A flip or
+  a rescale turns one class's stripes into another's, which is why the synthetic
+  format trains with crops only (``TrainConfig.augmentation``).
 - The background is a low-saturation colour with a smooth random shading field,
   plus clutter: 2–5 distractor patches in other background colours, some carrying the
   object classes' stripe textures.
@@ -13,7 +16,8 @@ Images (``size``×``size`` RGB) hold a background and 1–4 objects of K−1 obj
   touching or occluding each other (painted in order; the mask is what stays visible).
 - Object extents are hard to get from appearance alone but easy from edges: inside
   each visible object region the appearance fades towards the local background over a
-  rim of 6–10 px (blend 0.85–0.97 at the boundary, decaying linearly with depth), and the
+  rim of 6–10 px, at most half the region's depth (blend 0.85–0.97 at the boundary,
+  decaying linearly with depth: every object keeps a core that shows its class), and the
   region's boundary pixels are darkened (a 1-px outline). The boundary is therefore a
   sharp image edge (where a contrast-sensitive Potts model cuts), while the rim looks
   like background to a classifier that has only seen the interiors. Scribbles lie in
