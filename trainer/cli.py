@@ -273,11 +273,13 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True, help="Folder of the table, the plots and one run folder per cell.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Cells trained at once [as many as the cluster holds].")
 @click.pass_context
-def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out):
+def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out, max_concurrent):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
-    Resumes: cells whose summary.json exists are skipped."""
+    Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
     from shared.ray_session import connect
     from experiments.table1 import run_table1
 
@@ -287,7 +289,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
                for x in lengths.split(",")]
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
-               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant)
+               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant, max_concurrent=max_concurrent)
     click.echo(open(os.path.join(out, "table1.csv")).read().rstrip())
 
 
@@ -302,8 +304,10 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True)
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="λ runs trained at once [as many as the cluster holds].")
 @click.pass_context
-def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out):
+def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out, max_concurrent):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
     from experiments.sweep import parse_values, run_sweep
@@ -312,7 +316,7 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
     _check_data_folder(data)
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
-              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight)
+              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent)
     click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
 
 

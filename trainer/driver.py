@@ -121,9 +121,10 @@ def claim_run_folder(cfg: TrainConfig) -> str:
     return run_id
 
 
-def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False) -> dict:
+def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False, callbacks=()) -> dict:
     """One training run end to end; returns the summary (also written to OUT/summary.json).
-    `overwrite`: clear another run's outputs from --out first (else that is an error)."""
+    `overwrite`: clear another run's outputs from --out first (else that is an error).
+    `callbacks`: Ray Train's, e.g. a Tune trial's TuneReportCallback (experiments/trials.py)."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     # workers run in other folders: every local path they read must be absolute
     cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
@@ -165,6 +166,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             name="ray_train",
             storage_path=ray_train_storage(cfg.out),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     try:
