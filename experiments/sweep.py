@@ -81,6 +81,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     tr = {os.path.basename(run_dir(out, float(v))): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight)
           for v in values}
     at_once = max_concurrent or trials.runs_that_fit(list(tr.values()))
+    log(f"{len(tr)} λ runs after the PCE-GD model, at most {at_once} at once")
     summaries = {}
     for phase, runs in (("sweep-pce", pce), ("sweep-tr", tr)):
         grid = trials.fit(trials.experiment_path(out, phase, runs), runs, os.path.basename(data.rstrip("/")),

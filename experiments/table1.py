@@ -158,6 +158,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
     first = [name for name, (m, _) in cells.items() if m in ("full", "pce")]
     phases = {"table1-pce": first, "table1-fine-tuned": [name for name in cells if name not in first]}
     at_once = max_concurrent or trials.runs_that_fit(list(configs.values()))
+    log(f"{len(cells)} cells, at most {at_once} at once")
     results: dict = {m: {} for m in ROWS}
     t_all = time.perf_counter()
     for phase, names in phases.items():

@@ -8,8 +8,7 @@ as it comes; the trial's last result is the run's summary.json.
 
 Resources. Ray Train places the trainer workers in a placement group of its own,
 outside the trial's, and the farm's solver actors are placed by Ray Data; a trial
-reserves only its driver (`TRIAL_CPU`: it waits on `TorchTrainer.fit()` and polls
-shards). What bounds the runs at once is Tune's `max_concurrent_trials`: by default as
+reserves only its driver (`TRIAL_RESOURCES`). What bounds the runs at once is Tune's `max_concurrent_trials`: by default as
 many as the cluster's CPUs and GPUs hold (`runs_that_fit`), each run counted at what
 its trainer workers and its first solver actors ask for.
 
@@ -33,7 +32,11 @@ from shared.config import TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from trainer.methods import METHODS
 
-TRIAL_CPU = 0.01
+# What a trial reserves for itself: its driver waits on TorchTrainer.fit() and polls
+# shards, a Python process with torch loaded. No CPU: a fraction would leave a node
+# short of the whole CPU its trainer worker asks for. (Tune needs a non-empty request.)
+TRIAL_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
+ORPHAN_CHECK_S = 2.0  # how often the driver looks for placement groups of stopped trials
 # Tune saves its experiment state at most every 10 s by default; a driver killed in
 # between would run a trial again that had finished. The state of a few dozen trials
 # is small: save it after every step.
@@ -92,11 +95,18 @@ def summary_of(result) -> dict:
 
 
 class Progress(tune.Callback):
-    """One line per finished trial: its run (and sampled options), val mIoU, wall time.
-    Tune keeps it with the experiment, so a restored experiment prints the same way."""
+    """One line per finished trial: its run (and sampled options), val mIoU, wall time;
+    and the trainer placement groups of stopped trials freed. Tune keeps it with the
+    experiment, so a restored experiment does the same."""
 
     def __init__(self, total: int):
         self.total = total
+        self.checked = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.checked > ORPHAN_CHECK_S:
+            self.checked = time.monotonic()
+            remove_orphaned_placement_groups()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result
@@ -109,6 +119,29 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{run_name(trial.config, trial.trial_id)}: failed (Tune's log: {trial.local_path})", flush=True)
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor is dead: the trainer workers'
+    of a trial that Tune stopped (ASHA) or lost. Ray Train's own cleaner asks the state
+    API whether its controller lives, which a private Ray does not serve
+    (shared/ray_session.py), and a group outlives the actor that made it until the
+    job ends: the trainer's CPUs would stay held and the next trials wait for ever.
+    Reads the GCS table directly, as `solver_restarts` does."""
+    import ray
+    from ray._private import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for raw in state.state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        made_by_actor = not ray.ActorID(pg.creator_actor_id).is_nil()  # Tune's own are the driver's
+        if (made_by_actor and pg.creator_actor_dead and not pg.is_detached
+                and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
 
 
 def run_name(config: dict, trial_id: str) -> str:
@@ -131,12 +164,12 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
     experiment will have."""
     base = {name: to_dict(cfg) for name, cfg in runs.items()}
     trainable = tune.with_resources(tune.with_parameters(
-        train_trial, base=base, dataset=dataset, per_trial_folders=per_trial_folders), {"CPU": TRIAL_CPU})
+        train_trial, base=base, dataset=dataset, per_trial_folders=per_trial_folders), TRIAL_RESOURCES)
     if tune.Tuner.can_restore(path):
         log(f"{path}: resuming the Tune experiment there (finished trials are kept)")
         tuner = tune.Tuner.restore(path, trainable=trainable, restart_errored=True)
     else:
-        log(f"{path}: Tune experiment, at most {tune_config.max_concurrent_trials} trial(s) at once")
+        log(f"{path}: new Tune experiment")
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=tune.RunConfig(
             name=os.path.basename(path), storage_path=os.path.dirname(path), callbacks=[Progress(total)]))
     results = tuner.fit()

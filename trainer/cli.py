@@ -320,6 +320,46 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
     click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
 
 
+@cli.command("tune")
+@_train_options
+@click.option("--search", "space", default=None,
+              help="Search space TOML [experiments/search_spaces/METHOD.toml]; README: the format.")
+@click.option("--trials", type=click.IntRange(min=1), default=8, help="Configurations sampled [8].")
+@click.option("--grace-period", type=click.IntRange(min=1), default=1,
+              help="Epochs every trial trains before ASHA may stop it [1].")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Trials trained at once [as many as the cluster holds].")
+@click.option("--quick", is_flag=True, help="Tiny budgets on a tiny synthetic set, for tests.")
+@click.pass_context
+def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, **params):
+    """Search configuration keys (λ, β, ε, ν, LR, …) on the val split: Ray Tune with ASHA
+    on val mIoU. Writes OUT/best.toml (for train --config), OUT/trials.csv and .md."""
+    from shared.ray_session import connect
+    from experiments.search import default_space, read_space, run_search
+    from experiments.table1 import QUICK, FULL, prepare
+
+    if params["resume_dir"]:
+        raise UserError("--resume: not an option of tune; the same tune command again finishes an interrupted search")
+    if not params["method"]:
+        raise UserError("--method: required (the method whose options are searched)")
+    if not params["out"]:
+        raise UserError("--out: required (the search's folder)")
+    space = space or default_space(params["method"])
+    read_space(space)  # a bad space fails before Ray starts
+    _check_data_folder(params["data"])
+    if not params["data"]:  # the built-in synthetic set, as table1's
+        size = QUICK if quick else FULL
+        _, params["data"], params["format"] = prepare(params["out"], None, "synthetic", size)
+    if quick:
+        for key, value in (("epochs", 2), ("pretrain_epochs", 1), ("epochs_per_round", 1), ("batch_size", 4), ("crop_size", 0)):
+            params[key] = value if params[key] is None else params[key]
+    out = params.pop("out")
+    cfg = resolve_train_config(params)
+    connect(ctx.obj["address"])
+    run_search(cfg, space, trials, out, max_concurrent=max_concurrent, grace_period=grace_period,
+               log=lambda m: click.echo(m))
+
+
 def _check_data_folder(data: str | None) -> None:
     """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
     if data and not os.path.isdir(data):
