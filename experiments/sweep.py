@@ -85,7 +85,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     summaries = {}
     for phase, runs in (("sweep-pce", pce), ("sweep-tr", tr)):
         grid = trials.fit(trials.experiment_path(out, phase, runs), runs, os.path.basename(data.rstrip("/")),
-                          {"run": tune.grid_search(list(runs))}, tune.TuneConfig(max_concurrent_trials=at_once),
+                          {"run": tune.grid_search(list(runs))}, trials.grid_config(at_once),
                           len(runs), log)
         summaries.update({r.config["run"]: trials.summary_of(r) for r in grid})
     rows = []

@@ -164,7 +164,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
     for phase, names in phases.items():
         runs = {name: configs[name] for name in names}
         grid = trials.fit(trials.experiment_path(out, phase, runs), runs, os.path.basename(data.rstrip("/")),
-                          {"run": tune.grid_search(names)}, tune.TuneConfig(max_concurrent_trials=at_once),
+                          {"run": tune.grid_search(names)}, trials.grid_config(at_once),
                           len(names), log)
         for r in grid:
             method, length = cells[r.config["run"]]

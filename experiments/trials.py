@@ -8,9 +8,10 @@ as it comes; the trial's last result is the run's summary.json.
 
 Resources. Ray Train places the trainer workers in a placement group of its own,
 outside the trial's, and the farm's solver actors are placed by Ray Data; a trial
-reserves only its driver (`TRIAL_RESOURCES`). What bounds the runs at once is Tune's `max_concurrent_trials`: by default as
-many as the cluster's CPUs and GPUs hold (`runs_that_fit`), each run counted at what
-its trainer workers and its first solver actors ask for.
+reserves only its driver (`TRIAL_RESOURCES`). What bounds the runs at once is Tune's
+concurrency limit: by default as many runs as the cluster's CPUs and GPUs hold
+(`runs_that_fit`), each counted at what its trainer workers and its first solver
+actors ask for.
 
 State. An experiment lives in OUT/tune/NAME-DIGEST, DIGEST a hash of its runs'
 configurations: the same command finds it again and Tune's own restore
@@ -62,6 +63,14 @@ def runs_that_fit(cfgs: list[TrainConfig]) -> int:
     need = {k: max(demand(c, total.get("GPU", 0))[k] for c in cfgs) for k in ("CPU", "GPU")}
     fits = [math.floor(total.get(k, 0) / v) for k, v in need.items() if v > 0]
     return max(1, min(fits)) if fits else 1
+
+
+def grid_config(max_concurrent: int) -> tune.TuneConfig:
+    """Tune's settings for a grid of runs that all train to the end (Table 1, the λ
+    sweep): the next trial reuses a finished trial's process, which has torch and the
+    trainer imported already. (Not for a search: a trial its scheduler stops keeps
+    training in a reused process.)"""
+    return tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True)
 
 
 def train_trial(config: dict, base: dict, dataset: str, per_trial_folders: bool = False) -> dict:
@@ -133,11 +142,12 @@ def remove_orphaned_placement_groups() -> int:
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    job = ray.get_runtime_context().get_job_id()  # this experiment's: other jobs' groups are theirs
     removed = 0
     for raw in state.state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         made_by_actor = not ray.ActorID(pg.creator_actor_id).is_nil()  # Tune's own are the driver's
-        if (made_by_actor and pg.creator_actor_dead and not pg.is_detached
+        if (pg.creator_job_id.hex() == job and made_by_actor and pg.creator_actor_dead and not pg.is_detached
                 and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed += 1
