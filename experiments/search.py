@@ -156,9 +156,9 @@ def write_table(out: str, results, keys: list[str]) -> list[dict]:
         w = csv.DictWriter(f, columns)
         w.writeheader()
         w.writerows(rows)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
+              for row in rows]
     with open(os.path.join(out, "trials.md"), "w") as f:
         f.write("# Hyper-parameter search: every trial, best val mIoU first\n\n"
                 "`stopped_early`: ASHA stopped the trial after `epochs` epochs (its val mIoU then).\n\n"

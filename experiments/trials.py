@@ -193,9 +193,16 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
 
 
 def most_at_once(results) -> int:
-    """The most trials that trained at the same time (from their start and end times)."""
-    spans = [summary_of(r) for r in results if "summary" in r.metrics]
-    events = sorted(e for s in spans for e in ((s["trial_started"], 1), (s["trial_ended"], -1)))
+    """The most trials that trained at the same time (from their start and end times;
+    for a trial stopped early, Tune's: its last result's time, to the second)."""
+    spans = []
+    for r in results:
+        if "summary" in r.metrics:
+            s = summary_of(r)
+            spans.append((s["trial_started"], s["trial_ended"]))
+        elif "timestamp" in r.metrics:
+            spans.append((r.metrics["timestamp"] - r.metrics["time_total_s"], r.metrics["timestamp"]))
+    events = sorted(e for start, end in spans for e in ((start, 1), (end, -1)))
     running = peak = 0
     for _, step in events:
         running += step

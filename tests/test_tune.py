@@ -89,3 +89,19 @@ def test_tune_quick_four_trials(tmp_path):
     printed = run_cli("train", "--config", out / "best.toml", "--out", tmp_path / "again", "--print-config",
                       check=True, timeout=120)
     assert f"lr = {best['lr']}" in printed.stdout
+
+
+def test_what_one_run_holds_and_how_many_ran_at_once():
+    import json
+    from types import SimpleNamespace
+
+    from experiments.trials import demand, most_at_once
+    from shared.config import TrainConfig
+
+    assert demand(TrainConfig(method="pce", num_workers=2, loader_workers=1), 0) == {"CPU": 4, "GPU": 0}
+    assert demand(TrainConfig(method="grid-tr", solvers="3:8"), 1) == {"CPU": 4, "GPU": 1}  # first solvers + trainer
+    spans = [(0, 10), (5, 12), (11, 20), (30, 31)]  # at most two at once (0-10 with 5-12, 5-12 with 11-20)
+    results = [SimpleNamespace(metrics={"summary": json.dumps({"trial_started": a, "trial_ended": b})}) for a, b in spans]
+    assert most_at_once(results) == 2
+    stopped = SimpleNamespace(metrics={"val_miou": 0.1, "timestamp": 19, "time_total_s": 13.0})  # ran 6-19, no summary
+    assert most_at_once(results + [stopped]) == 3
