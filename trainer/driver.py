@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from typing import NamedTuple
@@ -154,7 +155,10 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             check_capacity(cfg, pool, use_gpu)
         farm = Farm(
             store, len(parts), cfg.solver, pool, on_round=lambda r, rows, s: _report_round(r, rows, s, cfg),
-            on_error=_thread.interrupt_main, n_images=n_train,
+            # in a Tune trial run_train is not on the main thread, which is the actor's own: there the
+            # farm's failure marker alone stops the trainer
+            on_error=_thread.interrupt_main if threading.current_thread() is threading.main_thread() else None,
+            n_images=n_train,
         )
         farm.start()
     trainer = TorchTrainer(
