@@ -7,17 +7,17 @@ the network, so every round would solve the same problem; the sweep runs it with
 epochs_per_round = epochs, i.e. stage A once (round 0) and stage B on those fixed
 proposals for the whole budget. λ > 0 runs the normal Alg. 1 rounds.
 
-Resumable like Table 1 (a run folder with summary.json is skipped). Writes
+Each run is a trial of a Ray Tune experiment (experiments/trials.py), the λ runs side
+by side once the PCE-GD model exists, as many at once as the cluster holds
+(`--max-concurrent`); the same command again finishes an interrupted sweep (Tune's
+restore). Writes, from the trials' results,
 OUT/sweep.csv (`tr_weight,val_miou,stage_a_rounds,stage_a_images,wall_s`),
 OUT/sweep.md and OUT/sweep.png (val mIoU against λ, the PCE start as a reference).
 """
 from __future__ import annotations
 
 import csv
-import json
 import os
-import shutil
-import time
 
 from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
@@ -68,34 +68,33 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
 
 def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str = "synthetic",
               quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print,
-              variant: str = "default", potts_weight: float | None = None) -> list[dict]:
-    from trainer.driver import run_train
+              variant: str = "default", potts_weight: float | None = None,
+              max_concurrent: int | None = None) -> list[dict]:
+    from ray import tune
+
+    from experiments import trials
 
     size = QUICK_SWEEP if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size, variant)
     sfx = scribble_suffix(scribbles)
-    runs = [("pce", None)] + [("grid-tr", float(v)) for v in values]
-    for i, (method, lam) in enumerate(runs, 1):
-        cfg = _config(out, method, data, fmt, size, sfx, preset, lam, potts_weight)
-        name = "pce" if lam is None else f"λ = {lam:g}"
-        if os.path.exists(os.path.join(cfg.out, "summary.json")):
-            log(f"[{i}/{len(runs)}] {name}: done, skipped")
-            continue
-        if os.path.exists(cfg.out):
-            shutil.rmtree(cfg.out)
-        t0 = time.perf_counter()
-        s = run_train(cfg, os.path.basename(data.rstrip("/")))
-        log(f"[{i}/{len(runs)}] {name}: val mIoU {s['val_miou']:.4f} in {time.perf_counter() - t0:.0f}s")
-    with open(os.path.join(out, "pce", "summary.json")) as f:
-        pce = json.load(f)
+    pce = {"pce": _config(out, "pce", data, fmt, size, sfx, preset)}
+    tr = {os.path.basename(run_dir(out, float(v))): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight)
+          for v in values}
+    at_once = max_concurrent or trials.runs_that_fit(list(tr.values()))
+    log(f"{len(tr)} λ runs after the PCE-GD model, at most {at_once} at once")
+    summaries = {}
+    for phase, runs in (("sweep-pce", pce), ("sweep-tr", tr)):
+        grid = trials.fit(trials.experiment_path(out, phase, runs), runs, os.path.basename(data.rstrip("/")),
+                          {"run": tune.grid_search(list(runs))}, trials.grid_config(at_once),
+                          len(runs), log)
+        summaries.update({r.config["run"]: trials.summary_of(r) for r in grid})
     rows = []
     for v in values:
-        with open(os.path.join(run_dir(out, float(v)), "summary.json")) as f:
-            s = json.load(f)
+        s = summaries[os.path.basename(run_dir(out, float(v)))]
         rounds = len(ShardStore(os.path.join(run_dir(out, float(v)), "shards")).rounds("proposals"))
         rows.append({"tr_weight": float(v), "val_miou": s["val_miou"], "stage_a_rounds": rounds,
                      "stage_a_images": s["stage_a_images"], "wall_s": s["wall_s"], "epochs": s["epochs"]})
-    write_outputs(out, rows, pce, sfx)
+    write_outputs(out, rows, summaries["pce"], sfx)
     return rows
 
 

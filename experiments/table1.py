@@ -1,8 +1,9 @@
 """Table 1 / Fig. 5 / Fig. 6 of the paper on any data set: every method at every
 scribble length.
 
-Cells, trained one after another on the current Ray connection, each in its own run
-folder under OUT:
+Cells, each a trial of a Ray Tune experiment (experiments/trials.py) running
+`trainer.driver.run_train` (its trainer and, for Grid-TR, its own solver farm) in its
+own run folder under OUT:
 
     OUT/full/                       full supervision (once: scribble length is irrelevant)
     OUT/pce-{L}/                    PCE-GD on scribbles of length L (Alg. 1 line 2)
@@ -10,10 +11,14 @@ folder under OUT:
                                     fine-tuned from OUT/pce-{L}/checkpoints/last.pt
     OUT/pce-continued-{L}/          PCE-GD continued from the same checkpoint for as
                                     many epochs: the same-budget control
+    OUT/tune/table1-pce-*/          Tune's state of the first experiment: full and pce-{L}
+    OUT/tune/table1-fine-tuned-*/   and of the second: the cells that start from pce-{L}
 
-for L in 0 (clicks), 0.3, 0.5, 0.8, 1 (full scribbles). A cell whose summary.json
-exists is skipped (resume); a cell folder without one is an interrupted run and is
-trained again from scratch.
+for L in 0 (clicks), 0.3, 0.5, 0.8, 1 (full scribbles). The cells of an experiment run
+side by side, as many at once as the cluster holds (`--max-concurrent`); the
+fine-tuned cells start when every PCE-GD model exists. An interrupted table resumes
+through Tune's restore when the same command runs again: finished cells are kept, the
+interrupted ones train again from scratch.
 
 Budget: the PCE cell trains `pretrain_epochs`; GD and TR continue from it for
 `epochs` more. The PCE column is therefore the *starting model* of the other three,
@@ -26,14 +31,12 @@ row of table1.md, not of table1.csv. Full supervision trains pretrain_epochs + e
 Outputs: OUT/table1.csv (`method,0,0.3,0.5,0.8,1`, val mIoU in 0..1, full
 supervision's value in every column), OUT/table1.md (the paper's layout, with the
 paper's VOC numbers beside ours), OUT/fig5_miou_vs_length.png and
-OUT/fig6_trimap.png.
+OUT/fig6_trimap.png, from the trials' results.
 """
 from __future__ import annotations
 
 import csv
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -84,7 +87,7 @@ QUICK = Table1Size(n_train=8, n_val=4, size=48, pretrain_epochs=1, epochs=1, epo
 
 
 def cell_dir(out: str, method: str, length: str) -> str:
-    return os.path.join(out, "full") if method == "full" else os.path.join(out, f"{method}-{length}")
+    return os.path.join(out, cell_name(method, length))
 
 
 def plan(lengths=LENGTHS) -> list[tuple[str, str]]:
@@ -121,8 +124,9 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     return cfg
 
 
-def summary_path(out, method, length) -> str:
-    return os.path.join(cell_dir(out, method, length), "summary.json")
+def cell_name(method: str, length: str) -> str:
+    """The cell's run folder under OUT, and its trial's name."""
+    return "full" if method == "full" else f"{method}-{length}"
 
 
 def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default") -> tuple[str, str, str]:
@@ -138,42 +142,35 @@ def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default"
 
 def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick: bool = False,
                preset: str | None = None, overrides: dict | None = None, log=print,
-               lengths=LENGTHS, variant: str = "default") -> dict:
-    """Train every missing cell (at `lengths`), then write the table and the plots.
-    Returns {method: {length: summary}}."""
-    from trainer.driver import run_train
+               lengths=LENGTHS, variant: str = "default", max_concurrent: int | None = None) -> dict:
+    """Train the cells at `lengths` as two Tune experiments (full supervision and the
+    PCE models, then the cells fine-tuned from those), then write the table and the
+    plots from the trials' results. Returns {method: {length: summary}}."""
+    from ray import tune
+
+    from experiments import trials
 
     size = QUICK if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size, variant)
     log(f"data: {data} ({fmt})\nout: {out}")
-    cells = plan(lengths)
+    cells = {cell_name(m, L): (m, L) for m, L in plan(lengths)}
+    configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides) for name, (m, L) in cells.items()}
+    first = [name for name, (m, _) in cells.items() if m in ("full", "pce")]
+    phases = {"table1-pce": first, "table1-fine-tuned": [name for name in cells if name not in first]}
+    at_once = max_concurrent or trials.runs_that_fit(list(configs.values()))
+    log(f"{len(cells)} cells, at most {at_once} at once")
+    results: dict = {m: {} for m in ROWS}
     t_all = time.perf_counter()
-    for i, (method, length) in enumerate(cells, 1):
-        path = summary_path(out, method, length)
-        if os.path.exists(path):
-            log(f"[{i}/{len(cells)}] {method} @ {length}: done, skipped")
-            continue
-        folder = cell_dir(out, method, length)
-        if os.path.exists(folder):  # interrupted: start that cell again
-            shutil.rmtree(folder)
-        cfg = cell_config(out, method, length, data, fmt, size, preset, overrides)
-        log(f"[{i}/{len(cells)}] {method} @ {length}: training ({cfg.epochs} epochs) -> {cfg.out}")
-        t0 = time.perf_counter()
-        summary = run_train(cfg, os.path.basename(data.rstrip("/")))
-        log(f"[{i}/{len(cells)}] {method} @ {length}: val mIoU {summary['val_miou']:.4f} in {time.perf_counter() - t0:.0f}s")
-    results = load_results(out)
+    for phase, names in phases.items():
+        runs = {name: configs[name] for name in names}
+        grid = trials.fit(trials.experiment_path(out, phase, runs), runs, os.path.basename(data.rstrip("/")),
+                          {"run": tune.grid_search(names)}, trials.grid_config(at_once),
+                          len(names), log)
+        for r in grid:
+            method, length = cells[r.config["run"]]
+            results[method][length] = trials.summary_of(r)
     write_outputs(out, results)
     log(f"table1: {len(cells)} cells in {time.perf_counter() - t_all:.0f}s -> {out}/table1.csv")
-    return results
-
-
-def load_results(out: str) -> dict:
-    results: dict = {m: {} for m in ROWS}
-    for method, length in plan():
-        path = summary_path(out, method, length)
-        if os.path.exists(path):
-            with open(path) as f:
-                results[method][length] = json.load(f)
     return results
 
 

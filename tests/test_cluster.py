@@ -178,3 +178,50 @@ def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
     solver_ids = {n.node_id for n in solvers}
     assert {str(r["node_id"]) for r in result["rows"]} <= solver_ids
     assert solver_restarts() >= 1
+
+
+def test_table_cells_train_side_by_side_on_two_nodes(cluster, synthetic_set, tmp_path):
+    """Two PCE cells as Tune trials (experiments/trials.py) with the default concurrency,
+    what the cluster holds: their trainer workers train at the same time, on two nodes
+    (each node has one CPU, a trainer worker asks for one)."""
+    from ray import tune
+    from ray._private import ray_constants
+
+    from experiments import trials
+    from shared.config import TrainConfig
+    from tests.helpers import descendants
+
+    c, trainer, solvers = cluster
+    data = synthetic_set(8, 4, 48)
+    runs = {f"pce-{seed}": TrainConfig(data=data, method="pce", epochs=2, batch_size=4, crop_size=0, seed=seed,
+                                       shared_fs=True, out=str(tmp_path / f"pce-{seed}"))
+            for seed in (0, 1)}
+    at_once = trials.runs_that_fit(list(runs.values()))
+    assert at_once == 3  # three nodes of one CPU, one trainer CPU a cell
+    raylets = {n.node_id: n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+               for n in [trainer, *solvers]}
+    most, done = set(), threading.Event()
+
+    def watch():  # the nodes whose raylet runs a Ray Train worker, sampled every 0.2 s
+        nonlocal most
+        while not done.is_set():
+            busy = {node for node, pid in raylets.items()
+                    if any(p.cmdline.startswith("ray::RayTrainWorker") for p in descendants(pid))}
+            most = max(most, busy, key=len)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    lines = []
+    try:
+        results = trials.fit(trials.experiment_path(str(tmp_path), "cells", runs), runs, "synthetic",
+                             {"run": tune.grid_search(list(runs))}, trials.grid_config(at_once),
+                             len(runs), lines.append)
+    finally:
+        done.set()
+        watcher.join()
+    print(f"trainer workers at once on nodes {sorted(most)}; {lines[-1]}")
+    assert len(most) == 2, f"the two cells' trainers were never on two nodes at once: {most}"
+    assert trials.most_at_once(results) == 2 and "2 trials, at most 2 at once" in lines[-1]
+    assert {r.config["run"] for r in results} == set(runs)
+    assert all(os.path.exists(tmp_path / name / "summary.json") for name in runs)

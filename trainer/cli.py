@@ -273,22 +273,28 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True, help="Folder of the table, the plots and one run folder per cell.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Cells trained at once [as many as the cluster holds].")
+@click.option("--shared-fs", "shared_fs", is_flag=True, default=None,
+              help="With --address: --out is on a filesystem every node mounts.")
 @click.pass_context
-def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out):
+def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out, max_concurrent,
+               shared_fs):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
-    Resumes: cells whose summary.json exists are skipped."""
+    Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
     from shared.ray_session import connect
     from experiments.table1 import run_table1
 
     _check_data_folder(data)
     _check_local_out(out, "table1")
-    overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
+                                   ("shared_fs", shared_fs)) if v is not None}
     connect(ctx.obj["address"])
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
                for x in lengths.split(",")]
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
-               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant)
+               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant, max_concurrent=max_concurrent)
     click.echo(open(os.path.join(out, "table1.csv")).read().rstrip())
 
 
@@ -303,8 +309,10 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True)
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="λ runs trained at once [as many as the cluster holds].")
 @click.pass_context
-def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out):
+def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out, max_concurrent):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
     from experiments.sweep import parse_values, run_sweep
@@ -314,8 +322,48 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
     _check_local_out(out, "sweep-tr-weight")
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
-              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight)
+              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent)
     click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
+
+
+@cli.command("tune")
+@_train_options
+@click.option("--search", "space", default=None,
+              help="Search space TOML [experiments/search_spaces/METHOD.toml]; README: the format.")
+@click.option("--trials", type=click.IntRange(min=1), default=8, help="Configurations sampled [8].")
+@click.option("--grace-period", type=click.IntRange(min=1), default=1,
+              help="Epochs every trial trains before ASHA may stop it [1].")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="Trials trained at once [as many as the cluster holds].")
+@click.option("--quick", is_flag=True, help="Tiny budgets on a tiny synthetic set, for tests.")
+@click.pass_context
+def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, **params):
+    """Search configuration keys (λ, β, ε, ν, LR, …) on the val split: Ray Tune with ASHA
+    on val mIoU. Writes OUT/best.toml (for train --config), OUT/trials.csv and .md."""
+    from shared.ray_session import connect
+    from experiments.search import default_space, read_space, run_search
+    from experiments.table1 import QUICK, FULL, prepare
+
+    if params["resume_dir"]:
+        raise UserError("--resume: not an option of tune; the same tune command again finishes an interrupted search")
+    if not params["method"]:
+        raise UserError("--method: required (the method whose options are searched)")
+    if not params["out"]:
+        raise UserError("--out: required (the search's folder)")
+    space = space or default_space(params["method"])
+    read_space(space)  # a bad space fails before Ray starts
+    _check_data_folder(params["data"])
+    if not params["data"]:  # the built-in synthetic set, as table1's
+        size = QUICK if quick else FULL
+        _, params["data"], params["format"] = prepare(params["out"], None, "synthetic", size)
+    if quick:
+        for key, value in (("epochs", 2), ("pretrain_epochs", 1), ("epochs_per_round", 1), ("batch_size", 4), ("crop_size", 0)):
+            params[key] = value if params[key] is None else params[key]
+    out = params.pop("out")
+    cfg = resolve_train_config(params)
+    connect(ctx.obj["address"])
+    run_search(cfg, space, trials, out, max_concurrent=max_concurrent, grace_period=grace_period,
+               log=lambda m: click.echo(m))
 
 
 def _check_data_folder(data: str | None) -> None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from typing import NamedTuple
@@ -122,9 +123,10 @@ def claim_run_folder(cfg: TrainConfig) -> str:
     return run_id
 
 
-def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False) -> dict:
+def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False, callbacks=()) -> dict:
     """One training run end to end; returns the summary (also written to OUT/summary.json).
-    `overwrite`: clear another run's outputs from --out first (else that is an error)."""
+    `overwrite`: clear another run's outputs from --out first (else that is an error).
+    `callbacks`: Ray Train's, e.g. a Tune trial's TuneReportCallback (experiments/trials.py)."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     # workers run in other folders: every local path they read must be absolute
     cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
@@ -154,7 +156,10 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             check_capacity(cfg, pool, use_gpu)
         farm = Farm(
             store, len(parts), cfg.solver, pool, on_round=lambda r, rows, s: _report_round(r, rows, s, cfg),
-            on_error=_thread.interrupt_main, n_images=n_train,
+            # in a Tune trial run_train is not on the main thread, which is the actor's own: there the
+            # farm's failure marker alone stops the trainer
+            on_error=_thread.interrupt_main if threading.current_thread() is threading.main_thread() else None,
+            n_images=n_train,
         )
         farm.start()
     trainer = TorchTrainer(
@@ -169,6 +174,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             # the latest checkpoint (Ray Train never deletes it) and the best by val mIoU
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE,
                                                checkpoint_score_order="max"),
+            callbacks=list(callbacks),
         ),
     )
     try:

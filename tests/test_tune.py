@@ -1,0 +1,107 @@
+"""`python -m trainer tune`: the search space file and its errors, and a 4-trial search
+end to end (Ray Tune, ASHA on the trainer's per-epoch val mIoU, best.toml for train)."""
+import csv
+import glob
+import os
+
+import pytest
+
+from experiments.search import default_space, read_space
+from shared.errors import UserError
+from tests.helpers import run_cli
+from trainer.methods import METHODS
+from trainer.tomlio import read_toml
+
+
+def _space(tmp_path, text):
+    path = tmp_path / "space.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_method_has_a_default_space():
+    for method in METHODS:
+        sampled, fixed = read_space(default_space(method))
+        assert sampled and not fixed, method
+    assert set(read_space(default_space("grid-tr"))[0]) == {"tr_weight", "potts_weight", "lr"}
+
+
+def test_space_format(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    sampled, fixed = read_space(_space(tmp_path, 'tr_weight = { loguniform = [0.01, 1.0] }\n'
+                                                 'potts-weight = { choice = [10, 100] }\n'
+                                                 'max_iter = { randint = [1, 6] }\n'
+                                                 'eps = { uniform = [0.5, 0.7] }\nepochs = 3\n'))
+    assert isinstance(sampled["tr_weight"], Float) and sampled["tr_weight"].lower == 0.01
+    assert isinstance(sampled["potts_weight"], Categorical) and isinstance(sampled["max_iter"], Integer)
+    assert fixed == {"epochs": 3}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tr_weigth = { uniform = [0.1, 1.0] }", "'tr_weigth' is not a configuration key"),
+    ("out = { choice = ['a', 'b'] }", "'out' is not a configuration key a search can set"),
+    ("lr = { normal = [0.1, 1.0] }", "expected one of"),
+    ("epochs = { uniform = [1.5, 3] }", "'epochs': expected int, got float 1.5"),
+    ("lr = { loguniform = [0, 1] }", "needs low > 0"),
+    ("lr = { uniform = [1, 0.1] }", "needs low < high"),
+    ("epochs = 3", "no key to search"),
+])
+def test_space_errors_name_the_file_and_key(tmp_path, text, message):
+    path = _space(tmp_path, text + "\n")
+    with pytest.raises(UserError, match=f"--search {path}: .*{message}"):
+        read_space(path)
+
+
+def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
+    res = run_cli("tune", "--method", "grid-tr", "--search", _space(tmp_path, "beta = { uniform = [1, 2] }\n"),
+                  "--out", tmp_path / "o", timeout=120)
+    assert res.returncode == 2 and "'beta' is not a configuration key" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o" / "tune").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tune_quick_four_trials(tmp_path):
+    """4 trials of 2 PCE epochs on the tiny synthetic set, one at a time (2 cores)."""
+    out = tmp_path / "search"
+    res = run_cli("tune", "--method", "pce", "--trials", 4, "--quick", "--max-concurrent", 1, "--out", out, timeout=800)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and len({(r["lr"], r["weight_decay"]) for r in rows}) == 4  # 4 sampled configurations
+    assert all(0 <= float(r["val_miou"]) <= 1 for r in rows)
+    assert [float(r["val_miou"]) for r in rows] == sorted((float(r["val_miou"]) for r in rows), reverse=True)
+    for r in rows:  # a trial ASHA stopped has no summary; the others trained the whole budget
+        assert r["stopped_early"] == "True" or int(r["epochs"]) == 2
+        assert (r["stopped_early"] == "False") == os.path.exists(out / "trials" / r["trial"] / "summary.json")
+    # Tune saw every epoch of every trial (ASHA's input): one progress row per epoch reported
+    progress = sorted(glob.glob(str(out / "tune" / "tune-pce-*" / "*" / "progress.csv")))
+    assert len(progress) == 4
+    for path in progress:
+        with open(path) as f:
+            epochs = [row["epoch"] for row in csv.DictReader(f) if row.get("epoch")]
+        assert epochs and epochs[0] == "1", path
+    assert sum(line.startswith("[") and "search (lr=" in line for line in res.stdout.splitlines()) == 4
+    # best.toml: the best trial's configuration, which train --config takes
+    best = read_toml(str(out / "best.toml"))
+    assert float(rows[0]["lr"]) == pytest.approx(best["lr"], rel=1e-3) and best["method"] == "pce"
+    printed = run_cli("train", "--config", out / "best.toml", "--out", tmp_path / "again", "--print-config",
+                      check=True, timeout=120)
+    assert f"lr = {best['lr']}" in printed.stdout
+
+
+def test_what_one_run_holds_and_how_many_ran_at_once():
+    import json
+    from types import SimpleNamespace
+
+    from experiments.trials import demand, most_at_once
+    from shared.config import TrainConfig
+
+    assert demand(TrainConfig(method="pce", num_workers=2, loader_workers=1), 0) == {"CPU": 4, "GPU": 0}
+    assert demand(TrainConfig(method="grid-tr", solvers="3:8"), 1) == {"CPU": 4, "GPU": 1}  # first solvers + trainer
+    spans = [(0, 10), (5, 12), (11, 20), (30, 31)]  # at most two at once (0-10 with 5-12, 5-12 with 11-20)
+    results = [SimpleNamespace(metrics={"summary": json.dumps({"trial_started": a, "trial_ended": b})}) for a, b in spans]
+    assert most_at_once(results) == 2
+    stopped = SimpleNamespace(metrics={"val_miou": 0.1, "timestamp": 19, "time_total_s": 13.0})  # ran 6-19, no summary
+    assert most_at_once(results + [stopped]) == 3
