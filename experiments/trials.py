@@ -214,6 +214,8 @@ def _first_line(error: BaseException) -> str:
     """The user's error in a trial's failure, else its first line."""
     from trainer.cli import _user_cause
 
+    if isinstance(error, str):  # what Tune keeps of some failures
+        return error.splitlines()[0] if error else "failed"
     cause = _user_cause(error)
     text = str(cause if cause is not None else error)
     return text.splitlines()[0] if text else type(error).__name__

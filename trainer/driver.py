@@ -33,7 +33,7 @@ from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
 from trainer.methods import METHODS
-from trainer.loop import CHECKPOINT_SCORE, train_loop_per_worker, train_split
+from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
 
@@ -187,7 +187,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             farm.finish(cfg.max_stall)
     if farm is not None and farm.error is not None:
         raise UserError(f"stage A failed: {farm.error}")
-    trained = result.metrics.get("summary") if result.metrics else None
+    trained = result.metrics.get(SUMMARY_KEY) if result.metrics else None
     if trained is None:
         raise UserError(f"--out {cfg.out}: the trainer ended without its last epoch's report"
                         + (" (--resume of a run that had finished)" if cfg.resume else ""))

@@ -41,6 +41,9 @@ CHECKPOINT_FILE = "state.pt"  # the one file of a Ray Train checkpoint
 # Ray Train's checkpoint_score_attribute: the val mIoU of an evaluated epoch of the
 # method's phase, -1 otherwise (never the best); every report carries it
 CHECKPOINT_SCORE = "checkpoint_val_miou"
+# the key of the last report that carries the trainer's summary to the driver (not "summary":
+# a Tune trial's own result has that one, experiments/trials.py)
+SUMMARY_KEY = "trainer_summary"
 
 
 def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
@@ -216,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
             metrics[CHECKPOINT_SCORE] = record["val_miou"] if final and "val_miou" in record else -1.0
             if final and last:
-                metrics["summary"] = {
+                metrics[SUMMARY_KEY] = {
                     **(stage_a.summary() if stage_a else NO_STAGE_A), "stage_b_s": stage_b_s,
                     "val_miou": record.get("val_miou"), "per_class_iou": record.get("per_class_iou"),
                     "trimap": record.get("trimap"), "epochs": global_epoch,
