@@ -17,6 +17,8 @@ SCHEDULES = ("overlapped", "sync")
 ALGORITHMS = ("expansion", "swap")
 OPTIMIZERS = ("sgd", "adamw")
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
+SCRATCH_LR = 3e-3  # AdamW on the UNet from scratch (docs/recipe-synthetic)
+FINE_TUNE_FACTOR = 0.1  # fine-tuning rate / SCRATCH_LR: the paper's Grid-TR / PCE-GD rates
 AUGMENTATIONS = ("default", "reference", "crop")  # trainer/data.py: ours, the authors' VOC one (SPEC §4), crop only
 
 
@@ -49,8 +51,11 @@ class TrainConfig:
     arch: str = ""  # trainer.architectures; "": --init's, else the paper's with --backbone-weights, else unet
     optimizer: str = "adamw"  # sgd (the paper's, with momentum) or adamw
     batch_size: int = 8  # the global batch, split evenly over the trainer workers
-    lr: float = 0.003  # peak rate, poly decay; DeepLab's decoder trains at 10× it
-    pretrain_lr: float | None = None  # of the PCE pretraining phase; None = lr
+    # peak rate of the method's epochs, poly decay (DeepLab's decoder trains at 10× it);
+    # None: SCRATCH_LR, or a tenth of it when they fine-tune a trained model (--init, or
+    # after PCE pretraining), as the paper's Grid-TR fine-tunes at 1/10 of PCE-GD's rate
+    lr: float | None = None
+    pretrain_lr: float | None = None  # of the PCE pretraining epochs; None: SCRATCH_LR
     # of the training crops: "default" (scale, crop, flip), "reference" (the authors' VOC recipe),
     # "crop" (crop only); "": crop on the synthetic format, whose classes differ by stripe
     # orientation and period (a flip or a rescale turns one class's texture into another's)
@@ -103,6 +108,14 @@ class TrainConfig:
         _check(len(parts) <= 2 and 1 <= lo <= hi, "--solvers", f"needs 1 ≤ MIN ≤ MAX, got {self.solvers!r}")
         return lo, hi
 
+    def pretrains(self) -> bool:
+        """PCE pretraining (Alg. 1 line 2) before the method's epochs: the method starts
+        from a PCE model, --init does not give it, and --pretrain-epochs is not 0 (Dense-GD
+        from the backbone in the paper)."""
+        from trainer.methods import METHODS
+
+        return METHODS[self.method].starts_from_pce and not self.init and self.pretrain_epochs > 0
+
     def shard_base(self) -> str:
         from shared.storage import join
 
@@ -119,6 +132,8 @@ class TrainConfig:
         _check(self.schedule in SCHEDULES, "--schedule", f"must be one of {SCHEDULES}")
         _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
+        self.lr = self.lr or (SCRATCH_LR * FINE_TUNE_FACTOR if self.init or self.pretrains() else SCRATCH_LR)
+        self.pretrain_lr = self.pretrain_lr or SCRATCH_LR
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
         _check(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {OPTIMIZERS}")
         _check(self.eps_model in EPS_MODELS, "--eps-model", f"must be one of {EPS_MODELS}")
@@ -135,7 +150,7 @@ class TrainConfig:
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")
         _check(self.batch_size % self.num_workers == 0, "--batch-size",
                f"is the global batch: {self.batch_size} does not split evenly over --workers {self.num_workers}")
-        _check(self.pretrain_lr is None or self.pretrain_lr > 0, "--pretrain-lr", f"must be > 0, got {self.pretrain_lr}")
+        _check(self.pretrain_lr > 0, "--pretrain-lr", f"must be > 0, got {self.pretrain_lr}")
         _check(self.max_failures >= 0, "--max-failures", f"must be ≥ 0, got {self.max_failures}")
         _check(self.loader_workers >= 0, "--loader-workers", f"must be ≥ 0, got {self.loader_workers}")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")

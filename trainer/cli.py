@@ -64,7 +64,7 @@ def _train_options(f):
         click.option("--method", type=click.Choice(list(METHODS)), default=None),
         click.option("--epochs", type=int, default=None),
         click.option("--pretrain-epochs", type=int, default=None, help="PCE epochs first when there is no --init."),
-        click.option("--pretrain-lr", type=float, default=None, help="Base LR of those PCE epochs [--lr]."),
+        click.option("--pretrain-lr", type=float, default=None, help="Base LR of those PCE epochs [3e-3]."),
         click.option("--augmentation", type=click.Choice(AUGMENTATIONS), default=None,
                      help="Training crops: default (scale, crop, flip), reference (the authors' VOC recipe, SPEC §4), crop (crop only) [crop on --format synthetic, else default]."),
         click.option("--eps-model", type=click.Choice(EPS_MODELS), default=None,
@@ -75,7 +75,8 @@ def _train_options(f):
                      help="Network [--init's; else the paper's with --backbone-weights; else unet]."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="sgd (the paper's) or adamw [adamw]."),
         click.option("--batch-size", type=int, default=None, help="Global batch, split over --workers."),
-        click.option("--lr", type=float, default=None, help="Peak learning rate, poly decay (DeepLab's decoder: 10×)."),
+        click.option("--lr", type=float, default=None, help="Peak learning rate of the method's epochs, poly decay (DeepLab's decoder: 10×) "
+                     "[3e-3; 3e-4 when they fine-tune: --init, or after PCE pretraining]."),
         click.option("--crop-size", type=int, default=None),
         click.option("--max-image-pixels", type=int, default=None, help="Refuse larger images [4096²]."),
         click.option("--init", default=None, help="Checkpoint to start from."),

@@ -32,7 +32,7 @@ from trainer.data import EvalSet, TrainSet, load_split, read_classes
 from trainer.methods import METHODS
 from trainer.outliers import OutlierModel
 from trainer.model import load_backbone_weights
-from trainer.runlog import RunLog, load_checkpoint
+from trainer.runlog import RunLog, checkpoint_bytes, load_checkpoint
 from trainer.stage_a import NO_STAGE_A, StageA
 from trainer.visualize import write_panels
 
@@ -49,7 +49,7 @@ SUMMARY_KEY = "trainer_summary"
 def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
     """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model, or
     --pretrain-epochs 0 starts the method from the backbone (Dense-GD in the paper)."""
-    if METHODS[cfg.method].starts_from_pce and not cfg.init and cfg.pretrain_epochs > 0:
+    if cfg.pretrains():
         return [("pce", cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
     return [(cfg.method, cfg.epochs)]
 
@@ -162,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
         if resume and phase < resume["phase"]:
             continue
         same_phase = bool(resume) and phase == resume["phase"]
-        lr = cfg.pretrain_lr if method != cfg.method and cfg.pretrain_lr is not None else cfg.lr
+        lr = cfg.pretrain_lr if method != cfg.method else cfg.lr
         learned = outliers.param_groups(lr) if METHODS[method].needs_proposals else []  # ε trains with the robust loss
         optimizer, base_lrs = make_optimizer(net, cfg, lr, resume["optimizer"] if same_phase else None, learned)
         start = resume["epoch"] if same_phase else 0
@@ -207,13 +207,16 @@ def train_loop_per_worker(config: dict) -> None:
                 "run_id": run_id, "outliers": outliers.state_dict(), "stage_b_s": stage_b_s,
                 "stage_a": stage_a.state() if stage_a else None,
             }
-            if final and "val_miou" in record and record["val_miou"] > best:
+            improved = final and "val_miou" in record and record["val_miou"] > best
+            if improved:
                 best = state["best_miou"] = record["val_miou"]
-                log.save_checkpoint("best.pt", state)
+            blob = checkpoint_bytes(state) if rank == 0 else None  # one serialisation for every copy
+            if improved:
+                log.save_checkpoint("best.pt", blob)
             if last and not final:
-                log.save_checkpoint(f"{method}.pt", state)
+                log.save_checkpoint(f"{method}.pt", blob)
             log.log_epoch(record, global_epoch)  # before last.pt: a resume drops lines past it
-            log.save_checkpoint("last.pt", state)
+            log.save_checkpoint("last.pt", blob)
             if rank == 0:
                 print(_progress_line(record, global_epoch, sum(e for _, e in plan)), flush=True)
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
@@ -224,17 +227,18 @@ def train_loop_per_worker(config: dict) -> None:
                     "val_miou": record.get("val_miou"), "per_class_iou": record.get("per_class_iou"),
                     "trimap": record.get("trimap"), "epochs": global_epoch,
                 }
-            report(metrics, state if rank == 0 else None)
+            report(metrics, blob)
     log.close()
 
 
-def report(metrics: dict, state: dict | None) -> None:
-    """One epoch's metrics to Ray Train, with the checkpoint `state` (rank 0 gives it,
+def report(metrics: dict, blob: bytes | None) -> None:
+    """One epoch's metrics to Ray Train, with the checkpoint's bytes (rank 0 gives them,
     the other ranks None: every rank reports, as Ray Train requires)."""
     with tempfile.TemporaryDirectory(prefix="trseg-checkpoint-") as folder:
         checkpoint = None
-        if state is not None:
-            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+        if blob is not None:
+            with open(os.path.join(folder, CHECKPOINT_FILE), "wb") as f:
+                f.write(blob)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 

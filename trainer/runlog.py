@@ -60,11 +60,11 @@ class RunLog:
         if self.enabled:
             storage.write_bytes(storage.join(self.out, name), (json.dumps(obj, indent=2) + "\n").encode())
 
-    def save_checkpoint(self, name: str, state: dict) -> None:
+    def save_checkpoint(self, name: str, state: dict | bytes) -> None:
+        """checkpoints/NAME: `state`, or its `checkpoint_bytes` (serialised once for several files)."""
         if self.enabled:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            storage.write_bytes(storage.join(self.out, "checkpoints", name), buf.getvalue())
+            blob = state if isinstance(state, bytes) else checkpoint_bytes(state)
+            storage.write_bytes(storage.join(self.out, "checkpoints", name), blob)
 
     def _upload_events(self) -> None:
         """A remote --out: the event files written so far, each whole (a resumed run's
@@ -81,6 +81,12 @@ class RunLog:
             self._upload_events()
         if self._tb_dir is not None:
             shutil.rmtree(self._tb_dir, ignore_errors=True)
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def load_checkpoint(uri: str) -> dict:
