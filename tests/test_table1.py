@@ -84,6 +84,23 @@ def test_outputs_from_summaries(tmp_path):
         assert os.path.getsize(os.path.join(out, png)) > 1000
 
 
+@pytest.mark.s3
+def test_outputs_from_summaries_on_s3(s3_base, tmp_path, monkeypatch):
+    """--out s3://…: the table and the plots are objects there, nothing is written locally."""
+    from shared import storage
+
+    monkeypatch.chdir(tmp_path)  # a path mistaken for local would land here (s3:/…)
+    table1.write_outputs(s3_base, _fake_results())
+    assert storage.list_dir(s3_base) == ["fig5_miou_vs_length.png", "fig6_trimap.png", "table1.csv", "table1.md"]
+    csv_text = storage.read_bytes(storage.join(s3_base, "table1.csv")).decode()
+    local = tmp_path / "local"
+    table1.write_outputs(str(local), _fake_results())
+    assert csv_text.encode() == (local / "table1.csv").read_bytes()  # the same bytes as a local table
+    assert "all 26 cells" in storage.read_bytes(storage.join(s3_base, "table1.md")).decode()
+    assert len(storage.read_bytes(storage.join(s3_base, "fig6_trimap.png"))) > 1000
+    assert os.listdir(tmp_path) == ["local"]
+
+
 def test_cli_rejects_bad_data(tmp_path):
     res = _cli("table1", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), timeout=120)
     assert res.returncode != 0 and "--data" in res.stderr and "Traceback" not in res.stderr
