@@ -17,8 +17,8 @@ Outputs: OUT/trials/TRIAL_ID/ (each trial's run folder), OUT/trials.csv and
 OUT/trials.md (every trial: its sampled values, val mIoU, epochs, whether ASHA stopped
 it), OUT/best.toml (the best trial's whole configuration: `train --config
 OUT/best.toml --out DIR` trains it again) and OUT/tune/ (Tune's state: the same
-command again finishes an interrupted search). OUT may be an object store URI
-(s3://…).
+command again finishes an interrupted search, its interrupted trials continuing from
+their last checkpoints). OUT may be an object store URI (s3://…).
 """
 from __future__ import annotations
 

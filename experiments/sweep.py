@@ -10,7 +10,8 @@ proposals for the whole budget. λ > 0 runs the normal Alg. 1 rounds.
 Each run is a trial of a Ray Tune experiment (experiments/trials.py), the λ runs side
 by side once the PCE-GD model exists, as many at once as the cluster holds
 (`--max-concurrent`); the same command again finishes an interrupted sweep (Tune's
-restore). OUT may be an object store URI (s3://…). Writes, from the trials' results,
+restore; an interrupted run continues from its last checkpoint). OUT may be an object
+store URI (s3://…). Writes, from the trials' results,
 OUT/sweep.csv (`tr_weight,val_miou,stage_a_rounds,stage_a_images,wall_s`),
 OUT/sweep.md and OUT/sweep.png (val mIoU against λ, the PCE start as a reference).
 """

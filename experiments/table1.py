@@ -19,8 +19,8 @@ object store URI (s3://bucket/prefix): everything above and the outputs below go
 through shared/storage.py. The cells of an experiment run side by side, as many at
 once as the cluster holds (`--max-concurrent`); the fine-tuned cells start when every
 PCE-GD model exists. An interrupted table resumes through Tune's restore when the same
-command runs again: finished cells are kept, the interrupted ones train again from
-scratch.
+command runs again: finished cells are kept, the interrupted ones continue from their
+checkpoints/last.pt.
 
 Budget: the PCE cell trains `pretrain_epochs`; GD and TR continue from it for
 `epochs` more. The PCE column is therefore the *starting model* of the other three,

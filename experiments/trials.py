@@ -16,10 +16,10 @@ actors ask for.
 State. An experiment lives in OUT/tune/NAME-DIGEST, DIGEST a hash of its runs'
 configurations: the same command finds it again and Tune's own restore
 (`Tuner.restore`) finishes it; finished trials are not run again, interrupted or
-failed ones start their run again from scratch. Other runs (another --lengths,
-another budget) are another experiment. OUT may be an object store URI (s3://…): the
-run folders, Tune's state and the outputs all go there, through shared/storage.py's
-filesystem.
+failed ones continue their run from its last checkpoint (`run_train`'s
+`resume_unfinished`). Other runs (another --lengths, another budget) are another
+experiment. OUT may be an object store URI (s3://…): the run folders, Tune's state
+and the outputs all go there, through shared/storage.py's filesystem.
 """
 from __future__ import annotations
 
@@ -94,8 +94,9 @@ def train_trial(config: dict, base: dict, dataset: str, per_trial_folders: bool 
     if per_trial_folders:
         cfg.out = storage.join(cfg.out, tune.get_context().get_trial_id())
     started = time.time()
-    # a trial that Tune starts again (after a lost driver or node) starts its run again
-    summary = run_train(cfg, dataset, overwrite=True, callbacks=[TuneReportCallback()])
+    # a trial that Tune starts again (after a lost driver or node) continues its run from
+    # the last checkpoint; another run's outputs in the folder are cleared
+    summary = run_train(cfg, dataset, overwrite=True, callbacks=[TuneReportCallback()], resume_unfinished=True)
     # the summary as one JSON string: Tune prints every key of a result, nested ones too
     summary.update(trial_started=started, trial_ended=time.time())
     return {"val_miou": summary["val_miou"], "wall_s": summary["wall_s"], "summary": json.dumps(summary)}
