@@ -9,9 +9,12 @@ as it comes; the trial's last result is the run's summary.json.
 Resources. Ray Train places the trainer workers in a placement group of its own,
 outside the trial's, and the farm's solver actors are placed by Ray Data; a trial
 reserves only its driver (`TRIAL_RESOURCES`). What bounds the runs at once is Tune's
-concurrency limit: by default as many runs as the cluster's CPUs and GPUs hold
-(`runs_that_fit`), each counted at what its trainer workers and its first solver
-actors ask for.
+concurrency limit, as Ray documents for Ray Train inside Tune trials ("Set
+max_concurrent_trials to limit the number of Ray Train driver processes", Ray Train
+user guide "Hyperparameter Tuning with Ray Tune",
+https://docs.ray.io/en/latest/train/user-guides/hyperparameter-optimization.html):
+by default as many runs as the cluster's CPUs and GPUs hold (`runs_that_fit`), each
+counted at what its trainer workers and its first solver actors ask for.
 
 State. An experiment lives in OUT/tune/NAME-DIGEST, DIGEST a hash of its runs'
 configurations: the same command finds it again and Tune's own restore
@@ -137,11 +140,13 @@ class Progress(tune.Callback):
 
 def remove_orphaned_placement_groups() -> int:
     """Remove the placement groups whose creating actor is dead: the trainer workers'
-    of a trial that Tune stopped (ASHA) or lost. Ray Train's own cleaner asks the state
-    API whether its controller lives, which a private Ray does not serve
-    (shared/ray_session.py), and a group outlives the actor that made it until the
-    job ends: the trainer's CPUs would stay held and the next trials wait for ever.
-    Reads the GCS table directly, as `solver_restarts` does."""
+    of a trial that Tune stopped (ASHA) or lost, whose Ray Train V2 controller died
+    with the trial's actor. Still needed with Train V2: its own cleaner (a detached
+    actor) asks the state API whether the controller lives, which a private Ray does
+    not serve (shared/ray_session.py), and a group outlives the actor that made it
+    until the job ends (tests/test_tune.py shows it): the trainer's CPUs would stay
+    held and the next trials wait for ever. Reads the GCS table directly, as
+    `solver_restarts` does."""
     import ray
     from ray._private import state
     from ray.core.generated import gcs_pb2

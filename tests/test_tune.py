@@ -131,3 +131,39 @@ def test_what_one_run_holds_and_how_many_ran_at_once():
     stopped = SimpleNamespace(metrics={"val_miou": 0.1, "timestamp": 19, "time_total_s": 13.0})  # ran 6-19, no summary
     assert most_at_once(results + [stopped]) == 3
 
+
+def test_a_dead_actors_placement_group_is_freed_by_the_driver():
+    """Why `remove_orphaned_placement_groups` stays with Ray Train V2: the placement group
+    of a (non-detached) actor that dies, as Ray Train's controller of a trial ASHA stopped,
+    keeps its CPUs until the job ends (Ray Train's own cleaner asks the state API, which a
+    private Ray does not serve); the driver's sweep frees it."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from experiments.trials import remove_orphaned_placement_groups
+    from shared.ray_session import connect
+
+    connect(None, num_cpus=2, quiet=True)
+    try:
+        @ray.remote(num_cpus=0)
+        class Controller:  # makes a worker group's placement group, as Ray Train's does
+            def make(self):
+                group = placement_group([{"CPU": 1}])
+                ray.get(group.ready())
+                return group
+
+        controller = Controller.remote()
+        group = ray.get(controller.make.remote())
+        ray.kill(controller)
+        time.sleep(2)
+        assert placement_group_table(group)["state"] == "CREATED"  # its CPU still held
+        assert remove_orphaned_placement_groups() == 1
+        deadline = time.monotonic() + 30
+        while placement_group_table(group)["state"] != "REMOVED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert placement_group_table(group)["state"] == "REMOVED"
+        assert remove_orphaned_placement_groups() == 0
+    finally:
+        ray.shutdown()
