@@ -17,14 +17,17 @@ Outputs: OUT/trials/TRIAL_ID/ (each trial's run folder), OUT/trials.csv and
 OUT/trials.md (every trial: its sampled values, val mIoU, epochs, whether ASHA stopped
 it), OUT/best.toml (the best trial's whole configuration: `train --config
 OUT/best.toml --out DIR` trains it again) and OUT/tune/ (Tune's state: the same
-command again finishes an interrupted search).
+command again finishes an interrupted search, its interrupted trials continuing from
+their last checkpoints). OUT may be an object store URI (s3://…).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 
+from shared import storage
 from shared.config import SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, set_option, to_dict
 from shared.errors import UserError
 from trainer.methods import METHODS
@@ -97,8 +100,7 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     from trainer.tomlio import dumps
 
     sampled, fixed = read_space(space_path)
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    out = out if storage.is_remote(out) else os.path.abspath(out)
     for key, value in fixed.items():
         set_option(base, key, value)
     base.eval_every = 1  # ASHA compares the trials' val mIoU at every epoch
@@ -106,11 +108,11 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     dataset = os.path.basename(base.data.rstrip("/"))
     if METHODS[base.method].starts_from_pce and not base.init and base.pretrain_epochs > 0:
         pce = from_dict(TrainConfig, to_dict(base))
-        pce.method, pce.epochs, pce.out = "pce", base.pretrain_epochs, os.path.join(out, "pce")
+        pce.method, pce.epochs, pce.out = "pce", base.pretrain_epochs, storage.join(out, "pce")
         runs_as_trials.fit(runs_as_trials.experiment_path(out, "tune-pce", {"pce": pce}), {"pce": pce}, dataset,
                            {"run": "pce"}, tune.TuneConfig(num_samples=1), 1, log)
-        base.init = os.path.join(out, "pce", "checkpoints", "last.pt")
-    base.out = os.path.join(out, "trials")
+        base.init = storage.join(out, "pce", "checkpoints", "last.pt")
+    base.out = storage.join(out, "trials")
     search = {"search": base}
     at_once = max_concurrent or runs_as_trials.runs_that_fit([base])
     log(f"{trials} trials, at most {at_once} at once")
@@ -130,12 +132,12 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     for key in sampled:
         set_option(cfg, key, best.config[key])
     best_toml = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "resume")}
-    with open(os.path.join(out, "best.toml"), "w") as f:
-        f.write(f"# best of {len(rows)} trials of {space_path}: val mIoU {best.metrics['val_miou']:.4f}\n")
-        f.write(dumps(best_toml))
+    storage.write_bytes(storage.join(out, "best.toml"), (
+        f"# best of {len(rows)} trials of {space_path}: val mIoU {best.metrics['val_miou']:.4f}\n"
+        + dumps(best_toml)).encode())
     log(f"best: val mIoU {best.metrics['val_miou']:.4f} with "
         f"{', '.join(f'{k} = {best.config[k]:.4g}' if isinstance(best.config[k], float) else f'{k} = {best.config[k]}' for k in sampled)}"
-        f" -> {out}/best.toml")
+        f" -> {storage.join(out, 'best.toml')}")
     return {"val_miou": best.metrics["val_miou"], "config": best_toml}
 
 
@@ -152,15 +154,16 @@ def write_table(out: str, results, keys: list[str]) -> list[dict]:
                      "wall_s": m["wall_s"] if done else m.get("time_total_s")})
     rows.sort(key=lambda row: -(row["val_miou"] if row["val_miou"] is not None else -1))
     columns = ["trial", *keys, "val_miou", "epochs", "stopped_early", "wall_s"]
-    with open(os.path.join(out, "trials.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, columns)
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, columns)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_bytes(storage.join(out, "trials.csv"), text.getvalue().encode())
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
               for row in rows]
-    with open(os.path.join(out, "trials.md"), "w") as f:
-        f.write("# Hyper-parameter search: every trial, best val mIoU first\n\n"
-                "`stopped_early`: ASHA stopped the trial after `epochs` epochs (its val mIoU then).\n\n"
-                + "\n".join(lines) + "\n")
+    storage.write_bytes(storage.join(out, "trials.md"), (
+        "# Hyper-parameter search: every trial, best val mIoU first\n\n"
+        "`stopped_early`: ASHA stopped the trial after `epochs` epochs (its val mIoU then).\n\n"
+        + "\n".join(lines) + "\n").encode())
     return rows

@@ -10,20 +10,23 @@ proposals for the whole budget. λ > 0 runs the normal Alg. 1 rounds.
 Each run is a trial of a Ray Tune experiment (experiments/trials.py), the λ runs side
 by side once the PCE-GD model exists, as many at once as the cluster holds
 (`--max-concurrent`); the same command again finishes an interrupted sweep (Tune's
-restore). Writes, from the trials' results,
+restore; an interrupted run continues from its last checkpoint). OUT may be an object
+store URI (s3://…). Writes, from the trials' results,
 OUT/sweep.csv (`tr_weight,val_miou,stage_a_rounds,stage_a_images,wall_s`),
 OUT/sweep.md and OUT/sweep.png (val mIoU against λ, the PCE start as a reference).
 """
 from __future__ import annotations
 
 import csv
+import io
 import os
 
+from shared import storage
 from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
 from shared.config import TrainConfig
 from experiments.presets import apply_preset
-from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare
+from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, save_figure
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
 # The sweep's own quick size: two stage-A rounds, so λ > 0 differs from λ = 0.
@@ -42,8 +45,13 @@ def parse_values(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def run_name(lam: float) -> str:
+    """The λ run's folder under OUT, and its trial's name."""
+    return f"tr-{lam:g}"
+
+
 def run_dir(out: str, lam: float) -> str:
-    return os.path.join(out, f"tr-{lam:g}")
+    return storage.join(out, run_name(lam))
 
 
 def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_weight=None) -> TrainConfig:
@@ -54,9 +62,9 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
     else:
         cfg.epochs, cfg.pretrain_epochs = size.epochs, size.pretrain_epochs
     if method == "pce":
-        cfg.epochs, cfg.out = cfg.pretrain_epochs, os.path.join(out, "pce")
+        cfg.epochs, cfg.out = cfg.pretrain_epochs, storage.join(out, "pce")
     else:
-        cfg.init = os.path.join(out, "pce", "checkpoints", "last.pt")
+        cfg.init = storage.join(out, "pce", "checkpoints", "last.pt")
         cfg.out = run_dir(out, lam)
         cfg.solver.tr_weight = lam
         if potts_weight is not None:
@@ -78,7 +86,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     out, data, fmt = prepare(out, data, fmt, size, variant)
     sfx = scribble_suffix(scribbles)
     pce = {"pce": _config(out, "pce", data, fmt, size, sfx, preset)}
-    tr = {os.path.basename(run_dir(out, float(v))): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight)
+    tr = {run_name(float(v)): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight)
           for v in values}
     at_once = max_concurrent or trials.runs_that_fit(list(tr.values()))
     log(f"{len(tr)} λ runs after the PCE-GD model, at most {at_once} at once")
@@ -90,8 +98,8 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
         summaries.update({r.config["run"]: trials.summary_of(r) for r in grid})
     rows = []
     for v in values:
-        s = summaries[os.path.basename(run_dir(out, float(v)))]
-        rounds = len(ShardStore(os.path.join(run_dir(out, float(v)), "shards")).rounds("proposals"))
+        s = summaries[run_name(float(v))]
+        rounds = len(ShardStore(storage.join(run_dir(out, float(v)), "shards")).rounds("proposals"))
         rows.append({"tr_weight": float(v), "val_miou": s["val_miou"], "stage_a_rounds": rounds,
                      "stage_a_images": s["stage_a_images"], "wall_s": s["wall_s"], "epochs": s["epochs"]})
     write_outputs(out, rows, summaries["pce"], sfx)
@@ -99,11 +107,13 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
 
 
 def write_outputs(out: str, rows: list[dict], pce: dict, sfx: str) -> None:
-    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tr_weight", "val_miou", "stage_a_rounds", "stage_a_images", "wall_s"])
-        for r in rows:
-            w.writerow([f"{r['tr_weight']:g}", f"{r['val_miou']:.4f}", r["stage_a_rounds"], r["stage_a_images"], f"{r['wall_s']:.1f}"])
+    """sweep.csv, sweep.md and sweep.png into OUT (a folder or a URI)."""
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["tr_weight", "val_miou", "stage_a_rounds", "stage_a_images", "wall_s"])
+    for r in rows:
+        w.writerow([f"{r['tr_weight']:g}", f"{r['val_miou']:.4f}", r["stage_a_rounds"], r["stage_a_images"], f"{r['wall_s']:.1f}"])
+    storage.write_bytes(storage.join(out, "sweep.csv"), text.getvalue().encode())
     length = "1" if sfx == "" else sfx
     lines = [
         f"# Grid-TR against λ (`--tr-weight`), scribble length {length}",
@@ -117,8 +127,7 @@ def write_outputs(out: str, rows: list[dict], pce: dict, sfx: str) -> None:
     ]
     for r in rows:
         lines.append(f"| {r['tr_weight']:g} | {r['val_miou']:.4f} | {r['stage_a_rounds']} | {r['stage_a_images']} | {r['wall_s']:.0f} |")
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    storage.write_bytes(storage.join(out, "sweep.md"), ("\n".join(lines) + "\n").encode())
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = list(range(len(rows)))
@@ -131,5 +140,4 @@ def write_outputs(out: str, rows: list[dict], pce: dict, sfx: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sweep.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, storage.join(out, "sweep.png"))

@@ -14,11 +14,13 @@ own run folder under OUT:
     OUT/tune/table1-pce-*/          Tune's state of the first experiment: full and pce-{L}
     OUT/tune/table1-fine-tuned-*/   and of the second: the cells that start from pce-{L}
 
-for L in 0 (clicks), 0.3, 0.5, 0.8, 1 (full scribbles). The cells of an experiment run
-side by side, as many at once as the cluster holds (`--max-concurrent`); the
-fine-tuned cells start when every PCE-GD model exists. An interrupted table resumes
-through Tune's restore when the same command runs again: finished cells are kept, the
-interrupted ones train again from scratch.
+for L in 0 (clicks), 0.3, 0.5, 0.8, 1 (full scribbles). OUT is a local folder or an
+object store URI (s3://bucket/prefix): everything above and the outputs below go
+through shared/storage.py. The cells of an experiment run side by side, as many at
+once as the cluster holds (`--max-concurrent`); the fine-tuned cells start when every
+PCE-GD model exists. An interrupted table resumes through Tune's restore when the same
+command runs again: finished cells are kept, the interrupted ones continue from their
+checkpoints/last.pt.
 
 Budget: the PCE cell trains `pretrain_epochs`; GD and TR continue from it for
 `epochs` more. The PCE column is therefore the *starting model* of the other three,
@@ -36,10 +38,12 @@ OUT/fig6_trimap.png, from the trials' results.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 from dataclasses import dataclass
 
+from shared import storage
 from shared.config import TrainConfig, set_option
 from shared.labels import scribble_suffix
 from trainer.methods import METHODS as REGISTRY
@@ -87,7 +91,7 @@ QUICK = Table1Size(n_train=8, n_val=4, size=48, pretrain_epochs=1, epochs=1, epo
 
 
 def cell_dir(out: str, method: str, length: str) -> str:
-    return os.path.join(out, cell_name(method, length))
+    return storage.join(out, cell_name(method, length))
 
 
 def plan(lengths=LENGTHS) -> list[tuple[str, str]]:
@@ -120,7 +124,7 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     elif method == "full":
         cfg.epochs = pretrain + epochs
     else:
-        cfg.init = os.path.join(cell_dir(out, "pce", length), "checkpoints", "last.pt")
+        cfg.init = storage.join(cell_dir(out, "pce", length), "checkpoints", "last.pt")
     return cfg
 
 
@@ -130,11 +134,11 @@ def cell_name(method: str, length: str) -> str:
 
 
 def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default") -> tuple[str, str, str]:
-    """The run folder (created) and the data set: the cached synthetic one without --data."""
+    """The run folder (absolute, or a URI) and the data set: the cached synthetic one
+    without --data."""
     from experiments.default_job import synthetic_dataset
 
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    out = out if storage.is_remote(out) else os.path.abspath(out)
     if not data:
         data, fmt = synthetic_dataset(size.n_train, size.n_val, size.size, variant=variant), "synthetic"
     return out, os.path.abspath(data), fmt
@@ -170,7 +174,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
             method, length = cells[r.config["run"]]
             results[method][length] = trials.summary_of(r)
     write_outputs(out, results)
-    log(f"table1: {len(cells)} cells in {time.perf_counter() - t_all:.0f}s -> {out}/table1.csv")
+    log(f"table1: {len(cells)} cells in {time.perf_counter() - t_all:.0f}s -> {storage.join(out, 'table1.csv')}")
     return results
 
 
@@ -187,20 +191,21 @@ def miou_table(results: dict) -> dict:
 
 
 def write_outputs(out: str, results: dict) -> None:
+    """table1.csv, table1.md and the plots into OUT (a folder or a URI)."""
     table = miou_table(results)
-    write_csv(os.path.join(out, "table1.csv"), table)
-    with open(os.path.join(out, "table1.md"), "w") as f:
-        f.write(markdown(table, results))
-    plot_fig5(os.path.join(out, "fig5_miou_vs_length.png"), table)
-    plot_fig6(os.path.join(out, "fig6_trimap.png"), results)
+    write_csv(storage.join(out, "table1.csv"), table)
+    storage.write_bytes(storage.join(out, "table1.md"), markdown(table, results).encode())
+    plot_fig5(storage.join(out, "fig5_miou_vs_length.png"), table)
+    plot_fig6(storage.join(out, "fig6_trimap.png"), results)
 
 
-def write_csv(path: str, table: dict) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", *LENGTHS])
-        for method in METHODS:
-            w.writerow([method, *("" if table[method][L] is None else f"{table[method][L]:.4f}" for L in LENGTHS)])
+def write_csv(uri: str, table: dict) -> None:
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["method", *LENGTHS])
+    for method in METHODS:
+        w.writerow([method, *("" if table[method][L] is None else f"{table[method][L]:.4f}" for L in LENGTHS)])
+    storage.write_bytes(uri, text.getvalue().encode())
 
 
 def _fmt(v) -> str:
@@ -257,7 +262,15 @@ def _pyplot():
     return plt
 
 
-def plot_fig5(path: str, table: dict) -> None:
+def save_figure(fig, uri: str) -> None:
+    """A figure as one PNG file at a local path or a URI; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def plot_fig5(uri: str, table: dict) -> None:
     """mIoU against scribble length per method (paper Fig. 5), ours beside the paper's."""
     plt = _pyplot()
     xs = [float(L) for L in LENGTHS]
@@ -279,11 +292,10 @@ def plot_fig5(path: str, table: dict) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)  # below: the curves fill the axes
     fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, uri)
 
 
-def plot_fig6(path: str, results: dict) -> None:
+def plot_fig6(uri: str, results: dict) -> None:
     """Trimap mIoU against band width per method at full scribble length (paper Fig. 6)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -299,5 +311,4 @@ def plot_fig6(path: str, results: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, uri)

@@ -9,15 +9,20 @@ as it comes; the trial's last result is the run's summary.json.
 Resources. Ray Train places the trainer workers in a placement group of its own,
 outside the trial's, and the farm's solver actors are placed by Ray Data; a trial
 reserves only its driver (`TRIAL_RESOURCES`). What bounds the runs at once is Tune's
-concurrency limit: by default as many runs as the cluster's CPUs and GPUs hold
-(`runs_that_fit`), each counted at what its trainer workers and its first solver
-actors ask for.
+concurrency limit, as Ray documents for Ray Train inside Tune trials ("Set
+max_concurrent_trials to limit the number of Ray Train driver processes", Ray Train
+user guide "Hyperparameter Tuning with Ray Tune",
+https://docs.ray.io/en/latest/train/user-guides/hyperparameter-optimization.html):
+by default as many runs as the cluster's CPUs and GPUs hold (`runs_that_fit`), each
+counted at what its trainer workers and its first solver actors ask for.
 
 State. An experiment lives in OUT/tune/NAME-DIGEST, DIGEST a hash of its runs'
 configurations: the same command finds it again and Tune's own restore
 (`Tuner.restore`) finishes it; finished trials are not run again, interrupted or
-failed ones start their run again from scratch. Other runs (another --lengths,
-another budget) are another experiment.
+failed ones continue their run from its last checkpoint (`run_train`'s
+`resume_unfinished`). Other runs (another --lengths, another budget) are another
+experiment. OUT may be an object store URI (s3://…): the run folders, Tune's state
+and the outputs all go there, through shared/storage.py's filesystem.
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import time
 
 from ray import tune
 
+from shared import storage
 from shared.config import TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from trainer.methods import METHODS
@@ -88,10 +95,11 @@ def train_trial(config: dict, base: dict, dataset: str, per_trial_folders: bool 
         if key != "run":
             set_option(cfg, key, value)
     if per_trial_folders:
-        cfg.out = os.path.join(cfg.out, tune.get_context().get_trial_id())
+        cfg.out = storage.join(cfg.out, tune.get_context().get_trial_id())
     started = time.time()
-    # a trial that Tune starts again (after a lost driver or node) starts its run again
-    summary = run_train(cfg, dataset, overwrite=True, callbacks=[TuneReportCallback()])
+    # a trial that Tune starts again (after a lost driver or node) continues its run from
+    # the last checkpoint; another run's outputs in the folder are cleared
+    summary = run_train(cfg, dataset, overwrite=True, callbacks=[TuneReportCallback()], resume_unfinished=True)
     # the summary as one JSON string: Tune prints every key of a result, nested ones too
     summary.update(trial_started=started, trial_ended=time.time())
     return {"val_miou": summary["val_miou"], "wall_s": summary["wall_s"], "summary": json.dumps(summary)}
@@ -132,11 +140,13 @@ class Progress(tune.Callback):
 
 def remove_orphaned_placement_groups() -> int:
     """Remove the placement groups whose creating actor is dead: the trainer workers'
-    of a trial that Tune stopped (ASHA) or lost. Ray Train's own cleaner asks the state
-    API whether its controller lives, which a private Ray does not serve
-    (shared/ray_session.py), and a group outlives the actor that made it until the
-    job ends: the trainer's CPUs would stay held and the next trials wait for ever.
-    Reads the GCS table directly, as `solver_restarts` does."""
+    of a trial that Tune stopped (ASHA) or lost, whose Ray Train V2 controller died
+    with the trial's actor. Still needed with Train V2: its own cleaner (a detached
+    actor) asks the state API whether the controller lives, which a private Ray does
+    not serve (shared/ray_session.py), and a group outlives the actor that made it
+    until the job ends (tests/test_tune.py shows it): the trainer's CPUs would stay
+    held and the next trials wait for ever. Reads the GCS table directly, as
+    `solver_restarts` does."""
     import ray
     from ray._private import state
     from ray.core.generated import gcs_pb2
@@ -164,7 +174,7 @@ def experiment_path(out: str, name: str, runs: dict[str, TrainConfig], extra=Non
     """OUT/tune/NAME-DIGEST: the same runs (and `extra`: a search space) find the same experiment."""
     digest = hashlib.sha256(json.dumps([{k: to_dict(c) for k, c in sorted(runs.items())}, extra],
                                        sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return os.path.join(out, "tune", f"{name}-{digest}")
+    return storage.join(out, "tune", f"{name}-{digest}")
 
 
 def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict,
@@ -175,21 +185,32 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
     base = {name: to_dict(cfg) for name, cfg in runs.items()}
     trainable = tune.with_resources(tune.with_parameters(
         train_trial, base=base, dataset=dataset, per_trial_folders=per_trial_folders), TRIAL_RESOURCES)
-    if tune.Tuner.can_restore(path):
+    fs, fs_path = tune_storage(path)
+    if tune.Tuner.can_restore(fs_path, storage_filesystem=fs):
         log(f"{path}: resuming the Tune experiment there (finished trials are kept)")
-        tuner = tune.Tuner.restore(path, trainable=trainable, restart_errored=True)
+        tuner = tune.Tuner.restore(fs_path, trainable=trainable, restart_errored=True, storage_filesystem=fs)
     else:
         log(f"{path}: new Tune experiment")
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=tune.RunConfig(
-            name=os.path.basename(path), storage_path=os.path.dirname(path), callbacks=[Progress(total)]))
+            name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path), storage_filesystem=fs,
+            callbacks=[Progress(total)]))
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
     if failed:
         names = ", ".join(run_name(r.config, "?") for r in failed)
         raise UserError(f"{len(failed)} trial(s) failed: {names} ({_first_line(failed[0].error)}); Tune's logs are "
                         f"under {path}; the same command again runs them again")
-    log(f"{os.path.basename(path)}: {len(results)} trials, at most {most_at_once(results)} at once")
+    log(f"{posixpath.basename(fs_path)}: {len(results)} trials, at most {most_at_once(results)} at once")
     return results
+
+
+def tune_storage(path: str):
+    """(filesystem, path in it) of an experiment for Tune: None and the path for a local
+    one; for a URI, shared/storage.py's filesystem (the endpoint and options of the URI's
+    query, one PUT per small file), which Tune's own parsing of s3://…?query would miss."""
+    if not storage.is_remote(path):
+        return None, path
+    return storage.resolve(path)
 
 
 def most_at_once(results) -> int:

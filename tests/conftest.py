@@ -1,8 +1,14 @@
 """Fixtures every test file can use. Ray always binds to 127.0.0.1 in tests (see the
 developers' guide): the environment below is set before anything imports Ray."""
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
+
+from tests.helpers import AWS_ENV, BUCKET, s3_uri
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -26,3 +32,54 @@ def synthetic_set(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 in a subprocess, with a bucket, and test credentials
+    in this process's environment (which CLI subprocesses inherit); stopped afterwards."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.2)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield endpoint, client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_base(s3_endpoint):
+    """A fresh s3:// base URI on the moto server."""
+    return s3_uri(s3_endpoint[0])

@@ -1,12 +1,30 @@
 """Helpers of the tests: the project root, the command lines as subprocesses, Ray's processes."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "trseg-test"  # the bucket of the moto S3 server (conftest.s3_endpoint)
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+_s3_prefixes = itertools.count()
+
+
+def s3_uri(endpoint: str, name: str = "run") -> str:
+    """A fresh s3:// prefix on the test bucket whose query carries the endpoint to pyarrow."""
+    return f"s3://{BUCKET}/{name}{next(_s3_prefixes)}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
 def cli_env() -> dict:

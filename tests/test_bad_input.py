@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.faults
 
@@ -193,13 +193,3 @@ def test_non_finite_network_output_names_the_image(data, tmp_path):
 def test_image_over_the_size_cap_is_named(data, tmp_path):
     proc = _train(data, tmp_path, "--max-image-pixels", 48 * 47)  # the images are 48×48
     _assert_one_line_error(proc, "--max-image-pixels", os.path.join(data, "images"))
-
-
-@pytest.mark.parametrize("command", ["table1", "sweep-tr-weight"])
-def test_experiment_out_on_an_object_store_is_refused(command):
-    """The experiments' tables and plots are local files: an s3:// --out is one line, not
-    a local folder named "s3:"."""
-    proc = run_cli(command, "--quick", "--out", "s3://bucket/table", timeout=60)
-    assert proc.returncode == 2 and not os.path.exists(os.path.join(ROOT, "s3:"))  # the CLI's cwd
-    assert proc.stderr.strip().splitlines() == [f"error: --out s3://bucket/table: {command} writes a local folder; "
-                                                "give a local path"]

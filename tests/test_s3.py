@@ -4,7 +4,6 @@ never sees half a file)."""
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,74 +14,13 @@ import pytest
 
 from shared.errors import UserError
 from shared.shard_store import ShardStore
+from tests.helpers import BUCKET, s3_uri
 
 pytestmark = pytest.mark.s3
 
-BUCKET = "trseg-test"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 in a subprocess, with a bucket; stopped afterwards."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
-    saved = {k: os.environ.get(k) for k in AWS_ENV}
-    os.environ.update(AWS_ENV)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.2)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-_prefix_counter = iter(range(10**6))
-
-
 @pytest.fixture
-def base(s3_endpoint):
-    """A fresh s3:// base URI whose query carries the endpoint to pyarrow."""
-    endpoint, _ = s3_endpoint
-    return f"s3://{BUCKET}/run{next(_prefix_counter)}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+def base(s3_base):
+    return s3_base
 
 
 def _keys(client, prefix):
@@ -345,7 +283,7 @@ def flaky(s3_endpoint, monkeypatch):
 
     monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
     proxy = FlakyProxy(s3_endpoint[0])
-    yield proxy, f"s3://{BUCKET}/flaky{next(_prefix_counter)}?endpoint_override={proxy.endpoint}&scheme=http&region=us-east-1"
+    yield proxy, s3_uri(proxy.endpoint, "flaky")
     proxy.close()
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import table1
 from experiments.table1 import LENGTHS, METHODS, PAPER_TABLE1, cell_config, plan
-from tests.helpers import end_session, popen_cli, run_cli
+from tests.helpers import end_session, popen_cli, read_metrics, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +84,23 @@ def test_outputs_from_summaries(tmp_path):
         assert os.path.getsize(os.path.join(out, png)) > 1000
 
 
+@pytest.mark.s3
+def test_outputs_from_summaries_on_s3(s3_base, tmp_path, monkeypatch):
+    """--out s3://…: the table and the plots are objects there, nothing is written locally."""
+    from shared import storage
+
+    monkeypatch.chdir(tmp_path)  # a path mistaken for local would land here (s3:/…)
+    table1.write_outputs(s3_base, _fake_results())
+    assert storage.list_dir(s3_base) == ["fig5_miou_vs_length.png", "fig6_trimap.png", "table1.csv", "table1.md"]
+    csv_text = storage.read_bytes(storage.join(s3_base, "table1.csv")).decode()
+    local = tmp_path / "local"
+    table1.write_outputs(str(local), _fake_results())
+    assert csv_text.encode() == (local / "table1.csv").read_bytes()  # the same bytes as a local table
+    assert "all 26 cells" in storage.read_bytes(storage.join(s3_base, "table1.md")).decode()
+    assert len(storage.read_bytes(storage.join(s3_base, "fig6_trimap.png"))) > 1000
+    assert os.listdir(tmp_path) == ["local"]
+
+
 def test_cli_rejects_bad_data(tmp_path):
     res = _cli("table1", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), timeout=120)
     assert res.returncode != 0 and "--data" in res.stderr and "Traceback" not in res.stderr
@@ -108,45 +125,58 @@ def test_sweep_values():
 CELLS = plan(("1",))  # full supervision, PCE-GD, the three fine-tuned methods and the control
 
 
+def _run_id(cell_folder):
+    path = os.path.join(cell_folder, "run.json")
+    return json.loads(open(path).read())["run_id"] if os.path.exists(path) else None
+
+
 @pytest.fixture(scope="module")
 def table1_run(tmp_path_factory):
-    """`table1 --quick --lengths 1` (6 cells, two Tune experiments), its driver killed
-    while the second experiment has a cell finished and one training, then the same
-    command again. Returns (out, {cell: run id before the kill}, the second run's output).
+    """`table1 --quick --lengths 1 --epochs 2` (6 cells, two Tune experiments), its driver
+    killed while the second experiment has a cell finished and one between its two
+    epochs, then the same command again. Returns (out, {cell: run id before the kill} of
+    the finished cells, the second run's output, {cell: run id} of the interrupted one).
     One run shared by the tests below: each cell is ~15-25 s of Ray Train on 2 cores."""
     out = tmp_path_factory.mktemp("t1") / "t1"
-    args = ("table1", "--quick", "--lengths", "1", "--max-concurrent", "1", "--out", str(out))
+    args = ("table1", "--quick", "--lengths", "1", "--epochs", "2", "--max-concurrent", "1", "--out", str(out))
     fine_tuned = [table1.cell_dir(str(out), m, L) for m, L in CELLS if m not in ("full", "pce")]
+
+    def done(d):
+        return os.path.exists(os.path.join(d, "summary.json"))
+
+    def mid_run(d):  # its first epoch's checkpoint, not yet its summary
+        return os.path.exists(os.path.join(d, "checkpoints", "last.pt")) and not done(d)
+
     proc = popen_cli(*args, log_path=str(out.parent / "first.log"))
     try:
         deadline = time.monotonic() + 900
-        # a fine-tuned cell done and the next one's folder made: Tune has that trial as finished
         while proc.poll() is None and time.monotonic() < deadline:
-            done = [d for d in fine_tuned if os.path.exists(os.path.join(d, "summary.json"))]
-            if done and any(os.path.exists(d) and d not in done for d in fine_tuned):
+            if any(map(done, fine_tuned)) and any(map(mid_run, fine_tuned)):
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert proc.poll() is None, "table1 ended before it could be killed:\n" + (out.parent / "first.log").read_text()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         end_session(proc)
-    before = {}
+    before, interrupted = {}, {}
     for method, length in CELLS:
-        path = os.path.join(table1.cell_dir(str(out), method, length), "summary.json")
-        if os.path.exists(path):
-            before[(method, length)] = json.loads(open(path).read())["run_id"]
+        folder = table1.cell_dir(str(out), method, length)
+        if done(folder):
+            before[(method, length)] = _run_id(folder)
+        elif mid_run(folder):
+            interrupted[(method, length)] = _run_id(folder)
     t0 = time.time()
     res = run_cli(*args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     print(f"table1 --quick --lengths 1, resumed: {time.time() - t0:.0f}s")
-    return out, before, res.stdout
+    return out, before, res.stdout, interrupted
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_table1_quick_fills_its_cells(table1_run):
-    out, _, _ = table1_run
+    out, _, _, _ = table1_run
     header, rows = _read_csv(out / "table1.csv")
     assert header == ["method", "0", "0.3", "0.5", "0.8", "1"]
     assert list(rows) == list(METHODS)
@@ -169,7 +199,7 @@ def test_table1_quick_fills_its_cells(table1_run):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_table1_resumes_through_tune_training_only_the_missing_cells(table1_run):
-    out, before, stdout = table1_run
+    out, before, stdout, _ = table1_run
     first = {table1.cell_name(m, L) for m, L in CELLS if m in ("full", "pce")}
     assert first <= {table1.cell_name(m, L) for m, L in before}, "the PCE experiment had finished before the kill"
     assert len(before) < len(CELLS), "some cells were still to train"
@@ -180,6 +210,20 @@ def test_table1_resumes_through_tune_training_only_the_missing_cells(table1_run)
     finished = [line for line in stdout.splitlines() if re.match(r"\[\d+/\d+\] \S+: val mIoU", line)]
     assert len(finished) == len(CELLS) - len(before), finished  # one line per trial trained in this session
     assert "at most 1 at once" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_table1_an_interrupted_cell_continues_from_its_checkpoint(table1_run):
+    """The cell killed after its first epoch is the same run after the rerun: its run id,
+    a line saying it resumed, and each of its two epochs logged once."""
+    out, _, stdout, interrupted = table1_run
+    assert len(interrupted) == 1, interrupted
+    (method, length), run_id = next(iter(interrupted.items()))
+    folder = out / table1.cell_name(method, length)
+    assert json.loads((folder / "summary.json").read_text())["run_id"] == run_id
+    assert f"{folder}: resuming this run from its last checkpoint" in stdout
+    assert [m["epoch"] for m in read_metrics(str(folder))] == [1, 2]
 
 
 @pytest.mark.slow

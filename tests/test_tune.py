@@ -1,14 +1,16 @@
 """`python -m trainer tune`: the search space file and its errors, and a 4-trial search
-end to end (Ray Tune, ASHA on the trainer's per-epoch val mIoU, best.toml for train)."""
+end to end with --out on S3 (Ray Tune, ASHA on the trainer's per-epoch val mIoU,
+best.toml for train)."""
 import csv
-import glob
+import io
 import os
+import re
 
 import pytest
 
 from experiments.search import default_space, read_space
 from shared.errors import UserError
-from tests.helpers import run_cli
+from tests.helpers import ROOT, run_cli
 from trainer.methods import METHODS
 from trainer.tomlio import read_toml
 
@@ -60,34 +62,57 @@ def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
     assert not (tmp_path / "o" / "tune").exists()
 
 
+def _objects(uri: str) -> list[str]:
+    """The paths of every object under an s3:// prefix, relative to it."""
+    from pyarrow import fs as pafs
+
+    from shared import storage
+
+    filesystem, root = storage.resolve(uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
 @pytest.mark.slow
+@pytest.mark.s3
 @pytest.mark.timeout(900)
-def test_tune_quick_four_trials(tmp_path):
-    """4 trials of 2 PCE epochs on the tiny synthetic set, one at a time (2 cores)."""
-    out = tmp_path / "search"
+def test_tune_quick_four_trials_on_s3(s3_base, tmp_path):
+    """4 trials of 2 PCE epochs on the tiny synthetic set, one at a time (2 cores), with
+    --out on an S3 endpoint (moto): the trials' run folders, Tune's state and the tables
+    are objects there, and nothing lands in a local folder."""
+    from shared import storage
+
+    out = s3_base
+    root_before = set(os.listdir(ROOT))
     res = run_cli("tune", "--method", "pce", "--trials", 4, "--quick", "--max-concurrent", 1, "--out", out, timeout=800)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    with open(out / "trials.csv") as f:
-        rows = list(csv.DictReader(f))
+    assert set(os.listdir(ROOT)) == root_before  # no s3:/… folder in the working directory
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(out, "trials.csv")).decode())))
     assert len(rows) == 4 and len({(r["lr"], r["weight_decay"]) for r in rows}) == 4  # 4 sampled configurations
     assert all(0 <= float(r["val_miou"]) <= 1 for r in rows)
     assert [float(r["val_miou"]) for r in rows] == sorted((float(r["val_miou"]) for r in rows), reverse=True)
+    objects = _objects(out)
     for r in rows:  # a trial ASHA stopped has no summary; the others trained the whole budget
         assert r["stopped_early"] == "True" or int(r["epochs"]) == 2
-        assert (r["stopped_early"] == "False") == os.path.exists(out / "trials" / r["trial"] / "summary.json")
-    # Tune saw every epoch of every trial (ASHA's input): one progress row per epoch reported
-    progress = sorted(glob.glob(str(out / "tune" / "tune-pce-*" / "*" / "progress.csv")))
+        assert (r["stopped_early"] == "False") == (f"trials/{r['trial']}/summary.json" in objects)
+        assert f"trials/{r['trial']}/checkpoints/last.pt" in objects
+    assert "trials.md" in objects
+    # Tune's experiment state on S3 (what a rerun restores from), and every epoch of every
+    # trial seen by Tune (ASHA's input): one progress row per epoch reported
+    tune_files = [o for o in objects if re.match(r"tune/tune-pce-[0-9a-f]{8}/", o)]
+    assert any(re.search(r"/experiment_state-.*\.json$", o) for o in tune_files), tune_files
+    progress = [o for o in tune_files if o.endswith("/progress.csv")]
     assert len(progress) == 4
     for path in progress:
-        with open(path) as f:
-            epochs = [row["epoch"] for row in csv.DictReader(f) if row.get("epoch")]
+        text = storage.read_bytes(storage.join(out, path)).decode()
+        epochs = [row["epoch"] for row in csv.DictReader(io.StringIO(text)) if row.get("epoch")]
         assert epochs and epochs[0] == "1", path
     assert sum(line.startswith("[") and "search (lr=" in line for line in res.stdout.splitlines()) == 4
-    # best.toml: the best trial's configuration, which train --config takes
-    best = read_toml(str(out / "best.toml"))
+    # best.toml: the best trial's configuration, which train --config takes from S3 too
+    best = read_toml(storage.join(out, "best.toml"))
     assert float(rows[0]["lr"]) == pytest.approx(best["lr"], rel=1e-3) and best["method"] == "pce"
-    printed = run_cli("train", "--config", out / "best.toml", "--out", tmp_path / "again", "--print-config",
-                      check=True, timeout=120)
+    printed = run_cli("train", "--config", storage.join(out, "best.toml"), "--out", tmp_path / "again",
+                      "--print-config", check=True, timeout=120)
     assert f"lr = {best['lr']}" in printed.stdout
 
 
@@ -105,3 +130,40 @@ def test_what_one_run_holds_and_how_many_ran_at_once():
     assert most_at_once(results) == 2
     stopped = SimpleNamespace(metrics={"val_miou": 0.1, "timestamp": 19, "time_total_s": 13.0})  # ran 6-19, no summary
     assert most_at_once(results + [stopped]) == 3
+
+
+def test_a_dead_actors_placement_group_is_freed_by_the_driver():
+    """Why `remove_orphaned_placement_groups` stays with Ray Train V2: the placement group
+    of a (non-detached) actor that dies, as Ray Train's controller of a trial ASHA stopped,
+    keeps its CPUs until the job ends (Ray Train's own cleaner asks the state API, which a
+    private Ray does not serve); the driver's sweep frees it."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from experiments.trials import remove_orphaned_placement_groups
+    from shared.ray_session import connect
+
+    connect(None, num_cpus=2, quiet=True)
+    try:
+        @ray.remote(num_cpus=0)
+        class Controller:  # makes a worker group's placement group, as Ray Train's does
+            def make(self):
+                group = placement_group([{"CPU": 1}])
+                ray.get(group.ready())
+                return group
+
+        controller = Controller.remote()
+        group = ray.get(controller.make.remote())
+        ray.kill(controller)
+        time.sleep(2)
+        assert placement_group_table(group)["state"] == "CREATED"  # its CPU still held
+        assert remove_orphaned_placement_groups() == 1
+        deadline = time.monotonic() + 30
+        while placement_group_table(group)["state"] != "REMOVED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert placement_group_table(group)["state"] == "REMOVED"
+        assert remove_orphaned_placement_groups() == 0
+    finally:
+        ray.shutdown()

@@ -273,7 +273,8 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--lengths", default="0,0.3,0.5,0.8,1", help="Scribble lengths (columns) to train.")
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
-@click.option("--out", required=True, help="Folder of the table, the plots and one run folder per cell.")
+@click.option("--out", required=True,
+              help="Folder or s3:// URI of the table, the plots and one run folder per cell.")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="Cells trained at once [as many as the cluster holds].")
 @click.option("--shared-fs", "shared_fs", is_flag=True, default=None,
@@ -288,7 +289,6 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     from experiments.table1 import run_table1
 
     _check_data_folder(data)
-    _check_local_out(out, "table1")
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
                                    ("shared_fs", shared_fs)) if v is not None}
     connect(ctx.obj["address"])
@@ -296,7 +296,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
                for x in lengths.split(",")]
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
                log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant, max_concurrent=max_concurrent)
-    click.echo(open(os.path.join(out, "table1.csv")).read().rstrip())
+    click.echo(storage.read_bytes(storage.join(out, "table1.csv")).decode().rstrip())
 
 
 @cli.command("sweep-tr-weight")
@@ -320,11 +320,10 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
 
     lams = parse_values(values)
     _check_data_folder(data)
-    _check_local_out(out, "sweep-tr-weight")
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent)
-    click.echo(open(os.path.join(out, "sweep.csv")).read().rstrip())
+    click.echo(storage.read_bytes(storage.join(out, "sweep.csv")).decode().rstrip())
 
 
 @cli.command("tune")
@@ -371,13 +370,6 @@ def _check_data_folder(data: str | None) -> None:
     """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
     if data and not os.path.isdir(data):
         raise UserError(f"--data: no such data set folder: {data!r}")
-
-
-def _check_local_out(out: str, command: str) -> None:
-    """The experiments write their tables and plots with local files (a run's own outputs
-    may be remote: `train --out s3://…`)."""
-    if storage.is_remote(out):
-        raise UserError(f"--out {out}: {command} writes a local folder; give a local path")
 
 
 def main(argv=None) -> None:

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
 from trainer.methods import METHODS
-from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, train_loop_per_worker, train_split
+from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, phases, train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
 
@@ -123,16 +124,22 @@ def claim_run_folder(cfg: TrainConfig) -> str:
     return run_id
 
 
-def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False, callbacks=()) -> dict:
+def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool = False, callbacks=(),
+              resume_unfinished: bool = False) -> dict:
     """One training run end to end; returns the summary (also written to OUT/summary.json).
     `overwrite`: clear another run's outputs from --out first (else that is an error).
-    `callbacks`: Ray Train's, e.g. a Tune trial's TuneReportCallback (experiments/trials.py)."""
+    `callbacks`: Ray Train's, e.g. a Tune trial's TuneReportCallback (experiments/trials.py).
+    `resume_unfinished`: when --out holds an unfinished run of this same configuration
+    (a Tune trial started again), continue it as --resume would."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     # workers run in other folders: every local path they read must be absolute
     cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
         p if not p or storage.is_remote(p) else os.path.abspath(p)
         for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
     K, n_train, n_val, largest = check_inputs(cfg, overwrite)
+    if resume_unfinished and unfinished_run(cfg):
+        cfg.resume = True
+        print(f"{cfg.out}: resuming this run from its last checkpoint", flush=True)
     check_cluster_paths(cfg)
     run_id = claim_run_folder(cfg)
     storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
@@ -216,6 +223,22 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     }
     storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def unfinished_run(cfg: TrainConfig) -> bool:
+    """Whether --out holds a run of this configuration (its config.toml, written from the
+    configuration as check_inputs resolved it, is cfg's but for `resume`) that stopped
+    before its last epoch: a checkpoints/last.pt short of it and no summary.json. A run
+    whose last epoch is in last.pt but which wrote no summary trains again: --resume
+    would have no epoch left to report from."""
+    raw = storage.read_if_exists(storage.join(cfg.out, "config.toml"))
+    last = storage.join(cfg.out, "checkpoints", "last.pt")
+    if raw is None or storage.exists(storage.join(cfg.out, "summary.json")) or not storage.exists(last):
+        return False
+    saved, wanted = tomllib.loads(raw.decode()), tomllib.loads(dumps(to_dict(cfg)))  # one writer: same text, same values
+    saved.pop("resume", None)
+    wanted.pop("resume", None)
+    return saved == wanted and load_checkpoint(last)["global_epoch"] < sum(epochs for _, epochs in phases(cfg))
 
 
 def ray_train_storage(out: str, run_id: str) -> str:
