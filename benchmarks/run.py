@@ -255,44 +255,15 @@ def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
 # ---------------------------------------------------------------------------- requests
 
 
-@contextlib.contextmanager
-def counting_s3():
-    """moto's S3 server with a request counter (benchmarks/s3_counter.py) on 127.0.0.1 and
-    a bucket; yields (endpoint, counts()); stopped afterwards."""
-    import socket
-    import subprocess
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "s3_counter.py"), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/trseg-bench", method="PUT"), timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the counting S3 server (benchmarks/s3_counter.py) did not start")
-                time.sleep(0.2)
-        yield endpoint, lambda: json.loads(urllib.request.urlopen(f"{endpoint}/__requests__", timeout=10).read())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 def measure_requests(workdir: str, per_round: int = 2, rounds: int = 2) -> dict:
+    from benchmarks.s3_counter import local_s3
     from shared.config import TrainConfig
     from experiments.default_job import synthetic_dataset
     from trainer.driver import run_train
 
     n_train, n_val, size = 64, 32, 96
     data = synthetic_dataset(n_train, n_val, size)
-    with counting_s3() as (endpoint, counts):
+    with local_s3("trseg-bench") as (endpoint, counts):
         shards_uri = f"s3://trseg-bench/shards?endpoint_override={endpoint}&scheme=http&region=us-east-1"
         before = counts()
         log(f"requests: Grid-TR, {rounds} rounds of {n_train} images, shards on {shards_uri}")

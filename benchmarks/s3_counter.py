@@ -1,22 +1,27 @@
-"""moto's S3 server on 127.0.0.1 that counts the requests it answers (benchmarks only).
+"""moto's S3 server on 127.0.0.1 that counts the requests it answers.
 
     python benchmarks/s3_counter.py PORT
 
 `GET /__requests__` answers {"read", "write", "list", "by_request"} counted since the
-start. benchmarks/run.py runs it as a subprocess, so that the requests of every process
-of a run (driver, farm, trainer worker, solver actors) are counted in one place.
+start. `local_s3` runs it as a subprocess, so that the requests of every process of a
+run (driver, farm, trainer worker, solver actors) are counted in one place:
+benchmarks/run.py reads the counts, the tests' S3 endpoint (tests/conftest.py) is the
+same server.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import re
+import socket
+import subprocess
 import sys
 import threading
+import time
 import urllib.parse
-
-from moto.server import DomainDispatcherApplication, create_backend_app
-from werkzeug.serving import make_server
+import urllib.request
 
 COUNTS_PATH = "/__requests__"
 _LISTING_KEYS = ("list-type", "prefix", "delimiter")
@@ -35,7 +40,40 @@ def shape(path: str) -> str:
     return re.sub(r"part-\d+", "part-K", re.sub(r"round=\d+", "round=R", path))
 
 
+@contextlib.contextmanager
+def local_s3(bucket: str):
+    """This server in a subprocess on a free 127.0.0.1 port, with `bucket` created;
+    yields (endpoint, counts()); stopped afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # creating the bucket is also the readiness probe
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the local S3 server ({__file__}) did not start")
+                time.sleep(0.2)
+        yield endpoint, lambda: json.loads(urllib.request.urlopen(f"{endpoint}{COUNTS_PATH}", timeout=10).read())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def serve(port: int) -> None:
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
     moto = DomainDispatcherApplication(create_backend_app)
     counts: collections.Counter = collections.Counter()
     lock = threading.Lock()

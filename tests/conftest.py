@@ -1,10 +1,6 @@
 """Fixtures every test file can use. Ray always binds to 127.0.0.1 in tests (see the
 developers' guide): the environment below is set before anything imports Ray."""
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -34,44 +30,21 @@ def synthetic_set(tmp_path_factory):
     return make
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 in a subprocess, with a bucket, and test credentials
-    in this process's environment (which CLI subprocesses inherit); stopped afterwards."""
+    """A moto S3 server on 127.0.0.1 in a subprocess (benchmarks/s3_counter.py's), with a
+    bucket, and test credentials in this process's environment (which CLI subprocesses
+    inherit); stopped afterwards."""
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
+    from benchmarks.s3_counter import local_s3
+
     saved = {k: os.environ.get(k) for k in AWS_ENV}
     os.environ.update(AWS_ENV)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.2)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
+        with local_s3(BUCKET) as (endpoint, _):
+            yield endpoint, boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
