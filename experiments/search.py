@@ -116,8 +116,11 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     search = {"search": base}
     at_once = max_concurrent or runs_as_trials.runs_that_fit([base])
     log(f"{trials} trials, at most {at_once} at once")
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs + 1,  # + 1: the summary's result
-                              grace_period=grace_period, reduction_factor=2)
+    # rungs by the trainer's epoch, not Tune's iteration count: a trial started again
+    # continues its run from last.pt (experiments/trials.py) and its iterations restart
+    # at 1; max_t past the last epoch, so that the last epoch is not a stop
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs + 1, grace_period=grace_period,
+                              reduction_factor=2)
     with open(space_path) as f:  # the same space and budget find the same experiment
         path = runs_as_trials.experiment_path(out, f"tune-{base.method}", search, [f.read(), trials, grace_period])
     results = runs_as_trials.fit(

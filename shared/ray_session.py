@@ -41,7 +41,10 @@ def connect(address: str | None, num_cpus: int | None = None, quiet: bool = Fals
     # installed wheel's folder is site-packages, which must not go before the stdlib).
     if os.path.exists(os.path.join(PROJECT_ROOT, "pyproject.toml")):
         env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
+    # address "local": a new Ray even where this machine runs another one (`ray start`, a
+    # test's multi-node cluster): with no address, ray.init joins the newest of those
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=not quiet,
              logging_level=logging.ERROR if quiet else logging.INFO, runtime_env={
         "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
     if quiet:

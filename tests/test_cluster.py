@@ -115,6 +115,22 @@ def test_solve_round_runs_only_on_solver_nodes(cluster, tmp_path):
     assert used <= solver_ids, f"solver actors ran off the solver nodes: {used - solver_ids}"
     assert trainer.node_id not in used and c.head_node.node_id not in used
     _check_cluster_paths(tmp_path)
+    _check_local_ray_is_private(c)
+
+
+def _check_local_ray_is_private(c):
+    """On the same cluster: --local (ray_session.connect without an address) starts a Ray
+    of its own while another runs on this machine; plain ray.init() would join the
+    newest one (the cluster above writes /tmp/ray/ray_current_cluster)."""
+    import subprocess
+    import sys
+
+    code = ("from shared import ray_session; import ray; ray_session.connect(None, num_cpus=1, quiet=True); "
+            "print(ray.get_runtime_context().gcs_address, len(ray.nodes()))")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120, check=True).stdout.split()
+    assert out[0] != c.address and out[1] == "1", out
 
 
 def _check_cluster_paths(tmp_path):

@@ -16,7 +16,7 @@ def test_two_workers_draw_disjoint_shares_of_a_new_shuffle_each_epoch(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
         TorchTrainer(draw, train_loop_config={"out": str(tmp_path)},

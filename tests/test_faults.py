@@ -153,7 +153,7 @@ def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):
     assert sorted(ShardStore(base).unsolved(0, verify=True)) == [1]
     assert bad in capsys.readouterr().out
 
-    ray.init(num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         rows = solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), Pool())
     finally:

@@ -146,7 +146,7 @@ def test_pollers_read_one_manifest_a_poll_and_never_list(tmp_path, monkeypatch):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "tests.poison.install",
                           "env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
     yield ray
