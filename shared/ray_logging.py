@@ -1,8 +1,8 @@
 """Log hygiene for Ray worker processes, installed through runtime_env's
 `worker_process_setup_hook` (it runs in every worker before any task or actor).
 
-Ray Train logs every `train.report` call at INFO ("Reporting training result …",
-one per epoch) and, without a dashboard, its placement-group cleaner warns every
+Ray Train logs every `train.report` call at INFO ("Reporting training result …" and
+"Checkpoint successfully created at …", one each per epoch) and, without a dashboard, its placement-group cleaner warns every
 second that the state API is unavailable. Both bury the epoch lines users read.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 
 # Ray Train names this module's logger after its *file*, so the name is a path.
 _REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
@@ -20,6 +21,9 @@ def quiet_workers() -> None:
     spec = importlib.util.find_spec(_REPORT_LOGGER_MODULE)
     if spec is not None and spec.origin:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    # a filter, not a level: Ray Train's dictConfig of "ray.train" resets its children's
+    # levels when the worker starts training (after this hook), and leaves their filters
+    logging.getLogger(_CHECKPOINT_LOGGER).addFilter(lambda record: record.levelno >= logging.WARNING)
 
 
 def quiet_local_workers() -> None:
