@@ -132,8 +132,10 @@ class TrainConfig:
         _check(self.schedule in SCHEDULES, "--schedule", f"must be one of {SCHEDULES}")
         _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
-        self.lr = self.lr or (SCRATCH_LR * FINE_TUNE_FACTOR if self.init or self.pretrains() else SCRATCH_LR)
-        self.pretrain_lr = self.pretrain_lr or SCRATCH_LR
+        if self.lr is None:
+            self.lr = SCRATCH_LR * FINE_TUNE_FACTOR if self.init or self.pretrains() else SCRATCH_LR
+        if self.pretrain_lr is None:
+            self.pretrain_lr = SCRATCH_LR
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
         _check(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {OPTIMIZERS}")
         _check(self.eps_model in EPS_MODELS, "--eps-model", f"must be one of {EPS_MODELS}")

@@ -33,5 +33,8 @@ def test_given_rates_are_kept():
     cfg = TrainConfig(data="d", method="grid-tr", init="pce.pt", lr=0.01, pretrain_lr=0.02)
     cfg.validate()
     assert (cfg.lr, cfg.pretrain_lr) == (0.01, 0.02)
-    with pytest.raises(UserError, match="--lr"):
-        TrainConfig(data="d", lr=-1.0).validate()
+    for bad in (0.0, -1.0):
+        with pytest.raises(UserError, match="--lr"):
+            TrainConfig(data="d", lr=bad).validate()
+        with pytest.raises(UserError, match="--pretrain-lr"):
+            TrainConfig(data="d", pretrain_lr=bad).validate()
