@@ -18,7 +18,7 @@ ALGORITHMS = ("expansion", "swap")
 OPTIMIZERS = ("sgd", "adamw")
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
 SCRATCH_LR = 3e-3  # AdamW on the UNet from scratch (docs/recipe-synthetic)
-FINE_TUNE_FACTOR = 0.1  # fine-tuning rate / SCRATCH_LR: the paper's Grid-TR / PCE-GD rates
+FINE_TUNE_LR = 3e-4  # a tenth of SCRATCH_LR, as the paper's Grid-TR rate is of PCE-GD's
 AUGMENTATIONS = ("default", "reference", "crop")  # trainer/data.py: ours, the authors' VOC one (SPEC §4), crop only
 
 
@@ -133,7 +133,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "--epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, "--batch-size", f"must be ≥ 1, got {self.batch_size}")
         if self.lr is None:
-            self.lr = SCRATCH_LR * FINE_TUNE_FACTOR if self.init or self.pretrains() else SCRATCH_LR
+            self.lr = FINE_TUNE_LR if self.init or self.pretrains() else SCRATCH_LR
         if self.pretrain_lr is None:
             self.pretrain_lr = SCRATCH_LR
         _check(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")

@@ -1,7 +1,7 @@
 """Learning rates: the poly schedule (SPEC §4) and the default rate per phase."""
 import pytest
 
-from shared.config import FINE_TUNE_FACTOR, SCRATCH_LR, TrainConfig
+from shared.config import FINE_TUNE_LR, SCRATCH_LR, TrainConfig
 from shared.errors import UserError
 from trainer.engine import poly_lr
 from trainer.loop import phases
@@ -24,7 +24,8 @@ def test_poly_lr_decays_from_the_base_rate():
 def test_default_rate_is_a_tenth_when_the_method_fine_tunes(method, init, pretrain_epochs, fine_tunes):
     cfg = TrainConfig(data="d", method=method, init=init, pretrain_epochs=pretrain_epochs)
     cfg.validate()
-    assert cfg.lr == pytest.approx(SCRATCH_LR * FINE_TUNE_FACTOR if fine_tunes else SCRATCH_LR)
+    assert cfg.lr == (FINE_TUNE_LR if fine_tunes else SCRATCH_LR)
+    assert FINE_TUNE_LR == pytest.approx(SCRATCH_LR / 10)  # the paper's ratio
     assert cfg.pretrain_lr == SCRATCH_LR  # PCE pretraining always trains from scratch
     assert (len(phases(cfg)) == 2) == (fine_tunes and not init)
 
