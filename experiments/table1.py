@@ -241,7 +241,8 @@ def markdown(table: dict, results: dict) -> str:
         "- The paper's numbers are VOC (K = 21, 60 epochs); they are there for the trend, not as targets for another data set.",
     ]
     if any_summary is not None:
-        lines.append(f"- Data set: `{any_summary['dataset']}`, {any_summary['train_images']} train / {any_summary['val_images']} val images.")
+        lines.append(f"- Data set: `{any_summary['dataset']}`, {any_summary['train_images']} train / {any_summary['val_images']} val images;"
+                     f" training seed {any_summary.get('seed', 0)}.")
     walls = [s["wall_s"] for m in ROWS for s in results[m].values()]
     lines.append(f"- Training wall time, all {len(walls)} cells: {sum(walls) / 60:.1f} min (Ray start-up not included).")
     lines += ["", "| cell | epochs | val mIoU | wall s |", "| --- | --- | --- | --- |"]

@@ -132,13 +132,14 @@ def _run_id(cell_folder):
 
 @pytest.fixture(scope="module")
 def table1_run(tmp_path_factory):
-    """`table1 --quick --lengths 1 --epochs 2` (6 cells, two Tune experiments), its driver
+    """`table1 --quick --lengths 1 --epochs 2 --seed 3` (6 cells, two Tune experiments), its driver
     killed while the second experiment has a cell finished and one between its two
     epochs, then the same command again. Returns (out, {cell: run id before the kill} of
     the finished cells, the second run's output, {cell: run id} of the interrupted one).
     One run shared by the tests below: each cell is ~15-25 s of Ray Train on 2 cores."""
     out = tmp_path_factory.mktemp("t1") / "t1"
-    args = ("table1", "--quick", "--lengths", "1", "--epochs", "2", "--max-concurrent", "1", "--out", str(out))
+    args = ("table1", "--quick", "--lengths", "1", "--epochs", "2", "--max-concurrent", "1", "--seed", "3",
+            "--out", str(out))
     fine_tuned = [table1.cell_dir(str(out), m, L) for m, L in CELLS if m not in ("full", "pce")]
 
     def done(d):
@@ -188,10 +189,11 @@ def test_table1_quick_fills_its_cells(table1_run):
     for method, length in CELLS:
         s = json.loads((out / table1.cell_name(method, length) / "summary.json").read_text())
         assert s["method"] == ("pce" if method == "pce-continued" else method)
+        assert s["seed"] == 3  # --seed reaches every cell
         if method == "grid-tr":
             assert s["stage_a_images"] > 0
     md = (out / "table1.md").read_text()
-    assert "PCE-GD" in md and "0.61" in md and "all 6 cells" in md
+    assert "PCE-GD" in md and "0.61" in md and "all 6 cells" in md and "training seed 3" in md
     assert (out / "fig5_miou_vs_length.png").stat().st_size > 1000
     assert (out / "fig6_trimap.png").stat().st_size > 1000
 

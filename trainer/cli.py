@@ -279,9 +279,11 @@ def convert_scribblesup_cmd(src, out, width):
               help="Cells trained at once [as many as the cluster holds].")
 @click.option("--shared-fs", "shared_fs", is_flag=True, default=None,
               help="With --address: --out is on a filesystem every node mounts.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of every cell's training (initial weights, batches, crops) [0]; the data set stays the same.")
 @click.pass_context
 def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out, max_concurrent,
-               shared_fs):
+               shared_fs, seed):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
     Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
@@ -290,7 +292,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 
     _check_data_folder(data)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
-                                   ("shared_fs", shared_fs)) if v is not None}
+                                   ("shared_fs", shared_fs), ("seed", seed)) if v is not None}
     connect(ctx.obj["address"])
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
                for x in lengths.split(",")]

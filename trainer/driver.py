@@ -203,6 +203,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         "dataset": dataset_name or cfg.data,
         "scribble_length": scribble_length(cfg.scribbles),
         "epochs": cfg.epochs,
+        "seed": cfg.seed,
         "train_images": n_train,
         "images_without_scribbles": len(unscribbled),
         "val_images": n_val,
