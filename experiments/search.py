@@ -22,9 +22,7 @@ their last checkpoints). OUT may be an object store URI (s3://…).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 
 from shared import storage
@@ -157,11 +155,7 @@ def write_table(out: str, results, keys: list[str]) -> list[dict]:
                      "wall_s": m["wall_s"] if done else m.get("time_total_s")})
     rows.sort(key=lambda row: -(row["val_miou"] if row["val_miou"] is not None else -1))
     columns = ["trial", *keys, "val_miou", "epochs", "stopped_early", "wall_s"]
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, columns)
-    w.writeheader()
-    w.writerows(rows)
-    storage.write_bytes(storage.join(out, "trials.csv"), text.getvalue().encode())
+    storage.write_csv(storage.join(out, "trials.csv"), columns, ([row[c] for c in columns] for row in rows))
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
               for row in rows]

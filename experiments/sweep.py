@@ -17,8 +17,6 @@ OUT/sweep.md and OUT/sweep.png (val mIoU against λ, the PCE start as a referenc
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 
 from shared import storage
@@ -108,12 +106,9 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
 
 def write_outputs(out: str, rows: list[dict], pce: dict, sfx: str) -> None:
     """sweep.csv, sweep.md and sweep.png into OUT (a folder or a URI)."""
-    text = io.StringIO(newline="")
-    w = csv.writer(text)
-    w.writerow(["tr_weight", "val_miou", "stage_a_rounds", "stage_a_images", "wall_s"])
-    for r in rows:
-        w.writerow([f"{r['tr_weight']:g}", f"{r['val_miou']:.4f}", r["stage_a_rounds"], r["stage_a_images"], f"{r['wall_s']:.1f}"])
-    storage.write_bytes(storage.join(out, "sweep.csv"), text.getvalue().encode())
+    storage.write_csv(storage.join(out, "sweep.csv"), ["tr_weight", "val_miou", "stage_a_rounds", "stage_a_images", "wall_s"], (
+        [f"{r['tr_weight']:g}", f"{r['val_miou']:.4f}", r["stage_a_rounds"], r["stage_a_images"], f"{r['wall_s']:.1f}"]
+        for r in rows))
     length = "1" if sfx == "" else sfx
     lines = [
         f"# Grid-TR against λ (`--tr-weight`), scribble length {length}",

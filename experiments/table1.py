@@ -37,7 +37,6 @@ OUT/fig6_trimap.png, from the trials' results.
 """
 from __future__ import annotations
 
-import csv
 import io
 import os
 import time
@@ -200,12 +199,8 @@ def write_outputs(out: str, results: dict) -> None:
 
 
 def write_csv(uri: str, table: dict) -> None:
-    text = io.StringIO(newline="")
-    w = csv.writer(text)
-    w.writerow(["method", *LENGTHS])
-    for method in METHODS:
-        w.writerow([method, *("" if table[method][L] is None else f"{table[method][L]:.4f}" for L in LENGTHS)])
-    storage.write_bytes(uri, text.getvalue().encode())
+    storage.write_csv(uri, ["method", *LENGTHS], (
+        [method, *("" if table[method][L] is None else f"{table[method][L]:.4f}" for L in LENGTHS)] for method in METHODS))
 
 
 def _fmt(v) -> str:

@@ -15,7 +15,9 @@ reads but does not parse corrupt.
 """
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import os
 import time
 import urllib.parse
@@ -102,6 +104,16 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_csv(uri: str, header: list[str], rows) -> None:
+    """A CSV file (the header, then one row per sequence of values; None is written
+    empty) at a path or URI."""
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    write_bytes(uri, text.getvalue().encode())
 
 
 @retried
