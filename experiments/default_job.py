@@ -43,11 +43,18 @@ def synthetic_dataset(n_train: int, n_val: int, size: int, classes: int = 4, see
     return root
 
 
-def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False) -> dict:
-    size = QUICK if quick else FULL
+def check_out(out: str | None, overwrite: bool = False) -> str:
+    """The job's run folder (runs/<timestamp> without --out); refused if it holds an
+    earlier default job and `overwrite` is off. Cheap: the CLI calls it before Ray starts."""
     out = out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     if not overwrite and any(storage.list_dir(os.path.join(out, name)) for name in ("pce-init", "pce", "grid-tr")):
         raise UserError(f"--out {out}: holds an earlier default job; pick another --out or pass --overwrite")
+    return out
+
+
+def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False) -> dict:
+    size = QUICK if quick else FULL
+    out = check_out(out, overwrite)
     data = synthetic_dataset(size.n_train, size.n_val, size.size)
     print(f"data: {data}\nrun folder: {out}", flush=True)
     common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round)

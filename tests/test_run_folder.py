@@ -25,6 +25,17 @@ def test_second_run_into_a_used_folder_is_refused_in_one_line(synthetic_set, tmp
     assert len(lines) == 1 and f"--out {out}" in lines[0] and "--overwrite" in lines[0] and "--resume" in lines[0]
 
 
+def test_default_job_into_an_earlier_ones_folder_is_refused_before_ray_starts(tmp_path):
+    out = str(tmp_path / "job")
+    _earlier_run(os.path.join(out, "grid-tr"))
+    proc = run_cli("--out", out, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--out {out}" in lines[0] and "--overwrite" in lines[0]
+    assert "data:" not in proc.stdout and "Ray" not in proc.stdout + proc.stderr  # nothing started
+    assert open(os.path.join(out, "grid-tr", "notes.txt")).read() == "mine\n"
+
+
 def test_overwrite_clears_only_run_outputs_and_records_a_new_run_id(synthetic_set, tmp_path):
     data, out = synthetic_set(4, 2, 48), str(tmp_path / "run")
     _earlier_run(out)

@@ -40,9 +40,10 @@ def cli(ctx, local, address, out, quick, overwrite, debug):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ctx.obj = {"address": address}
     if ctx.invoked_subcommand is None:
-        from experiments.default_job import run_default_job
+        from experiments.default_job import check_out, run_default_job
         from shared.ray_session import connect
 
+        out = check_out(out, overwrite)  # before Ray's start-up: a refused --out fails at once
         connect(address)
         run_default_job(out, quick=quick, overwrite=overwrite)
 
