@@ -16,6 +16,7 @@ driver (`on_error`), which stops training.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -101,6 +102,10 @@ def solve_parts(items: list[dict], solver: SolverConfig, pool: Pool):
     autoscaling pool of SolverActors; yields one stats row per part as it finishes."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images
+    # and Ray Data's own lines per round (plan, start, end, "bars disabled"): the farm
+    # prints one line a round with what users read (images, seconds, labels changed)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     context.wait_for_min_actors_s = max(1, math.ceil(pool.wait_s))
     with warnings.catch_warnings():
         # Ray Data restarts map actors and retries their tasks without limit unless

@@ -38,6 +38,9 @@ def cli(ctx, local, address, out, quick, overwrite, debug):
         # Ray reads this when it is first imported: every Ray process then binds to
         # 127.0.0.1 only. Nothing has imported ray yet (the commands import it lazily).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Token authentication is Ray's default for a new local cluster; said explicitly,
+        # Ray keeps it and skips its warning about the default. A user's setting wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ctx.obj = {"address": address}
     if ctx.invoked_subcommand is None:
         from experiments.default_job import check_out, run_default_job
