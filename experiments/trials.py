@@ -26,6 +26,7 @@ and the outputs all go there, through shared/storage.py's filesystem.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -182,6 +183,8 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
     """Run the Tune experiment at `path`, or finish it (Tune's restore), and return its
     results; failed trials are an error naming their runs. `total`: the trials the
     experiment will have."""
+    for cfg in runs.values():  # a bad option is one line here, not a traceback from every trial
+        copy.deepcopy(cfg).validate()
     base = {name: to_dict(cfg) for name, cfg in runs.items()}
     trainable = tune.with_resources(tune.with_parameters(
         train_trial, base=base, dataset=dataset, per_trial_folders=per_trial_folders), TRIAL_RESOURCES)

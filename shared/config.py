@@ -158,6 +158,7 @@ class TrainConfig:
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")
         _check(self.max_image_pixels >= 1, "--max-image-pixels", "must be ≥ 1")
         _check(self.eval_every >= 1, "--eval-every", f"must be ≥ 1, got {self.eval_every}")
+        _check(self.seed >= 0, "--seed", f"must be ≥ 0 (numpy's generators take no negative seed), got {self.seed}")
         _check(0 <= self.momentum < 1, "--momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")
         _check(self.nu is None or self.nu >= 0, "--nu", f"must be ≥ 0, got {self.nu}")

@@ -112,7 +112,7 @@ def test_pickled_code_init_checkpoint_is_refused(data, tmp_path):
 
 @pytest.mark.parametrize("option, value", [("--epochs", 0), ("--solvers", 0), ("--eval-every", 0), ("--eps", 5),
                                            ("--eps", 0.76), ("--nu", -1), ("--scribbles", 0.25),
-                                           ("--max-image-pixels", 0)])
+                                           ("--max-image-pixels", 0), ("--seed", -1)])
 def test_bad_option(data, tmp_path, option, value):
     _assert_one_line_error(_train(data, tmp_path, option, value), option)
 

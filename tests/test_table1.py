@@ -106,6 +106,14 @@ def test_cli_rejects_bad_data(tmp_path):
     assert res.returncode != 0 and "--data" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_bad_option_is_one_line_before_any_cell_trains(tmp_path):
+    res = _cli("table1", "--quick", "--lengths", "1", "--seed", "-1", "--out", str(tmp_path / "o"), timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --seed: must be ≥ 0")
+    assert "Traceback" not in res.stderr and "Trial" not in res.stdout
+    assert not (tmp_path / "o").exists()  # no Tune experiment, no cell folder
+
+
 def test_sweep_values():
     from shared.errors import UserError
     from experiments.sweep import _config, parse_values
