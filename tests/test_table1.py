@@ -250,3 +250,48 @@ def test_sweep_quick_lambda_zero_is_one_stage_a(tmp_path):
     assert all(0 <= float(r["val_miou"]) <= 1 for r in rows.values())
     assert "λ = 0" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_table1_seeds_reads_a_real_table(table1_run):
+    out = table1_run[0]
+    res = run_cli("table1-seeds", str(out), "--out", str(out.parent / "seeds.md"), timeout=120, check=True)
+    text = (out.parent / "seeds.md").read_text()
+    assert text.rstrip() == res.stdout.rstrip() and "# Table 1 over seeds 3" in text
+    tr = json.loads((out / "grid-tr-1" / "summary.json").read_text())["val_miou"]
+    assert re.search(rf"\| Grid-TR \(our\) \| {100 * tr:.1f} \| {100 * tr:.1f} \| 0.0 \|", text), text
+    assert re.search(r"\| 3 \| \d+\.\d \|", text), text  # seed 3's proposals per round, from metrics.jsonl
+
+
+def _fake_seed_run(root, seed, values, rounds, dataset="d"):
+    for (method, length), v in values.items():
+        folder = root / table1.cell_name(method, length)
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"seed": seed, "dataset": dataset, "val_miou": v}))
+        if method == "grid-tr":
+            (folder / "metrics.jsonl").write_text("".join(
+                json.dumps({"epoch": e, "round": r, "proposal_miou": p}) + "\n"
+                for e, (r, p) in enumerate([(0, None), *rounds], 1) if p is not None) + '{"epoch": 9}\n')
+    return str(root)
+
+
+def test_table1_seeds_mean_spread_and_gap_share(tmp_path):
+    from experiments.seeds import read_run, summarize
+    from shared.errors import UserError
+
+    cells = [("full", "1"), ("pce", "1"), ("grid-tr", "1"), ("pce-continued", "1")]
+    a = _fake_seed_run(tmp_path / "a", 0, dict(zip(cells, (0.9, 0.7, 0.8, 0.72))), [(0, 0.85), (0, 0.86), (1, 0.87)])
+    b = _fake_seed_run(tmp_path / "b", 1, dict(zip(cells, (1.0, 0.6, 0.9, 0.62))), [(0, 0.8), (1, 0.81)])
+    text = summarize([read_run(a), read_run(b)])
+    assert "| full supervision | 90.0 | 100.0 | 95.0 | 10.0 |" in text
+    assert "| PCE-GD continued (same-budget control) | 72.0 | 62.0 | 67.0 | 10.0 |" in text
+    # per seed (0.8 − 0.7)/(0.9 − 0.7) = 50% and 75%; of the means (0.85 − 0.65)/(0.95 − 0.65) = 67%
+    assert "| Grid-TR: share of the PCE-GD → full gap | 50% | 75% | 67% (of the means) | |" in text
+    assert "| 0 | 86.0 | 87.0 |" in text and "| 1 | 80.0 | 81.0 |" in text  # each round's last value
+    assert "Dense-GD" not in text  # no run trained it
+    other = _fake_seed_run(tmp_path / "c", 2, dict(zip(cells, (0.9, 0.7, 0.8, 0.7))), [], dataset="e")
+    with pytest.raises(UserError, match="different data sets"):
+        summarize([read_run(a), read_run(other)])
+    with pytest.raises(UserError, match="not a `table1 --out` folder"):
+        read_run(str(tmp_path))

@@ -305,6 +305,19 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     click.echo(storage.read_bytes(storage.join(out, "table1.csv")).decode().rstrip())
 
 
+@cli.command("table1-seeds")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default=None, help="Also write the table to this file or URI (markdown).")
+def table1_seeds_cmd(runs, out):
+    """Mean and spread of Table 1 runs that differ only in --seed (their --out folders or URIs)."""
+    from experiments.seeds import read_run, summarize
+
+    text = summarize([read_run(r) for r in runs])
+    if out:
+        storage.write_bytes(out, text.encode())
+    click.echo(text.rstrip())
+
+
 @cli.command("sweep-tr-weight")
 @click.option("--data", default=None, help="Data set root [the built-in synthetic set].")
 @click.option("--format", type=click.Choice(list(LAYOUTS)), default="synthetic")
