@@ -4,9 +4,9 @@ and metrics.jsonl and written as one table.
 
 Per scribble length that the runs trained: every method's val mIoU in each run, their
 mean and spread (max − min); Grid-TR's share of the PCE-GD → full-supervision gap,
-(TR − PCE) / (full − PCE), per run and of the means; and the quality of Grid-TR's
-proposals per stage-A round (their mIoU against the training masks, where the data
-has masks), per run.
+(TR − PCE) / (full − PCE), per run and of the means; and Grid-TR's proposals per
+stage-A round, per run: their mIoU against the training masks (where the data has
+masks) and the share of unseeded pixels where stage A overrode the network's argmax.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from experiments.table1 import CONTROL, LABELS, LENGTHS, ROWS, cell_name
 
 
 def read_run(out: str) -> dict:
-    """{"seed", "dataset", "cells": {(method, length): summary}, "proposals": {length: [mIoU per round]}}
+    """{"seed", "dataset", "cells": {(method, length): summary}, "proposals": {length: [(mIoU, changed) per round]}}
     of one table1 run folder (a path or URI)."""
     cells, proposals, seed, dataset = {}, {}, None, None
     for method in ROWS:
@@ -37,17 +37,21 @@ def read_run(out: str) -> dict:
     return {"seed": seed, "dataset": dataset, "cells": cells, "proposals": proposals}
 
 
-def proposal_quality_per_round(run: str) -> list[float]:
-    """mIoU of each stage-A round's proposals against the masks: the value that the last
-    epoch of round r trained on is round r's (under `overlapped` it appears an epoch
-    into the round)."""
+def proposal_quality_per_round(run: str) -> list[tuple[float | None, float]]:
+    """(mIoU against the masks or None, share of unseeded pixels changed) of each stage-A
+    round's proposals: the values that the last epoch of round r trained on are round
+    r's (under `overlapped` they appear an epoch into the round)."""
     raw = storage.read_if_exists(storage.join(run, "metrics.jsonl"))
     last = {}
     for line in (raw or b"").decode().splitlines():
         record = json.loads(line)
-        if "proposal_miou" in record and "round" in record:
-            last[record["round"]] = record["proposal_miou"]
+        if "proposal_changed" in record and "round" in record:
+            last[record["round"]] = (record.get("proposal_miou"), record["proposal_changed"])
     return [last[r] for r in sorted(last)]
+
+
+def _proposal_cell(miou: float | None, changed: float) -> str:
+    return ("—" if miou is None else f"{100 * miou:.1f}") + f" / {100 * changed:.1f}%"
 
 
 def gap_share(tr: float, pce: float, full: float) -> float | None:
@@ -87,10 +91,11 @@ def summarize(runs: list[dict]) -> str:
                          + f" | {'—' if of_means is None else f'{100 * of_means:.0f}%'} (of the means) | |")
         rounds = [r["proposals"].get(length, []) for r in runs]
         if any(rounds):
-            lines += ["", "Grid-TR's proposals, mIoU × 100 against the training masks per stage-A round:", "",
+            lines += ["", "Grid-TR's proposals per stage-A round: mIoU × 100 against the training masks / share of",
+                      "unseeded pixels where stage A overrode the network's argmax:", "",
                       "| seed | " + " | ".join(f"round {i}" for i in range(max(map(len, rounds)))) + " |",
                       "| --- | " + " | ".join("---" for _ in range(max(map(len, rounds)))) + " |"]
-            lines += [f"| {s} | " + " | ".join(f"{100 * v:.1f}" for v in per_round) + " |"
+            lines += [f"| {s} | " + " | ".join(_proposal_cell(*v) for v in per_round) + " |"
                       for s, per_round in zip(seeds, rounds)]
         lines.append("")
     return "\n".join(lines)

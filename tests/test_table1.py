@@ -261,7 +261,7 @@ def test_table1_seeds_reads_a_real_table(table1_run):
     assert text.rstrip() == res.stdout.rstrip() and "# Table 1 over seeds 3" in text
     tr = json.loads((out / "grid-tr-1" / "summary.json").read_text())["val_miou"]
     assert re.search(rf"\| Grid-TR \(our\) \| {100 * tr:.1f} \| {100 * tr:.1f} \| 0.0 \|", text), text
-    assert re.search(r"\| 3 \| \d+\.\d \|", text), text  # seed 3's proposals per round, from metrics.jsonl
+    assert re.search(r"\| 3 \| \d+\.\d / \d+\.\d% \|", text), text  # seed 3's proposals per round, from metrics.jsonl
 
 
 def _fake_seed_run(root, seed, values, rounds, dataset="d"):
@@ -271,7 +271,7 @@ def _fake_seed_run(root, seed, values, rounds, dataset="d"):
         (folder / "summary.json").write_text(json.dumps({"seed": seed, "dataset": dataset, "val_miou": v}))
         if method == "grid-tr":
             (folder / "metrics.jsonl").write_text("".join(
-                json.dumps({"epoch": e, "round": r, "proposal_miou": p}) + "\n"
+                json.dumps({"epoch": e, "round": r, "proposal_miou": p, "proposal_changed": p / 10}) + "\n"
                 for e, (r, p) in enumerate([(0, None), *rounds], 1) if p is not None) + '{"epoch": 9}\n')
     return str(root)
 
@@ -288,7 +288,7 @@ def test_table1_seeds_mean_spread_and_gap_share(tmp_path):
     assert "| PCE-GD continued (same-budget control) | 72.0 | 62.0 | 67.0 | 10.0 |" in text
     # per seed (0.8 − 0.7)/(0.9 − 0.7) = 50% and 75%; of the means (0.85 − 0.65)/(0.95 − 0.65) = 67%
     assert "| Grid-TR: share of the PCE-GD → full gap | 50% | 75% | 67% (of the means) | |" in text
-    assert "| 0 | 86.0 | 87.0 |" in text and "| 1 | 80.0 | 81.0 |" in text  # each round's last value
+    assert "| 0 | 86.0 / 8.6% | 87.0 / 8.7% |" in text and "| 1 | 80.0 / 8.0% | 81.0 / 8.1% |" in text  # a round's last
     assert "Dense-GD" not in text  # no run trained it
     other = _fake_seed_run(tmp_path / "c", 2, dict(zip(cells, (0.9, 0.7, 0.8, 0.7))), [], dataset="e")
     with pytest.raises(UserError, match="different data sets"):
