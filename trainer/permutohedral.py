@@ -220,14 +220,19 @@ class PermutohedralLattice:
         """Sparse CSR (P × M) slice matrix; its transpose (CSR M × P) is the splat."""
         if dtype not in self._slice_mats:
             P, d1, M = self.num_points, self.d + 1, self.num_lattice_points
-            w = self.weights.to(dtype)
+            # CSR rows with their column indices in ascending order, as cuSPARSE requires
+            # (the CPU kernels accept any order; a GPU would silently compute another
+            # product): the d+1 distinct vertices of each point, sorted.
+            cols, within = self.splat_index.view(P, d1).sort(dim=1)
+            w = self.weights.view(P, d1).gather(1, within).reshape(-1).to(dtype)
+            cols = cols.reshape(-1)
             rows = torch.arange(P, device=self.device).repeat_interleave(d1)
-            cols = self.splat_index
             crow = torch.arange(0, P * d1 + 1, d1, device=self.device)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR is beta"
                 slice_m = torch.sparse_csr_tensor(crow, cols, w, size=(P, M))
-            # Splat = transpose: sort the entries by lattice point.
+            # Splat = transpose: sort the entries by lattice point (stable: the point
+            # indices, its column indices, stay ascending within each row).
             order = torch.argsort(cols, stable=True)
             counts = torch.bincount(cols, minlength=M)
             crow_t = torch.zeros(M + 1, dtype=torch.long, device=self.device)
