@@ -52,14 +52,14 @@ ORPHAN_CHECK_S = 2.0  # how often the driver looks for placement groups of stopp
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 
-def demand(cfg: TrainConfig, cluster_gpus: float) -> dict[str, float]:
+def demand(cfg: TrainConfig) -> dict[str, float]:
     """CPUs and GPUs one run holds at once: its trainer workers (as driver.run_train's
-    ScalingConfig asks) and, with stage A, its first solver actors."""
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus > 0
+    ScalingConfig asks; cfg's devices resolved, `trainer.driver.resolve_devices`) and, with
+    stage A, its first solver actors."""
     cpus = cfg.num_workers * (1 + cfg.loader_workers)
     if METHODS[cfg.method].needs_proposals:
         cpus += cfg.solver_range()[0]
-    return {"CPU": cpus, "GPU": cfg.num_workers if use_gpu else 0}
+    return {"CPU": cpus, "GPU": cfg.num_workers if cfg.use_gpu else 0}
 
 
 def runs_that_fit(cfgs: list[TrainConfig]) -> int:
@@ -67,8 +67,11 @@ def runs_that_fit(cfgs: list[TrainConfig]) -> int:
     an autoscaling cluster adds nodes for it)."""
     import ray
 
+    from trainer.driver import resolve_devices
+
     total = ray.cluster_resources()
-    need = {k: max(demand(c, total.get("GPU", 0))[k] for c in cfgs) for k in ("CPU", "GPU")}
+    resolved = [resolve_devices(copy.deepcopy(c)) for c in cfgs]  # as each run's run_train will
+    need = {k: max(demand(c)[k] for c in resolved) for k in ("CPU", "GPU")}
     fits = [math.floor(total.get(k, 0) / v) for k, v in need.items() if v > 0]
     return max(1, min(fits)) if fits else 1
 

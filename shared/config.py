@@ -93,9 +93,13 @@ class TrainConfig:
     # the trainer
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     max_failures: int = 3  # trainer-worker losses Ray Train recovers from (last checkpoint) per run
-    loader_workers: int = 0  # data-loading processes per trainer worker (each asks for one more CPU)
+    # data-loading processes per trainer worker (each asks for one more CPU); None: 0 on CPU,
+    # on GPU what the GPU nodes' CPUs allow (trainer.driver.default_loader_workers)
+    loader_workers: int | None = None
     sync_bn: bool = False  # SyncBatchNorm across the workers (CUDA only, as in torch)
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    use_gpu: bool | None = None  # None: decided by trainer.driver.resolve_use_gpu
+    # torch's deterministic kernels (trainer.engine.make_deterministic): a GPU run repeats itself
+    deterministic: bool = False
     eval_every: int = 1  # epochs between evaluations
     resume: bool = False
 
@@ -154,7 +158,7 @@ class TrainConfig:
                f"is the global batch: {self.batch_size} does not split evenly over --workers {self.num_workers}")
         _check(self.pretrain_lr > 0, "--pretrain-lr", f"must be > 0, got {self.pretrain_lr}")
         _check(self.max_failures >= 0, "--max-failures", f"must be ≥ 0, got {self.max_failures}")
-        _check(self.loader_workers >= 0, "--loader-workers", f"must be ≥ 0, got {self.loader_workers}")
+        _check(self.loader_workers is None or self.loader_workers >= 0, "--loader-workers", f"must be ≥ 0, got {self.loader_workers}")
         _check(self.crop_size >= 0, "--crop-size", "must be ≥ 0")
         _check(self.max_image_pixels >= 1, "--max-image-pixels", "must be ≥ 1")
         _check(self.eval_every >= 1, "--eval-every", f"must be ≥ 1, got {self.eval_every}")

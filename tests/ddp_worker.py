@@ -27,7 +27,7 @@ def draw(config):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     assert dist.is_initialized() and dist.get_backend() == "gloo"
-    cfg = TrainConfig(data="x", batch_size=GLOBAL_BATCH, num_workers=world, seed=0)
+    cfg = TrainConfig(data="x", batch_size=GLOBAL_BATCH, num_workers=world, seed=0, loader_workers=0)
     loader = train_loader(Indices(), cfg, rank, world)
     epochs = []
     for epoch in range(EPOCHS):

@@ -217,7 +217,7 @@ def test_augmentation_keeps_maps_aligned(tmp_path):
         ds.set_epoch(epoch)
         item = ds[0]
         assert item["image"].shape == (3, 40, 40) and item["image"].dtype == torch.float32
-        assert item["seeds"].dtype == torch.int64 and item["index"] == 0
+        assert item["seeds"].dtype == torch.uint8 and item["index"] == 0
         _check_aligned(item, tol=0)
         row = item["seeds"][item["seeds"].shape[0] // 2]
         flips += int(row[0] > row[-1])
@@ -255,11 +255,14 @@ def test_proposals_and_whole_images(folder):
     ds.proposals["t0"] = np.ones((H + 2, W), np.uint8)
     with pytest.raises(UserError, match="t0"):
         ds[0]
+    ds.proposals["t0"] = np.full((H, W), K, np.uint8)  # the losses check no label on a GPU: the data set does
+    with pytest.raises(UserError, match="t0.*number of classes"):
+        ds[0]
     ev = EvalSet(load_split(folder, "folder", "val"), K)
     item = ev[1]
     assert item["image_id"] == "v1" and item["image"].shape == (3, H, W)
     assert item["mask"].shape == (H, W) and (item["proposal"] == 255).all()
-    assert torch.equal(item["mask"], torch.from_numpy(read_label(ev.samples[1].mask_path, K).astype(np.int64)))
+    assert torch.equal(item["mask"], torch.from_numpy(read_label(ev.samples[1].mask_path, K)))
 
 
 def test_cached_after_first_read(folder):

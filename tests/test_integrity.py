@@ -181,9 +181,9 @@ def test_local_capacity_is_checked_before_starting(ray_local):
     from solver_service.farm import Pool
     from trainer.driver import check_capacity
 
-    check_capacity(TrainConfig(data="x", num_workers=1), Pool(), use_gpu=False)
+    check_capacity(TrainConfig(data="x", num_workers=1, loader_workers=0), Pool(), use_gpu=False)
     with pytest.raises(UserError, match=r"--workers 2 and --solvers 1: need 3 CPUs.*gives Ray 2; use --workers 1"):
-        check_capacity(TrainConfig(data="x", num_workers=2), Pool(), use_gpu=False)
+        check_capacity(TrainConfig(data="x", num_workers=2, loader_workers=0), Pool(), use_gpu=False)
 
 
 def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_path, capsys):

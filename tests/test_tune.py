@@ -123,8 +123,9 @@ def test_what_one_run_holds_and_how_many_ran_at_once():
     from experiments.trials import demand, most_at_once
     from shared.config import TrainConfig
 
-    assert demand(TrainConfig(method="pce", num_workers=2, loader_workers=1), 0) == {"CPU": 4, "GPU": 0}
-    assert demand(TrainConfig(method="grid-tr", solvers="3:8"), 1) == {"CPU": 4, "GPU": 1}  # first solvers + trainer
+    assert demand(TrainConfig(method="pce", num_workers=2, loader_workers=1, use_gpu=False)) == {"CPU": 4, "GPU": 0}
+    # first solvers + trainer
+    assert demand(TrainConfig(method="grid-tr", solvers="3:8", loader_workers=0, use_gpu=True)) == {"CPU": 4, "GPU": 1}
     spans = [(0, 10), (5, 12), (11, 20), (30, 31)]  # at most two at once (0-10 with 5-12, 5-12 with 11-20)
     results = [SimpleNamespace(metrics={"summary": json.dumps({"trial_started": a, "trial_ended": b})}) for a, b in spans]
     assert most_at_once(results) == 2

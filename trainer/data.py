@@ -284,9 +284,11 @@ class _Base(torch.utils.data.Dataset):
 def _to_item(image, seeds, proposal, mask, index, roi=None) -> dict:
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
-        "seeds": torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)),
-        "proposal": torch.from_numpy(np.ascontiguousarray(proposal, dtype=np.int64)),
-        "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64)),
+        # uint8 label maps (values < K ≤ 255, or 255), checked here: the trainer sends them
+        # to the device as they are and the losses check nothing there
+        "seeds": torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.uint8)),
+        "proposal": torch.from_numpy(np.ascontiguousarray(proposal, dtype=np.uint8)),
+        "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8)),
         "roi": torch.ones(seeds.shape, dtype=torch.bool) if roi is None else torch.from_numpy(roi.astype(bool)),
         "index": index,
     }
@@ -317,7 +319,7 @@ class TrainSet(_Base):
     deterministic function of (seed, epoch, index); before the first call, draws come
     from torch's global generator (which DataLoader seeds per worker and epoch).
 
-    Items: {"image": float32 3×h×w (0..255), "seeds", "proposal", "mask": int64 h×w,
+    Items: {"image": float32 3×h×w (0..255), "seeds", "proposal", "mask": uint8 h×w,
     "roi": bool h×w (False on padding: the regularisers leave it out, SPEC §3), "index": int}.
     """
 
@@ -363,6 +365,9 @@ class TrainSet(_Base):
                 f"proposal for image {s.image_id!r} has size {proposal.shape[1]}×{proposal.shape[0]}, "
                 f"image {s.image_path} is {w}×{h}"
             )
+        elif ((proposal >= self.num_classes) & (proposal != UNLABELLED)).any():
+            raise UserError(f"proposal for image {s.image_id!r} has labels ≥ the number of classes "
+                            f"{self.num_classes} (and not {UNLABELLED})")
         # the label maps, then the ROI (1 = image, 0 = padding), transformed alike
         labels = [seeds, np.asarray(proposal, np.uint8), mask, np.ones((h, w), np.uint8)]
         fill = [UNLABELLED, UNLABELLED, UNLABELLED, 0]

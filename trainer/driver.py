@@ -137,6 +137,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         p if not p or storage.is_remote(p) else os.path.abspath(p)
         for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
     K, n_train, n_val, largest = check_inputs(cfg, overwrite)
+    resolve_devices(cfg)
     if resume_unfinished and unfinished_run(cfg):
         cfg.resume = True
         print(f"{cfg.out}: resuming this run from its last checkpoint", flush=True)
@@ -153,7 +154,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     parts = parts_of(n_train, cfg.shard_size)
     t0 = time.perf_counter()
     farm = None
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cfg.use_gpu
     if cfg.sync_bn and not use_gpu:
         raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
     if METHODS[cfg.method].needs_proposals:
@@ -224,6 +225,50 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     }
     storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+GPU_LOADERS_MAX = 8  # default loader processes per GPU trainer worker, at most
+# ... when no GPU node is up yet (an autoscaling cluster): what the smallest GPU instances
+# (4 vCPUs, one GPU) leave beside the trainer worker
+GPU_LOADERS_UNSEEN = 3
+
+
+def resolve_use_gpu(use_gpu: bool | None, private: bool, cluster_gpus: float) -> bool:
+    """--gpu/--no-gpu; without either: on a private Ray, whether this machine has GPUs; in a
+    cluster (--address), GPU when it has GPUs now, and an error when it has none now, rather
+    than training on CPU without a word: its GPU nodes may just not have started yet (an
+    autoscaler's `min_workers: 0`, deploy/cluster.yaml)."""
+    if use_gpu is not None:
+        return use_gpu
+    if private or cluster_gpus > 0:
+        return cluster_gpus > 0
+    raise UserError("--gpu or --no-gpu: the cluster (--address) has no GPU now; its GPU nodes may not have "
+                    "started yet. Give --gpu to train on GPUs (the autoscaler starts them) or --no-gpu to train on CPUs")
+
+
+def default_loader_workers(use_gpu: bool, nodes: list[dict]) -> int:
+    """--loader-workers when not given: 0 on CPU (the trainer shares the CPUs with the
+    solvers); on GPU, enough to keep the GPU fed where the CPUs allow it: what each GPU of
+    the smallest GPU node in `nodes` (ray.nodes()) leaves beside its trainer worker, at most
+    GPU_LOADERS_MAX; GPU_LOADERS_UNSEEN while no GPU node is up."""
+    if not use_gpu:
+        return 0
+    per_gpu = [int(n["Resources"].get("CPU", 0) // n["Resources"]["GPU"]) - 1
+               for n in nodes if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
+    if not per_gpu:
+        print(f"no GPU node up yet: --loader-workers {GPU_LOADERS_UNSEEN} (give it to fit your GPU nodes' CPUs)",
+              flush=True)
+        return GPU_LOADERS_UNSEEN
+    return max(0, min(GPU_LOADERS_MAX, min(per_gpu)))
+
+
+def resolve_devices(cfg: TrainConfig) -> TrainConfig:
+    """cfg with `use_gpu` and `loader_workers` decided where the options left them to the
+    Ray it is connected to; config.toml records them, so a --resume keeps them."""
+    cfg.use_gpu = resolve_use_gpu(cfg.use_gpu, ray_session.started_here(), ray.cluster_resources().get("GPU", 0))
+    if cfg.loader_workers is None:
+        cfg.loader_workers = default_loader_workers(cfg.use_gpu, ray.nodes())
+    return cfg
 
 
 def unfinished_run(cfg: TrainConfig) -> bool:

@@ -2,27 +2,58 @@
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 
 import numpy as np
 import torch
 
-from trainer.metrics import confusion_matrix, miou, trimap_confusions
+from trainer.metrics import confusion_counts, miou, trimap_counts
 from trainer.methods import method_loss
 from trainer.outliers import OutlierModel
 
 TRIMAP_WIDTHS = (1, 2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40)
+# steps between the host's reads of the training loss (its finiteness, the epoch's mean):
+# each read waits for the device to finish its queue
+LOG_EVERY = 50
+EVAL_BATCH = 8  # val images of one size evaluated in one forward
+LABEL_MAPS = ("seeds", "proposal", "mask")  # uint8 in the batches; long on the device
+
+
+def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
+    """The autocast dtype of training forwards on a CUDA device of this compute capability
+    (None: not CUDA), None for plain float32. bf16 only where the tensor cores run it
+    natively (compute capability ≥ 8.0, Ampere on): `torch.cuda.is_bf16_supported()`
+    also counts the emulated bf16 of T4 and V100, slower than fp32 there. Not fp16 there
+    either: it needs a GradScaler, whose step reads the overflow flag on the host every
+    step and skips steps that overflow."""
+    return torch.bfloat16 if capability is not None and tuple(capability) >= (8, 0) else None
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 on CPU (CPU bf16 is slower than fp32 here)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast at `amp_dtype` of the device; plain float32 on CPU (CPU bf16 is slower than fp32 here)."""
+    dtype = amp_dtype(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_deterministic() -> None:
+    """--deterministic: torch's deterministic kernels wherever it has one, cuDNN without
+    benchmarking (which picks among kernels by timing), cuBLAS with the fixed workspace
+    it needs for reproducible sums. Ops without a deterministic CUDA kernel (the backward
+    of bilinear upsampling, in the networks' decoders and the regularisers' resizing)
+    warn once and stay nondeterministic, rather than end the run (`warn_only`)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on the device; the label maps travel as uint8 (an eighth of
+    int64's bytes) and become there the long indices the losses take."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key in LABEL_MAPS:
+        if key in out:
+            out[key] = out[key].long()
+    return out
 
 
 def poly_lr(base: float, step: int, total: int, power: float = 0.9) -> float:
@@ -40,12 +71,18 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
 
 
 def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None,
-                batch_average=False):
+                batch_average=False, log_every=LOG_EVERY):
     """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
-    or an `OutlierModel` whose ε is read at every step (learned with the network)."""
+    or an `OutlierModel` whose ε is read at every step (learned with the network).
+    The loss stays on the device: its finiteness and sum are read every `log_every`
+    steps and at the end (`_read_losses`), the step's only host syncs (the lattice of
+    Dense-GD aside, whose size is data-dependent). A non-finite loss ends the epoch at the
+    next read, naming the steps it lies in; the weights it reached are never checkpointed."""
     model.train()
-    losses = []
     outliers = eps if isinstance(eps, OutlierModel) else None
+    total = torch.zeros((), device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    first, n = step, 0
     for batch in loader:
         batch = to_device(batch, device)
         for group, base in zip(optimizer.param_groups, base_lrs):
@@ -53,18 +90,27 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
         with autocast(device):
             logits = model(batch["image"])
         loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite {method} loss at step {step}")
+        finite &= torch.isfinite(loss.detach())
+        total += loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if outliers is not None:
             outliers.average_gradients()
         optimizer.step()
-        losses.append(loss.item())
-        step += 1
+        step, n = step + 1, n + 1
         if progress is not None:
             progress.update(len(batch["index"]))
-    return float(np.mean(losses)) if losses else float("nan"), step
+        if n % log_every == 0:
+            _read_losses(finite, total, method, first, step)
+    return _read_losses(finite, total, method, first, step) / n if n else float("nan"), step
+
+
+def _read_losses(finite: torch.Tensor, total: torch.Tensor, method: str, first: int, step: int) -> float:
+    """The host's read of the device's loss figures: the sum of the epoch's losses so far;
+    FloatingPointError if one of them was not finite."""
+    if not bool(finite):
+        raise FloatingPointError(f"non-finite {method} loss at a step in {first}..{step - 1}")
+    return float(total)
 
 
 @torch.no_grad()
@@ -76,19 +122,40 @@ def predict(model, image: torch.Tensor, device) -> torch.Tensor:
     return logits.argmax(1)[0]
 
 
-@torch.no_grad()
-def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS, progress=None):
-    """The val confusion matrix and the per-band-width trimap confusions, summed."""
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    trimap = torch.zeros(len(widths), num_classes, num_classes, dtype=torch.int64)
-    for i in range(len(dataset)) if indices is None else indices:
+def _same_size_batches(dataset, indices, batch_size: int):
+    """The items at `indices`, in order, in lists of up to `batch_size` consecutive items of one size."""
+    batch: list[dict] = []
+    for i in indices:
         item = dataset[i]
-        pred = predict(model, item["image"], device).cpu()
-        conf += torch.as_tensor(confusion_matrix(pred, item["mask"], num_classes))
-        trimap += torch.as_tensor(np.stack(trimap_confusions(pred, item["mask"], num_classes, widths)))
+        if batch and (len(batch) == batch_size or batch[0]["image"].shape != item["image"].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS, progress=None,
+               batch_size=EVAL_BATCH):
+    """The val confusion matrix and the per-band-width trimap confusions, summed (CPU
+    tensors). Consecutive images of one size share a forward; the counts are summed on
+    the device and read once at the end. `model` is the plain network, never the DDP
+    wrapper: a rank may have fewer val images than another (or none), and DDP's forward
+    broadcasts buffers, a collective every rank would have to join."""
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    trimap = torch.zeros(len(widths), num_classes, num_classes, dtype=torch.int64, device=device)
+    for items in _same_size_batches(dataset, range(len(dataset)) if indices is None else indices, batch_size):
+        images = torch.stack([item["image"] for item in items]).to(device, non_blocking=True)
+        masks = torch.stack([item["mask"] for item in items]).to(device, non_blocking=True)
+        with autocast(device):
+            pred = model(images).argmax(1)
+        conf += confusion_counts(pred, masks, num_classes)
+        trimap += trimap_counts(pred, masks, num_classes, widths)
         if progress is not None:
-            progress.update(1)
-    return conf, trimap
+            progress.update(len(items))
+    return conf.cpu(), trimap.cpu()
 
 
 def scores(conf, trimap, widths=TRIMAP_WIDTHS) -> dict:

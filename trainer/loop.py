@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.experimental import tqdm_ray
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from shared import storage
@@ -131,6 +132,8 @@ def train_loop_per_worker(config: dict) -> None:
     show = show and rank == 0
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
+    if cfg.deterministic:
+        engine.make_deterministic()
     log = RunLog(cfg.out, enabled=rank == 0)
 
     classes = read_classes(cfg.data, cfg.format)
@@ -256,8 +259,10 @@ def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None, 
 
 
 def _evaluate(model, valset, K, device, rank, world, progress=None) -> dict:
-    """Val confusions on this rank's share, summed over ranks."""
-    conf, trimap = engine.confusions(model, valset, K, device, indices=range(rank, len(valset), world), progress=progress)
+    """Val confusions on this rank's share, summed over ranks. A DDP `model` is evaluated
+    as its plain network (see `engine.confusions`: a rank may have no val image)."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    conf, trimap = engine.confusions(net, valset, K, device, indices=range(rank, len(valset), world), progress=progress)
     if world > 1:
         conf, trimap = conf.to(device), trimap.to(device)
         dist.all_reduce(conf)

@@ -43,11 +43,19 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading t's values costs no device sync. The value checks below run only
+    then: on a GPU they would stall the queue every step, and there the trainer's inputs
+    are checked before (the data sets check every label map, a learned ε is in range by
+    construction)."""
+    return t.device.type == "cpu"
+
+
 def _label_log_prob(logq: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log q_i(labels_i) (N×H×W, 0 where unlabeled) and the mask of labeled pixels."""
     mask = labels != UNLABELLED
     K = logq.shape[1]
-    if mask.any():
+    if _on_host(labels) and mask.any():
         bad = labels[mask]
         if bool(((bad < 0) | (bad >= K)).any()):
             raise ValueError(f"labels must be in [0, {K}) or {UNLABELLED}")
@@ -68,10 +76,8 @@ def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = 
     with _no_autocast(logits.device):
         logq = F.log_softmax(logits.float(), dim=1)
         lp, mask = _label_log_prob(logq, seeds)
-        n = mask.sum()
-        if int(n) == 0:
-            return logq.sum() * 0.0
-        return -lp.sum() / n / (logits.shape[0] if batch_average else 1)
+        # no seed: lp is all zeros, a zero loss with zero gradients
+        return -lp.sum() / mask.sum().clamp(min=1) / (logits.shape[0] if batch_average else 1)
 
 
 def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor,
@@ -99,7 +105,7 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
     if K < 2:
         raise ValueError("robust_ce needs at least two classes")
     values = eps.detach() if torch.is_tensor(eps) else torch.tensor(float(eps))
-    if values.numel() not in (1, K) or not bool(((values >= 0) & (values < (K - 1) / K)).all()):
+    if values.numel() not in (1, K) or _on_host(values) and not bool(((values >= 0) & (values < (K - 1) / K)).all()):
         raise ValueError(f"eps must be in [0, (K-1)/K) = [0, {(K - 1) / K:.4f}), one value or one per class, "
                          f"got {values.tolist()}")
     with _no_autocast(logits.device):
@@ -120,7 +126,7 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
             robust = prop_lp
         robust = torch.where(prop_mask, robust, torch.zeros_like(robust))
         total = -(seed_lp.sum() + robust.sum())
-        return total / max(1, int(seed_mask.sum())) / (logits.shape[0] if batch_average else 1)
+        return total / seed_mask.sum().clamp(min=1) / (logits.shape[0] if batch_average else 1)
 
 
 def grid_pairs(images: torch.Tensor, roi: torch.Tensor | None = None):

@@ -5,6 +5,10 @@ of ground-truth class g predicted as p; they add up, so a val set is evaluated b
 summing per-image (or per-batch) matrices.  Inputs may be numpy arrays or torch
 tensors (any device) of integer labels, of any matching shape; 255 (by default)
 in the ground truth marks pixels that are not evaluated.
+
+`confusion_counts` and `trimap_counts` are the same counts as torch tensors on the
+inputs' device, with no host read (no range check, no bincount, whose CUDA kernel
+reads its input's maximum): the trainer's evaluation sums them over batches there.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["confusion_matrix", "miou", "boundary_band", "boundary_distance",
+__all__ = ["confusion_matrix", "confusion_counts", "trimap_counts", "miou", "boundary_band", "boundary_distance",
            "trimap_confusions", "trimap_miou"]
 
 
@@ -35,12 +39,27 @@ def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255) -> np.
         raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} differ in shape")
     K = int(num_classes)
     valid = (g != ignore_index) & (g >= 0) & (g < K)
-    p = p[valid]
-    g = g[valid]
-    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= K):
+    if valid.any() and (int(p[valid].min()) < 0 or int(p[valid].max()) >= K):
         raise ValueError(f"predictions must be in [0, {K})")
-    conf = torch.bincount(g * K + p, minlength=K * K).reshape(K, K)
-    return conf.cpu().numpy().astype(np.int64)
+    return confusion_counts(p, g, K, ignore_index).cpu().numpy()
+
+
+def _counts(index: torch.Tensor, keep: torch.Tensor, bins: int) -> torch.Tensor:
+    """How often each of `bins` values occurs in `index` where `keep`: a fixed-size
+    scatter, where bincount's output size would depend on the data (a host read)."""
+    index = torch.where(keep, index, torch.full_like(index, bins))  # bin `bins` collects the rest
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=index.device)
+    counts.scatter_add_(0, index.reshape(-1), torch.ones_like(index.reshape(-1)))
+    return counts[:bins]
+
+
+def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """`confusion_matrix` as an int64 K×K tensor on the inputs' device, with no host read;
+    predictions must be in [0, K) (unchecked: an argmax over K classes is)."""
+    K = int(num_classes)
+    p, g = pred.long(), gt.long()
+    valid = (g != ignore_index) & (g >= 0) & (g < K)
+    return _counts(g * K + p, valid, K * K).reshape(K, K)
 
 
 def miou(conf) -> tuple[float, list[float]]:
@@ -104,12 +123,15 @@ def boundary_distance(gt, max_width: int) -> torch.Tensor:
     # the pair's transverse direction (and the pair's span covers its own axis).
     band = _dilate(hpix, rows=True, cols=False) | _dilate(vpix, rows=False, cols=True)
     # dist = 1 + number of the dilations band(1..max_width) that miss the pixel.
-    if not bool(band.any()):
+    # On the host, shortcuts for an empty or a full band; on a device, reading the band
+    # would stall the queue, and the plain loop counts the same.
+    host = g.device.type == "cpu"
+    if host and not bool(band.any()):
         return torch.full(g.shape if not squeeze else g.shape[1:], max_width + 1,
                           dtype=torch.long, device=g.device)
     missed = (~band).to(torch.int16)
     for w in range(2, max_width + 1):
-        if w % 8 == 0 and bool(band.all()):
+        if host and w % 8 == 0 and bool(band.all()):
             break  # every later band is full: nothing more to count
         band = _dilate(band, rows=True, cols=True)
         missed += ~band
@@ -148,16 +170,24 @@ def trimap_confusions(pred, gt, num_classes: int, widths, ignore_index: int = 25
     if p.shape != g.shape:
         raise ValueError(f"pred {tuple(p.shape)} and gt {tuple(g.shape)} differ in shape")
     K = int(num_classes)
-    wmax = max(widths)
-    dist = boundary_distance(g, wmax).to(p.device)
     valid = (g != ignore_index) & (g >= 0) & (g < K)
-    p, g, dist = p[valid], g[valid], dist[valid]
-    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= K):
+    if valid.any() and (int(p[valid].min()) < 0 or int(p[valid].max()) >= K):
         raise ValueError(f"predictions must be in [0, {K})")
-    counts = torch.bincount((dist - 1) * K * K + g * K + p, minlength=(wmax + 1) * K * K)
+    return trimap_counts(p, g, K, widths, ignore_index).cpu().numpy()
+
+
+def trimap_counts(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, widths,
+                  ignore_index: int = 255) -> torch.Tensor:
+    """`trimap_confusions` as an int64 (len(widths), K, K) tensor on the inputs' device,
+    with no host read; pred and gt N×H×W (or H×W), predictions in [0, K) unchecked."""
+    K = int(num_classes)
+    wmax = max(widths)
+    p, g = pred.long(), gt.long()
+    dist = boundary_distance(g, wmax)
+    valid = (g != ignore_index) & (g >= 0) & (g < K)
+    counts = _counts((dist - 1) * K * K + g * K + p, valid, (wmax + 1) * K * K)
     per_dist = counts.reshape(wmax + 1, K, K)[:wmax].cumsum(0)  # distance <= w
-    out = per_dist[torch.tensor([w - 1 for w in widths])]
-    return out.cpu().numpy().astype(np.int64)
+    return per_dist[torch.tensor([w - 1 for w in widths], device=per_dist.device)]
 
 
 def trimap_miou(confs) -> list[float]:

@@ -7,6 +7,7 @@ solver resizes them to the image in log space. Parts are chunks of
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -19,6 +20,18 @@ from shared.shard_store import ShardStore
 NEG_LOG_Q_MAX = 20.0  # −log(1e-8) ≈ 18.4 is the solver's floor; larger values carry nothing
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """Float32 convolutions and matmuls as IEEE float32: TF32 off in cuDNN (on by default,
+    Ampere on) and cuBLAS for the block; the flags are restored after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
 def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]:
     """−log q at the output resolution for each image; images of one size share a batch."""
@@ -26,8 +39,9 @@ def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]
     by_size: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         by_size.setdefault(tuple(image.shape), []).append(i)
-    for idx in by_size.values():  # fp32, not the training autocast: stage A sees the exact output (SPEC §4)
-        logits = model.forward_lowres(torch.stack([images[i] for i in idx]).to(device))
+    for idx in by_size.values():  # fp32, not the training autocast nor TF32: stage A sees the exact output (SPEC §4)
+        with exact_fp32():
+            logits = model.forward_lowres(torch.stack([images[i] for i in idx]).to(device))
         neg = (-torch.log_softmax(logits.float(), 1)).clamp_(max=NEG_LOG_Q_MAX).cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = neg[j]

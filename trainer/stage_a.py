@@ -30,6 +30,15 @@ def mask_reader(samples, num_classes: int):
     return lambda image_id: read_label(paths[image_id], num_classes) if paths.get(image_id) else None
 
 
+def rank0_decides(flag: bool | None, world: int) -> bool:
+    """Rank 0's `flag`, on every rank (the others pass None); every rank must call it."""
+    if world == 1:
+        return bool(flag)
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 class StageA:
     def __init__(self, cfg: TrainConfig, run_id: str, samples, train_eval, num_classes: int, device, rank: int,
                  world: int, progress=lambda desc, total: None):
@@ -57,7 +66,10 @@ class StageA:
         is read back and written again if a part is unreadable (a truncated file, say)."""
         r, first = divmod(epoch, self.cfg.epochs_per_round)[0], epoch % self.cfg.epochs_per_round == 0
         record = {"round": r}
-        if (first or verify) and not self._snapshot_ok(r, verify):
+        # rank 0 alone reads the storage and decides: ranks that disagreed (a part
+        # written between their reads) would not all reach the barrier below
+        if (first or verify) and rank0_decides(not self._snapshot_ok(r, verify) if self.rank == 0 else None,
+                                               self.world):
             t0 = time.perf_counter()
             bar = self.progress(f"snapshot round {r}", len(self.samples))
             record["snapshot_images"] = self._write(net, r, progress=bar)
