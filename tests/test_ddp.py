@@ -1,6 +1,7 @@
 """Data-parallel stage B on two gloo workers of Ray Train on this machine: each rank
 draws a disjoint share of the training set, a new shuffle every epoch, and the global
-`--batch-size` is split over the ranks."""
+`--batch-size` is split over the ranks; rank 0 decides a snapshot rewrite for all, and
+evaluation with fewer val images than ranks does not hang."""
 import json
 
 import pytest
@@ -25,6 +26,11 @@ def test_two_workers_draw_disjoint_shares_of_a_new_shuffle_each_epoch(tmp_path):
     finally:
         ray.shutdown()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # rank 0 decides the snapshot rewrite for all; one val image between two ranks evaluates
+    # outside DDP (a collective in the forward would hang rank 0) and both ranks sum the same counts
+    assert [r["decisions"] for r in ranks] == [[True, False]] * 2
+    assert ranks[0]["val_miou"] == ranks[1]["val_miou"] >= 0
+    ranks = [r["epochs"] for r in ranks]
     for epoch in range(EPOCHS):
         shares = [[i for batch in ranks[r][epoch] for i in batch] for r in range(2)]
         assert all(len(batch) == GLOBAL_BATCH // 2 for r in range(2) for batch in ranks[r][epoch])
