@@ -256,3 +256,22 @@ def test_loader_workers_default_from_the_gpu_nodes_cpus(capsys):
     assert default_loader_workers(True, [node(96, 8), node(4, 1, alive=False)]) == GPU_LOADERS_MAX  # 12 CPUs a GPU, capped
     assert default_loader_workers(True, [node(16)]) == GPU_LOADERS_UNSEEN
     assert "no GPU node up yet" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_smoke():
+    """benchmarks/gpu.py at tiny sizes on this machine's device, so that it cannot rot:
+    every part runs and prints its figures (the CUDA tests are left out: pytest in pytest)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--skip-tests"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"]["synced_steps_per_s"] > 0 and result["steps"]["async_steps_per_s"] > 0
+    assert result["lattice"]["dense_gd_step_s"] > 0 and result["lattice"]["filter_fwd_bwd_s"] > 0
+    assert all(v["corr"] > 0.95 for k, v in result["lattice_vs_exact"].items() if k.startswith("sigma"))
+    assert result["deterministic"]["identical"]
