@@ -15,12 +15,13 @@ from tests.helpers import ROOT
 def test_two_workers_draw_disjoint_shares_of_a_new_shuffle_each_epoch(tmp_path):
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     try:
-        TorchTrainer(draw, train_loop_config={"out": str(tmp_path)},
+        # a collective that one rank never joins fails in a minute instead of Ray Train's 30
+        TorchTrainer(draw, train_loop_config={"out": str(tmp_path)}, torch_config=TorchConfig(backend="gloo", timeout_s=60),
                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                      run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
     finally:
