@@ -1,5 +1,6 @@
 """CPU profile (torch.profiler) of one Grid-TR epoch, one Dense-GD epoch and one
-evaluation pass on a small synthetic set: the ten largest costs of each.
+evaluation pass on a small synthetic set: the ten largest costs of each, and the
+host's reads of tensor values (each a device sync on a GPU).
 
 The trainer's side only, as `trainer.loop` runs it (stage A's solvers are not in it: a
 Grid-TR epoch trains on proposals, here random ones); the set is made in a temporary
@@ -30,6 +31,21 @@ from trainer.outliers import OutlierModel  # noqa: E402
 from trainer.synthetic import make_synthetic  # noqa: E402
 
 K = 4
+
+
+def host_reads(prof) -> dict:
+    """Reads of a tensor's value by the host (`.item()`, `bool()`, `int()`; on a GPU each
+    one waits for the device's queue to drain): all of them, and those outside the
+    optimizer's step, whose reads are of its step counters, CPU tensors on a GPU too."""
+    def in_optimizer(e) -> bool:
+        while e is not None:
+            if e.name.startswith("Optimizer.step"):
+                return True
+            e = e.cpu_parent
+        return False
+
+    reads = [e for e in prof.events() if e.name == "aten::_local_scalar_dense"]
+    return {"all": len(reads), "outside_optimizer": sum(not in_optimizer(e) for e in reads)}
 
 
 def top(prof, n: int = 10) -> list[dict]:
@@ -66,13 +82,15 @@ def main() -> None:
             t = time.perf_counter()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 engine.train_epoch(model, loader, optimizer, **kwargs)
-            result[method] = {"epoch_s": time.perf_counter() - t, "top10": top(prof)}
+            result[method] = {"epoch_s": time.perf_counter() - t, "steps": len(loader),
+                              "host_reads": host_reads(prof), "top10": top(prof)}
             print(f"== {method} epoch\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10),
                   file=sys.stderr)
         t = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             engine.confusions(model, valset, K, device)
-        result["evaluation"] = {"pass_s": time.perf_counter() - t, "top10": top(prof)}
+        result["evaluation"] = {"pass_s": time.perf_counter() - t, "images": len(valset),
+                                "host_reads": host_reads(prof), "top10": top(prof)}
         print("== evaluation\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10),
               file=sys.stderr)
     print(json.dumps(result))

@@ -273,7 +273,7 @@ def resolve_devices(cfg: TrainConfig) -> TrainConfig:
 
 def unfinished_run(cfg: TrainConfig) -> bool:
     """Whether --out holds a run of this configuration (its config.toml, written from the
-    configuration as check_inputs resolved it, is cfg's but for `resume`) that stopped
+    configuration as check_inputs and resolve_devices resolved it, is cfg's but for `resume`) that stopped
     before its last epoch: a checkpoints/last.pt short of it and no summary.json. A run
     whose last epoch is in last.pt but which wrote no summary trains again: --resume
     would have no epoch left to report from."""
