@@ -75,7 +75,7 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
 def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str = "synthetic",
               quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print,
               variant: str = "default", potts_weight: float | None = None,
-              max_concurrent: int | None = None) -> list[dict]:
+              max_concurrent: int | None = None, use_gpu: bool | None = None) -> list[dict]:
     from ray import tune
 
     from experiments import trials
@@ -86,6 +86,8 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     pce = {"pce": _config(out, "pce", data, fmt, size, sfx, preset)}
     tr = {run_name(float(v)): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight)
           for v in values}
+    for cfg in (*pce.values(), *tr.values()):
+        cfg.use_gpu = use_gpu  # --gpu/--no-gpu, None: trainer.driver.resolve_use_gpu decides
     at_once = max_concurrent or trials.runs_that_fit(list(tr.values()))
     log(f"{len(tr)} λ runs after the PCE-GD model, at most {at_once} at once")
     summaries = {}

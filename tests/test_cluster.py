@@ -210,7 +210,7 @@ def test_table_cells_train_side_by_side_on_two_nodes(cluster, synthetic_set, tmp
     c, trainer, solvers = cluster
     data = synthetic_set(8, 4, 48)
     runs = {f"pce-{seed}": TrainConfig(data=data, method="pce", epochs=2, batch_size=4, crop_size=0, seed=seed,
-                                       shared_fs=True, out=str(tmp_path / f"pce-{seed}"))
+                                       shared_fs=True, use_gpu=False, out=str(tmp_path / f"pce-{seed}"))
             for seed in (0, 1)}
     at_once = trials.runs_that_fit(list(runs.values()))
     assert at_once == 3  # three nodes of one CPU, one trainer CPU a cell

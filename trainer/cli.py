@@ -288,9 +288,11 @@ def convert_scribblesup_cmd(src, out, width):
               help="With --address: --out is on a filesystem every node mounts.")
 @click.option("--seed", type=int, default=None,
               help="Seed of every cell's training (initial weights, batches, crops) [0]; the data set stays the same.")
+@click.option("--gpu/--no-gpu", "use_gpu", default=None,
+              help="Trainer workers on GPUs [as `train`: with --address, needed when the cluster has no GPU now].")
 @click.pass_context
 def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out, max_concurrent,
-               shared_fs, seed):
+               shared_fs, seed, use_gpu):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
     Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
@@ -299,7 +301,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 
     _check_data_folder(data)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
-                                   ("shared_fs", shared_fs), ("seed", seed)) if v is not None}
+                                   ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu)) if v is not None}
     connect(ctx.obj["address"])
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
                for x in lengths.split(",")]
@@ -334,8 +336,11 @@ def table1_seeds_cmd(runs, out):
 @click.option("--out", required=True)
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="λ runs trained at once [as many as the cluster holds].")
+@click.option("--gpu/--no-gpu", "use_gpu", default=None,
+              help="Trainer workers on GPUs [as `train`: with --address, needed when the cluster has no GPU now].")
 @click.pass_context
-def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out, max_concurrent):
+def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out, max_concurrent,
+                        use_gpu):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
     from experiments.sweep import parse_values, run_sweep
@@ -344,7 +349,8 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
     _check_data_folder(data)
     connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
-              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent)
+              log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent,
+              use_gpu=use_gpu)
     click.echo(storage.read_bytes(storage.join(out, "sweep.csv")).decode().rstrip())
 
 
