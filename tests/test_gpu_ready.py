@@ -66,7 +66,7 @@ def test_the_training_step_reads_the_device_only_to_log(method, eps_model, monke
 
     monkeypatch.setattr(losses, "_no_autocast", lambda device: contextlib.nullcontext())  # autocast knows no meta
     reads = []
-    monkeypatch.setattr(engine, "_read_losses", lambda finite, total, method, first, step: reads.append(step) or 0.0)
+    monkeypatch.setattr(engine, "_read_losses", lambda total, method, first, step: reads.append(step) or 0.0)
     model, outliers, optimizer, base_lrs = setup(META, eps_model)
     _, step = engine.train_epoch(model, batches(5), optimizer, method=method, eps=outliers, nu=None, device=META,
                                  step=0, total_steps=5, base_lrs=base_lrs, log_every=2)

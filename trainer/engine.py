@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -74,14 +75,14 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
                 batch_average=False, log_every=LOG_EVERY):
     """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
     or an `OutlierModel` whose ε is read at every step (learned with the network).
-    The loss stays on the device: its finiteness and sum are read every `log_every`
-    steps and at the end (`_read_losses`), the step's only host syncs (the lattice of
-    Dense-GD aside, whose size is data-dependent). A non-finite loss ends the epoch at the
-    next read, naming the steps it lies in; the weights it reached are never checkpointed."""
+    The losses are summed on the device; the sum is read every `log_every` steps and at
+    the end (`_read_losses`), the step's only host syncs (the lattice of Dense-GD aside,
+    whose size is data-dependent). A non-finite loss makes the sum non-finite and ends the
+    epoch at the next read, naming the steps it lies in; the weights it reached are never
+    checkpointed."""
     model.train()
     outliers = eps if isinstance(eps, OutlierModel) else None
     total = torch.zeros((), device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
     first, n = step, 0
     for batch in loader:
         batch = to_device(batch, device)
@@ -90,7 +91,6 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
         with autocast(device):
             logits = model(batch["image"])
         loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average)
-        finite &= torch.isfinite(loss.detach())
         total += loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,16 +101,17 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
         if progress is not None:
             progress.update(len(batch["index"]))
         if n % log_every == 0:
-            _read_losses(finite, total, method, first, step)
-    return _read_losses(finite, total, method, first, step) / n if n else float("nan"), step
+            _read_losses(total, method, first, step)
+    return _read_losses(total, method, first, step) / n if n else float("nan"), step
 
 
-def _read_losses(finite: torch.Tensor, total: torch.Tensor, method: str, first: int, step: int) -> float:
-    """The host's read of the device's loss figures: the sum of the epoch's losses so far;
-    FloatingPointError if one of them was not finite."""
-    if not bool(finite):
+def _read_losses(total: torch.Tensor, method: str, first: int, step: int) -> float:
+    """The host's one read of the device's loss figures: the sum of the epoch's losses so
+    far; FloatingPointError if it is not finite (a loss was not)."""
+    value = float(total)
+    if not math.isfinite(value):
         raise FloatingPointError(f"non-finite {method} loss at a step in {first}..{step - 1}")
-    return float(total)
+    return value
 
 
 @torch.no_grad()
