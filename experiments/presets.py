@@ -58,6 +58,18 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+# presets whose every run starts from ImageNet weights (SPEC §4): one from random weights
+# would spend its GPU-days on numbers that say nothing of the paper
+NEEDS_PRETRAINED = frozenset({"paper"})
+
+
+def check_start(name: str | None, backbone_weights: str | None, init: str | None = None) -> None:
+    """Refuse preset `name` without ImageNet weights and without --init, before anything starts."""
+    if name in NEEDS_PRETRAINED and not backbone_weights and not init:
+        raise UserError(f"--preset {name}: trains from ImageNet weights; give --backbone-weights imagenet "
+                        f"(or a torchvision mobilenet_v2 state_dict file){' or --init CKPT' if init is not None else ''}")
+
+
 def preset_values(name: str, scribbles: str = "", method: str = "pce") -> dict:
     """The flat {option: value} of preset `name` for `method` at scribble suffix
     `scribbles` (solver keys such as tr_weight included, not nested)."""

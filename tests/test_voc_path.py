@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 import tomllib
+import torch
 from PIL import Image
 
 from tests.helpers import run_cli
+from trainer.model import MobileNetV2Backbone
 
 
 @pytest.mark.slow
@@ -24,7 +26,10 @@ def test_paper_preset_runs_end_to_end_on_a_voc_shaped_set(tmp_path):
     assert os.path.exists(os.path.join(data, "SegmentationClass", "val_0000.png"))
     assert os.path.exists(os.path.join(data, "pascal_2012_scribble0.5", f"{ids[0]}.png"))
 
+    weights = str(tmp_path / "mobilenet_v2.pth")  # the paper preset trains from ImageNet weights: a stand-in
+    torch.save(MobileNetV2Backbone().state_dict(), weights)
     run_cli("--local", "train", "--data", data, "--format", "voc", "--preset", "paper", "--method", "grid-tr",
+            "--backbone-weights", weights,
             "--scribbles", "0.5", "--epochs", "2", "--pretrain-epochs", "1", "--epochs-per-round", "1",
             "--batch-size", "2", "--crop-size", "128", "--out", out, check=True)
     summary = json.load(open(os.path.join(out, "summary.json")))

@@ -237,23 +237,18 @@ class DeepLabV3Plus(nn.Module):
 
 
 def load_backbone_weights(model: DeepLabV3Plus, path: str) -> None:
-    """Load torchvision ``mobilenet_v2`` ImageNet weights (a state_dict file) into the backbone.
+    """Load torchvision ``mobilenet_v2`` ImageNet weights (a state_dict file, or
+    ``imagenet``: torchvision's published file through torch's hub cache,
+    trainer/imagenet.py) into the backbone.
 
     The file is read with ``torch.load(weights_only=True)``; its ``features.*`` keys must
     match the backbone exactly (names and shapes; ``classifier.*`` keys are ignored).
     Keys prefixed ``backbone.`` (this project's checkpoints) are accepted too.
     Raises UserError naming the file on any failure.
     """
-    try:
-        data = storage.read_bytes(path)  # a local path or a URI
-    except FileNotFoundError:
-        raise UserError(f"{path}: backbone weights file not found") from None
-    except OSError as exc:  # a folder, a refused read
-        raise UserError(f"{path}: cannot read backbone weights ({str(exc).splitlines()[0]})") from None
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reading failure is the file's fault
-        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
+    from trainer.imagenet import IMAGENET, imagenet_state_dict
+
+    state = imagenet_state_dict() if path == IMAGENET else _read_state(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -281,3 +276,16 @@ def load_backbone_weights(model: DeepLabV3Plus, path: str) -> None:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise UserError(f"{path}: {k} has shape {shape}, expected {tuple(expected[k].shape)}")
     model.backbone.load_state_dict(feats, strict=True)
+
+
+def _read_state(path: str):
+    try:
+        data = storage.read_bytes(path)  # a local path or a URI
+    except FileNotFoundError:
+        raise UserError(f"{path}: backbone weights file not found") from None
+    except OSError as exc:  # a folder, a refused read
+        raise UserError(f"{path}: cannot read backbone weights ({str(exc).splitlines()[0]})") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reading failure is the file's fault
+        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
