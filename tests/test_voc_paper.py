@@ -145,6 +145,7 @@ def test_table1_paper_plan_is_every_cell_as_the_authors_ran_it(voc_set, torch_ho
         common = (c["epochs"], c["batch_size"], c["crop_size"], c["optimizer"], c["momentum"], c["weight_decay"],
                   c["arch"], c["augmentation"], c["batch_average"])
         assert common == (60, 12, 513, "sgd", 0.9, 5e-4, "deeplabv3plus-mobilenetv2", "reference", True), name
+        assert c["drop_last"] is False and c.get("seed_loss") == "ce", name
         method = c["method"]
         if method in ("full", "pce", "dense-gd"):  # from the ImageNet backbone at 0.007, nothing before
             assert (c["backbone_weights"], c.get("init"), c["lr"]) == ("imagenet", None, 0.007), name
@@ -219,3 +220,28 @@ def test_table1_compare_a_partial_run(tmp_path, capsys):
     assert "**0.60** / 0.61 (-1.0)" in text and "all 2 cells" in text
     line = _fail_line(capsys, ["table1-compare", str(tmp_path / "empty")])
     assert "no finished Table 1 cell" in line
+
+
+def test_grid_gd_seed_loss_l2_is_the_reference_scripts():
+    """--seed-loss l2: Σ over seeded pixels of ‖onehot(y) − q‖² / seeded pixels, not divided
+    by N (reference utils/loss.py LxLoss, the Grid-GD default of train_with_dcr.py's
+    --loss-type); ce: PCE, eq. 8."""
+    from trainer.losses import partial_ce, partial_l2
+    from trainer.methods import method_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g)
+    seeds = torch.full((2, 4, 5), 255, dtype=torch.long)
+    seeds[0, 1, 2], seeds[0, 3, 4], seeds[1, 0, 0] = 2, 0, 1
+    q = torch.softmax(logits, 1)
+    hand = sum(((torch.eye(3)[y] - q[n, :, i, j]) ** 2).sum() for n, i, j, y in ((0, 1, 2, 2), (0, 3, 4, 0), (1, 0, 0, 1)))
+    assert partial_l2(logits, seeds) == pytest.approx(hand.item() / 3)
+    assert partial_l2(logits, seeds, batch_average=True) == partial_l2(logits, seeds)
+    assert partial_l2(logits, torch.full_like(seeds, 255)).item() == 0
+    batch = {"seeds": seeds, "image": torch.rand(2, 3, 4, 5) * 255}
+    l2 = method_loss("grid-gd", logits, batch, 0.0, 1.0, True, "l2")
+    ce = method_loss("grid-gd", logits, batch, 0.0, 1.0, True, "ce")
+    assert (l2 - ce).item() == pytest.approx(partial_l2(logits, seeds).item() - partial_ce(logits, seeds, True).item())
+    with pytest.raises(UserError, match="--seed-loss"):
+        from shared.config import TrainConfig
+        TrainConfig(data="d", seed_loss="l1").validate()

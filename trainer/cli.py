@@ -9,7 +9,7 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import AUGMENTATIONS, EPS_MODELS, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import AUGMENTATIONS, EPS_MODELS, SEED_LOSSES, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
@@ -95,6 +95,8 @@ def _train_options(f):
         click.option("--seed", type=int, default=None),
         click.option("--eps", type=float, default=None, help="Robust-loss outlier probability ε (SPEC §2)."),
         click.option("--nu", type=float, default=None, help="Regulariser weight of grid-gd/dense-gd."),
+        click.option("--seed-loss", type=click.Choice(SEED_LOSSES), default=None,
+                     help="Grid-GD's seed term: ce, the paper's eq. 8 (Table 1), or l2, the authors' script's [ce]."),
         click.option("--epochs-per-round", type=int, default=None, help="M: stage-B epochs per stage-A round."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=None),
         click.option("--max-staleness", type=int, default=None),

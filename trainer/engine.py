@@ -40,7 +40,7 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
 
 
 def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None,
-                batch_average=False):
+                batch_average=False, seed_loss="ce"):
     """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
     or an `OutlierModel` whose ε is read at every step (learned with the network)."""
     model.train()
@@ -52,7 +52,7 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
             group["lr"] = poly_lr(base, step, total_steps)
         with autocast(device):
             logits = model(batch["image"])
-        loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average)
+        loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average, seed_loss)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite {method} loss at step {step}")
         optimizer.zero_grad(set_to_none=True)

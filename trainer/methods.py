@@ -13,12 +13,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import dense_crf, grid_potts, partial_ce, robust_ce
+from trainer.losses import dense_crf, grid_potts, partial_ce, partial_l2, robust_ce
 from trainer.permutohedral import krahenbuhl_factor
 
-# (logits, batch, ε, ν, batch_average): batch_average divides the data terms by N as the
-# reference does (SPEC §2); the regularisers are batch means already.
-Loss = Callable[[torch.Tensor, dict, float, float, bool], torch.Tensor]
+# (logits, batch, ε, ν, batch_average, seed_loss): batch_average divides the data terms by N
+# as the reference does (SPEC §2); the regularisers are batch means already; seed_loss is
+# Grid-GD's seed term (SEED_LOSSES).
+Loss = Callable[[torch.Tensor, dict, float, float, bool, str], torch.Tensor]
+# Grid-GD's seed term: "ce" the paper's eq. 8 (PCE), "l2" the authors' script's (--loss-type l2)
+SEED_LOSSES = {"ce": partial_ce, "l2": partial_l2}
 
 
 @dataclass(frozen=True)
@@ -32,29 +35,30 @@ class Method:
     paper: dict = field(default_factory=dict)  # the reference's recipe (SPEC §4) beyond the common one
 
 
-def _full(logits, batch, eps, nu, batch_average):
+def _full(logits, batch, eps, nu, batch_average, seed_loss):
     """Cross-entropy on the full masks."""
     return F.cross_entropy(logits.float(), batch["mask"], ignore_index=255) / (len(logits) if batch_average else 1)
 
 
-def _pce(logits, batch, eps, nu, batch_average):
+def _pce(logits, batch, eps, nu, batch_average, seed_loss):
     """Partial cross-entropy on the seeds (eq. 6)."""
     return partial_ce(logits, batch["seeds"], batch_average)
 
 
-def _grid_gd(logits, batch, eps, nu, batch_average):
-    """PCE + ν · relaxed grid Potts (eq. 7, 8)."""
+def _grid_gd(logits, batch, eps, nu, batch_average, seed_loss):
+    """PCE (or the authors' script's L2 seed term) + ν · relaxed grid Potts (eq. 7, 8)."""
     q = torch.softmax(logits.float(), 1)
-    return _pce(logits, batch, eps, nu, batch_average) + nu * grid_potts(q, batch["image"], batch.get("roi"))
+    seeds = SEED_LOSSES[seed_loss](logits, batch["seeds"], batch_average)
+    return seeds + nu * grid_potts(q, batch["image"], batch.get("roi"))
 
 
-def _dense_gd(logits, batch, eps, nu, batch_average):
+def _dense_gd(logits, batch, eps, nu, batch_average, seed_loss):
     """PCE + ν · dense CRF relaxation (Tang et al.)."""
     q = torch.softmax(logits.float(), 1)
-    return _pce(logits, batch, eps, nu, batch_average) + nu * dense_crf(q, batch["image"], roi=batch.get("roi"))
+    return _pce(logits, batch, eps, nu, batch_average, seed_loss) + nu * dense_crf(q, batch["image"], roi=batch.get("roi"))
 
 
-def _grid_tr(logits, batch, eps, nu, batch_average):
+def _grid_tr(logits, batch, eps, nu, batch_average, seed_loss):
     """Robust cross-entropy to the proposals, exact on the seeds (eq. 17, 18, 24)."""
     return robust_ce(logits, batch["proposal"], batch["seeds"], eps, batch_average)
 
@@ -81,7 +85,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def method_loss(name: str, logits: torch.Tensor, batch: dict, eps: float, nu: float | None,
-                batch_average: bool = False) -> torch.Tensor:
+                batch_average: bool = False, seed_loss: str = "ce") -> torch.Tensor:
     """The loss of one batch; logits N×K×H×W at the input resolution."""
     method = METHODS[name]
-    return method.loss(logits, batch, eps, method.default_nu if nu is None else nu, batch_average)
+    return method.loss(logits, batch, eps, method.default_nu if nu is None else nu, batch_average, seed_loss)
