@@ -25,7 +25,7 @@ from shared.labels import scribble_suffix
 from trainer.methods import METHODS
 
 _PAPER_COMMON = {
-    "arch": "deeplabv3plus-mobilenetv2",
+    "arch": "deeplabv3plus-mobilenetv2-ref",  # the authors' head (trainer/model.py)
     "optimizer": "sgd",
     "epochs": 60,
     "pretrain_epochs": 60,

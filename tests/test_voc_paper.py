@@ -144,7 +144,7 @@ def test_table1_paper_plan_is_every_cell_as_the_authors_ran_it(voc_set, torch_ho
         assert not (out / name / "summary.json").exists() and not (out / name / "run.json").exists()
         common = (c["epochs"], c["batch_size"], c["crop_size"], c["optimizer"], c["momentum"], c["weight_decay"],
                   c["arch"], c["augmentation"], c["batch_average"])
-        assert common == (60, 12, 513, "sgd", 0.9, 5e-4, "deeplabv3plus-mobilenetv2", "reference", True), name
+        assert common == (60, 12, 513, "sgd", 0.9, 5e-4, "deeplabv3plus-mobilenetv2-ref", "reference", True), name
         assert c["drop_last"] is False and c.get("seed_loss") == "ce", name
         method = c["method"]
         if method in ("full", "pce", "dense-gd"):  # from the ImageNet backbone at 0.007, nothing before
@@ -245,3 +245,26 @@ def test_grid_gd_seed_loss_l2_is_the_reference_scripts():
     with pytest.raises(UserError, match="--seed-loss"):
         from shared.config import TrainConfig
         TrainConfig(data="d", seed_loss="l1").validate()
+
+
+def test_reference_head_is_the_authors_network(torch_home, monkeypatch, no_download):
+    """The paper preset's network: the authors' decoder (two 3×3 convs, dropout 0.5 and
+    0.1: reference modeling/decoder.py), ASPP on the backbone's 320 channels with dropout
+    0.5 (modeling/aspp.py), align_corners=True inside the head; torchvision's ImageNet file
+    loads into it without its features.18."""
+    from torch import nn
+
+    from trainer.architectures import build_model
+
+    net = build_model("deeplabv3plus-mobilenetv2-ref", 21)
+    head = net.head
+    convs = [m for m in head.classifier if isinstance(m, nn.Conv2d)]
+    drops = [m.p for m in head.classifier if isinstance(m, nn.Dropout)]
+    assert [tuple(c.weight.shape[:3]) for c in convs] == [(256, 304, 3), (256, 256, 3), (21, 256, 1)]
+    assert drops == [0.5, 0.1] and head.aspp.project[-1].p == 0.5 and head.align_corners
+    assert net.backbone.high_level_channels == 320 and head.aspp.convs[0][0].in_channels == 320
+    monkeypatch.setenv("TORCH_HOME", torch_home[0])
+    load_backbone_weights(net, "imagenet")
+    assert torch.equal(net.backbone.state_dict()["features.17.conv.3.weight"], torch_home[1]["features.17.conv.3.weight"])
+    net.eval()
+    assert net(torch.rand(1, 3, 70, 90) * 255).shape == (1, 21, 70, 90)

@@ -37,5 +37,5 @@ def test_paper_preset_runs_end_to_end_on_a_voc_shaped_set(tmp_path):
     assert 0 <= summary["val_miou"] <= 1 and len(summary["per_class_iou"]) == 21
     cfg = tomllib.loads(open(os.path.join(out, "config.toml")).read())
     assert (cfg["arch"], cfg["batch_average"], cfg["schedule"], cfg["lr"], cfg["eps"]) == (
-        "deeplabv3plus-mobilenetv2", True, "sync", 7e-4, 0.9514)
+        "deeplabv3plus-mobilenetv2-ref", True, "sync", 7e-4, 0.9514)
     assert cfg["crop_size"] == 128 and cfg["solver"]["tr_weight"] == 0.1  # flags win over the preset
