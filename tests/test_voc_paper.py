@@ -268,3 +268,26 @@ def test_reference_head_is_the_authors_network(torch_home, monkeypatch, no_downl
     assert torch.equal(net.backbone.state_dict()["features.17.conv.3.weight"], torch_home[1]["features.17.conv.3.weight"])
     net.eval()
     assert net(torch.rand(1, 3, 70, 90) * 255).shape == (1, 21, 70, 90)
+
+
+def test_dense_nu_scales_with_the_crop_so_the_term_pulls_alike():
+    """ν·Σ_ij W_ij kept equal across crop sizes (trainer.methods.dense_nu_for_crop): its
+    kernel mass against brute force, and the Dense-GD term of a one-colour, one-label
+    crop times the scaled ν equal for 64-, 96- and 160-pixel crops (lattice: within 15%)."""
+    from trainer.losses import dense_crf
+    from trainer.methods import _kernel_mass, dense_nu_for_crop
+
+    ys, xs = torch.meshgrid(torch.arange(7.0, dtype=torch.float64), torch.arange(7.0, dtype=torch.float64), indexing="ij")
+    p = torch.stack([ys.flatten(), xs.flatten()], 1)
+    brute = torch.exp(-torch.cdist(p, p) ** 2 / (2 * 3.0 ** 2)).sum().item()
+    assert _kernel_mass(7, 3.0) == pytest.approx(brute, rel=1e-9)
+    assert dense_nu_for_crop(2e-9, 513) == 2e-9
+    assert 600 < dense_nu_for_crop(2e-9, 64) / 2e-9 < 800  # 32² pixels all within σ = 50 against 257²
+
+    def pull(crop):
+        q = torch.zeros(1, 4, crop, crop)
+        q[:, 1] = 1
+        return -dense_nu_for_crop(2e-9, crop) * dense_crf(q, torch.full((1, 3, crop, crop), 120.0)).item()
+
+    ref = pull(160)
+    assert pull(64) == pytest.approx(ref, rel=0.15) and pull(96) == pytest.approx(ref, rel=0.15)

@@ -192,6 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
             close(bar)
             stage_b_s += time.perf_counter() - t0
             record.update(loss=loss, lr=optimizer.param_groups[0]["lr"], stage_b_s=time.perf_counter() - t0)
+            if device.type == "cuda":  # the training step's peak, for the GPU benchmark (benchmarks/gpu_voc.py)
+                record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
             global_epoch += 1
             last = epoch == epochs - 1
             if last or global_epoch % cfg.eval_every == 0:

@@ -68,6 +68,29 @@ def _grid_tr(logits, batch, eps, nu, batch_average, seed_loss):
 # et al.'s lattice, whose output is krahenbuhl_factor(5) times the exact filter ours
 # computes. Converted here, once.
 PAPER_DENSE_NU = 2e-9 * krahenbuhl_factor(5)
+
+
+def _kernel_mass(side: int, sigma: float) -> float:
+    """Σ_{i,j} exp(−‖p_i − p_j‖²/(2σ²)) over the pixels of a side×side grid: the product
+    of one axis's sum m(L) = Σ_{|d|<L} (L − |d|)·exp(−d²/(2σ²)) with itself."""
+    d = torch.arange(1 - side, side, dtype=torch.float64)
+    return float(((side - d.abs()) * torch.exp(-d ** 2 / (2 * sigma ** 2))).sum()) ** 2
+
+
+def dense_nu_for_crop(nu: float, crop: int, reference_crop: int = 513, sigma_xy: float = 100.0,
+                      scale: float = 0.5) -> float:
+    """Dense-GD's ν for training crops of crop×crop pixels that weighs its term against
+    PCE as ν does on reference_crop crops (SPEC §3's 2e-9: VOC's 513 crops).
+
+    The term's pull on the network is the sum over pixels of its gradient 2ν·Σ_j W_ij q_j;
+    inside a region of one colour and one label that is 2ν·M, M = Σ_{i,j} of the spatial
+    kernel over the scale-resized crop (σ = scale·σ_xy); PCE's pull, a mean over the seeds,
+    does not depend on the crop's size. Keeping ν·M: ν · M(reference) / M(crop). On 64-pixel
+    crops (32 after scale 0.5, all within σ = 50) M is ≈ 1e6, on 513 ones ≈ 7.6e8 (≈ 700×).
+    """
+    side = lambda c: max(1, round(c * scale))  # noqa: E731 - dense_crf's resized size
+    sigma = sigma_xy * scale
+    return nu * _kernel_mass(side(reference_crop), sigma) / _kernel_mass(side(crop), sigma)
 PAPER_GRID_NU = 100.0
 
 METHODS: dict[str, Method] = {m.name: m for m in (
