@@ -64,11 +64,13 @@ PRESETS: dict[str, dict[str, dict]] = {
 NEEDS_PRETRAINED = frozenset({"paper"})
 
 
-def check_start(name: str | None, backbone_weights: str | None, init: str | None = None) -> None:
-    """Refuse preset `name` without ImageNet weights and without --init, before anything starts."""
+def check_start(name: str | None, backbone_weights: str | None, init: str | None = None,
+                takes_init: bool = False) -> None:
+    """Refuse preset `name` without ImageNet weights and without --init (`takes_init`: the
+    command has that option), before anything starts."""
     if name in NEEDS_PRETRAINED and not backbone_weights and not init:
         raise UserError(f"--preset {name}: trains from ImageNet weights; give --backbone-weights imagenet "
-                        f"(or a torchvision mobilenet_v2 state_dict file){' or --init CKPT' if init is not None else ''}")
+                        f"(or a torchvision mobilenet_v2 state_dict file){' or --init CKPT' if takes_init else ''}")
 
 
 def preset_values(name: str, scribbles: str = "", method: str = "pce") -> dict:

@@ -107,8 +107,8 @@ def test_paper_preset_without_weights_is_refused_before_ray(command, voc_set, tm
     assert line.startswith("error: --preset paper:") and "--backbone-weights" in line
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
     check_start("paper", None, "ckpt.pt")  # --init is a start too (train, tune)
-    with pytest.raises(UserError):
-        check_start("paper", None, "")
+    with pytest.raises(UserError, match="or --init CKPT"):
+        check_start("paper", None, None, takes_init=True)
 
 
 def test_missing_weights_file_is_one_line(voc_set, tmp_path, capsys):

@@ -161,7 +161,7 @@ def resolve_train_config(params: dict) -> TrainConfig:
         from experiments.presets import apply_preset, check_start
 
         apply_preset(cfg, preset, explicit=[*values, *solver])
-        check_start(preset, cfg.backbone_weights, cfg.init or "")
+        check_start(preset, cfg.backbone_weights, cfg.init, takes_init=True)
     if resume_dir:
         cfg.out, cfg.resume = resume_dir, True
     if not cfg.data:
