@@ -288,7 +288,7 @@ def test_reference_augmentation_rescales_pads_centred_with_the_mean_and_marks_th
         roi, img = item["roi"], item["image"]
         assert img.shape == (3, crop, crop) and roi.any()
         assert torch.equal(item["seeds"] != 255, roi) and torch.equal(item["mask"] != 255, roi)
-        mean = torch.tensor([round(m) for m in IMAGENET_MEAN], dtype=torch.float32)
+        mean = torch.tensor([int(m) for m in IMAGENET_MEAN], dtype=torch.float32)  # (123, 116, 103) as theirs
         # the blur (radius < 1 px) comes last, as the reference's: padding 4 px off the image is the mean
         far = ~torch.nn.functional.max_pool2d(roi[None, None].float(), 9, 1, 4)[0, 0].bool()
         assert (img[:, far] == mean[:, None]).all()
