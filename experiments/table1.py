@@ -30,6 +30,11 @@ short budget, so the `pce-continued` control trains PCE-GD for the same extra ep
 from the same checkpoint: a regulariser only helps if it beats that too. It is a
 row of table1.md, not of table1.csv. Full supervision trains pretrain_epochs + epochs.
 
+With `--preset paper` every cell is as the authors ran it (SPEC §4, docs/voc.md): full
+supervision, PCE-GD and Dense-GD from the ImageNet backbone, 60 epochs each; Grid-GD and
+Grid-TR 60 epochs from that length's PCE-GD model; no control cells (the paper's PCE-GD
+has converged). `--plan` writes every cell's config.toml and trains nothing.
+
 Outputs: OUT/table1.csv (`method,0,0.3,0.5,0.8,1`, val mIoU in 0..1, full
 supervision's value in every column), OUT/table1.md (the paper's layout, with the
 paper's VOC numbers beside ours), OUT/fig5_miou_vs_length.png and
