@@ -19,8 +19,13 @@ Prints one JSON object (the last line of stdout; progress on stderr):
     (`trainer.engine.make_deterministic`) give bit-identical losses or not.
   * ``cuda_tests``: pytest's summary of the CUDA tests (test_cuda_matches_cpu, the
     CSR check, the no-sync step of tests/test_gpu_ready.py); skipped without CUDA.
+  * ``voc``: `benchmarks/gpu_voc.py`'s figures (PCE-GD and Grid-TR epochs of the paper
+    preset at batch 12 × 513² with solver actors on the node's CPU cores: images/s,
+    peak GPU memory, stall, the snapshot pass's share; Dense-GD's lattice on CUDA
+    against CPU); left out by ``--smoke`` and ``--skip-voc``.
 
-    python benchmarks/gpu.py            # on a GPU: ≈ 3-5 minutes on one H100 (budget 8)
+    python benchmarks/gpu.py            # on a GPU: estimated 3-5 + ≈ 5 minutes (not yet run on one)
+    python benchmarks/gpu.py --skip-voc # the step, lattice and CUDA checks alone
     python benchmarks/gpu.py --smoke    # tiny sizes on whatever device there is (tests run it)
 
 Without CUDA every part runs on the CPU, which is what ``--smoke`` is for; the full
@@ -200,6 +205,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (seconds)")
     parser.add_argument("--skip-tests", action="store_true", help="leave out the CUDA tests (pytest)")
+    parser.add_argument("--skip-voc", action="store_true",
+                        help="leave out gpu_voc.py's VOC-setting epochs with solver actors (≈ 5 of the minutes)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch, batch, side, steps = SMOKE if args.smoke else FULL
@@ -211,8 +218,13 @@ def main(argv=None) -> dict:
     result["steps"] = steps_part(arch, batch, side, steps, device)
     result["lattice"] = lattice_part(arch, batch, side, steps, device)
     result["lattice_vs_exact"] = lattice_vs_exact_part(16 if args.smoke else 48, device)
-    # ---- benchmarks/gpu_voc.py (issue 27) is called here, once merged: VOC-layout epochs with
-    # ---- solver actors and Dense-GD's lattice on GPU vs CPU, its figures as result["voc"].
+    if not (args.smoke or args.skip_voc):  # gpu_voc.py --quick is its own smoke run (tests/test_voc_paper.py)
+        import tempfile
+
+        from benchmarks.gpu_voc import measure_lattice, measure_voc_epochs
+
+        with tempfile.TemporaryDirectory(prefix="trseg-gpu-voc-") as workdir:
+            result["voc"] = {"epochs": measure_voc_epochs(False, workdir), "lattice": measure_lattice(False)}
     if not args.skip_tests:
         result["cuda_tests"] = cuda_tests_part()
     result["deterministic"] = deterministic_part(arch, side, device)

@@ -2,7 +2,7 @@
 
 `paper` is the paper's Pascal VOC setting (DeepLabV3+ / MobileNetV2, K = 21), as the
 authors' reference implementation runs it: 60 epochs, batch 12 on 513-pixel crops with
-their augmentation (`trainer.data.reference_augment`), SGD
+their augmentation (`trainer.data.reference_augment`), every batch kept (no drop_last), SGD
 momentum 0.9, weight decay 5e-4, poly LR (power 0.9), the decoder at 10× the backbone's
 rate, every data term divided by the batch size as the reference does (`batch_average`,
 so its learning rates apply unchanged), stage A before each round's batches (`sync`),
@@ -25,7 +25,7 @@ from shared.labels import scribble_suffix
 from trainer.methods import METHODS
 
 _PAPER_COMMON = {
-    "arch": "deeplabv3plus-mobilenetv2",
+    "arch": "deeplabv3plus-mobilenetv2-ref",  # the authors' head (trainer/model.py)
     "optimizer": "sgd",
     "epochs": 60,
     "pretrain_epochs": 60,
@@ -33,6 +33,7 @@ _PAPER_COMMON = {
     "batch_size": 12,
     "crop_size": 513,
     "augmentation": "reference",
+    "drop_last": False,
     "batch_average": True,
     "momentum": 0.9,
     "weight_decay": 5e-4,
@@ -56,6 +57,20 @@ PRESETS: dict[str, dict[str, dict]] = {
         for suffix, (eps, lam) in _PAPER_EPS_LAMBDA.items()
     },
 }
+
+
+# presets whose every run starts from ImageNet weights (SPEC §4): one from random weights
+# would spend its GPU-days on numbers that say nothing of the paper
+NEEDS_PRETRAINED = frozenset({"paper"})
+
+
+def check_start(name: str | None, backbone_weights: str | None, init: str | None = None,
+                takes_init: bool = False) -> None:
+    """Refuse preset `name` without ImageNet weights and without --init (`takes_init`: the
+    command has that option), before anything starts."""
+    if name in NEEDS_PRETRAINED and not backbone_weights and not init:
+        raise UserError(f"--preset {name}: trains from ImageNet weights; give --backbone-weights imagenet "
+                        f"(or a torchvision mobilenet_v2 state_dict file){' or --init CKPT' if takes_init else ''}")
 
 
 def preset_values(name: str, scribbles: str = "", method: str = "pce") -> dict:

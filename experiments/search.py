@@ -87,14 +87,17 @@ def _checked(path: str, key: str, value):
 
 
 def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_concurrent: int | None = None,
-               grace_period: int = 1, log=print) -> dict:
+               grace_period: int = 1, log=print, plan_only: bool = False) -> dict:
     """Sample `trials` configurations of `base` from the space, train them under ASHA,
-    write the table and best.toml; returns the best trial's {val_miou, config}."""
+    write the table and best.toml; returns the best trial's {val_miou, config}.
+    `plan_only`: write the PCE model's and the trials' base config.toml, print the plan
+    and the sampled keys, train nothing."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from experiments import trials as runs_as_trials
+    from trainer.architectures import resolve_arch
     from trainer.tomlio import dumps
 
     sampled, fixed = read_space(space_path)
@@ -104,13 +107,22 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     base.eval_every = 1  # ASHA compares the trials' val mIoU at every epoch
     base.validate()
     dataset = os.path.basename(base.data.rstrip("/"))
+    pce = None
     if METHODS[base.method].starts_from_pce and not base.init and base.pretrain_epochs > 0:
         pce = from_dict(TrainConfig, to_dict(base))
         pce.method, pce.epochs, pce.out = "pce", base.pretrain_epochs, storage.join(out, "pce")
+        base.arch = resolve_arch(base.arch, None, base.backbone_weights)  # the PCE-GD model's network
+        base.init, base.backbone_weights = storage.join(out, "pce", "checkpoints", "last.pt"), None
+    base.out = storage.join(out, "trials")
+    if plan_only:
+        from experiments.plan import write_plan
+
+        write_plan({**({"pce": pce} if pce else {}), "trials (each in trials/TRIAL_ID)": base}, log)
+        log(f"{trials} trials sample {', '.join(sampled)} from {space_path}")
+        return {}
+    if pce is not None:
         runs_as_trials.fit(runs_as_trials.experiment_path(out, "tune-pce", {"pce": pce}), {"pce": pce}, dataset,
                            {"run": "pce"}, tune.TuneConfig(num_samples=1), 1, log)
-        base.init = storage.join(out, "pce", "checkpoints", "last.pt")
-    base.out = storage.join(out, "trials")
     search = {"search": base}
     at_once = max_concurrent or runs_as_trials.runs_that_fit([base])
     log(f"{trials} trials, at most {at_once} at once")

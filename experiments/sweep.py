@@ -24,6 +24,7 @@ from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
 from shared.config import TrainConfig
 from experiments.presets import apply_preset
+from trainer.architectures import resolve_arch
 from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, save_figure
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
@@ -52,9 +53,11 @@ def run_dir(out: str, lam: float) -> str:
     return storage.join(out, run_name(lam))
 
 
-def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_weight=None) -> TrainConfig:
+def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_weight=None,
+            backbone_weights=None) -> TrainConfig:
     cfg = TrainConfig(data=data, format=fmt, scribbles=scribbles, method=method, batch_size=size.batch_size,
-                      crop_size=size.crop_size, epochs_per_round=size.epochs_per_round)
+                      crop_size=size.crop_size, epochs_per_round=size.epochs_per_round,
+                      backbone_weights=backbone_weights)
     if preset:
         apply_preset(cfg, preset)
     else:
@@ -62,7 +65,8 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
     if method == "pce":
         cfg.epochs, cfg.out = cfg.pretrain_epochs, storage.join(out, "pce")
     else:
-        cfg.init = storage.join(out, "pce", "checkpoints", "last.pt")
+        cfg.arch = resolve_arch(cfg.arch, None, backbone_weights)  # the PCE-GD model's network
+        cfg.init, cfg.backbone_weights = storage.join(out, "pce", "checkpoints", "last.pt"), None
         cfg.out = run_dir(out, lam)
         cfg.solver.tr_weight = lam
         if potts_weight is not None:
@@ -75,19 +79,26 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
 def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str = "synthetic",
               quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print,
               variant: str = "default", potts_weight: float | None = None,
-              max_concurrent: int | None = None, use_gpu: bool | None = None) -> list[dict]:
+              max_concurrent: int | None = None, use_gpu: bool | None = None, backbone_weights: str | None = None,
+              plan_only: bool = False) -> list[dict]:
+    """`plan_only`: write each run's config.toml, print the plan, train nothing."""
+    size = QUICK_SWEEP if quick else FULL
+    out, data, fmt = prepare(out, data, fmt, size, variant)
+    sfx = scribble_suffix(scribbles)
+    pce = {"pce": _config(out, "pce", data, fmt, size, sfx, preset, backbone_weights=backbone_weights)}
+    tr = {run_name(float(v)): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight,
+                                      backbone_weights) for v in values}
+    for cfg in (*pce.values(), *tr.values()):
+        cfg.use_gpu = use_gpu  # --gpu/--no-gpu, None: trainer.driver.resolve_use_gpu decides
+    if plan_only:
+        from experiments.plan import write_plan
+
+        write_plan({**pce, **tr}, log)
+        return []
     from ray import tune
 
     from experiments import trials
 
-    size = QUICK_SWEEP if quick else FULL
-    out, data, fmt = prepare(out, data, fmt, size, variant)
-    sfx = scribble_suffix(scribbles)
-    pce = {"pce": _config(out, "pce", data, fmt, size, sfx, preset)}
-    tr = {run_name(float(v)): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight)
-          for v in values}
-    for cfg in (*pce.values(), *tr.values()):
-        cfg.use_gpu = use_gpu  # --gpu/--no-gpu, None: trainer.driver.resolve_use_gpu decides
     at_once = max_concurrent or trials.runs_that_fit(list(tr.values()))
     log(f"{len(tr)} λ runs after the PCE-GD model, at most {at_once} at once")
     summaries = {}

@@ -30,6 +30,11 @@ short budget, so the `pce-continued` control trains PCE-GD for the same extra ep
 from the same checkpoint: a regulariser only helps if it beats that too. It is a
 row of table1.md, not of table1.csv. Full supervision trains pretrain_epochs + epochs.
 
+With `--preset paper` every cell is as the authors ran it (SPEC §4, docs/voc.md): full
+supervision, PCE-GD and Dense-GD from the ImageNet backbone, 60 epochs each; Grid-GD and
+Grid-TR 60 epochs from that length's PCE-GD model; no control cells (the paper's PCE-GD
+has converged). `--plan` writes every cell's config.toml and trains nothing.
+
 Outputs: OUT/table1.csv (`method,0,0.3,0.5,0.8,1`, val mIoU in 0..1, full
 supervision's value in every column), OUT/table1.md (the paper's layout, with the
 paper's VOC numbers beside ours), OUT/fig5_miou_vs_length.png and
@@ -38,15 +43,17 @@ OUT/fig6_trimap.png, from the trials' results.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 
 from shared import storage
 from shared.config import TrainConfig, set_option
 from shared.labels import scribble_suffix
 from trainer.methods import METHODS as REGISTRY
-from experiments.presets import apply_preset
+from experiments.presets import apply_preset, preset_values
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
 METHODS = tuple(REGISTRY)  # the rows of the paper's Table 1, in the registry's order
@@ -87,23 +94,41 @@ FULL = Table1Size(n_train=64, n_val=32, size=96, pretrain_epochs=20, epochs=20, 
 # Ray Train start/stop whatever it trains, so the data and the epochs are tiny. The
 # numbers mean nothing; the pipeline is what it exercises.
 QUICK = Table1Size(n_train=8, n_val=4, size=48, pretrain_epochs=1, epochs=1, epochs_per_round=1, batch_size=4, crop_size=0)
+# the crop of a quick table with a preset: its augmentation needs one (VOC's images differ in size)
+QUICK_PRESET_CROP = 64
 
 
 def cell_dir(out: str, method: str, length: str) -> str:
     return storage.join(out, cell_name(method, length))
 
 
-def plan(lengths=LENGTHS) -> list[tuple[str, str]]:
+def plan(lengths=LENGTHS, control: bool = True) -> list[tuple[str, str]]:
     """(method, length) in training order: full, then per length PCE before the cells
-    that start from it."""
+    that start from it; `control`: with the pce-continued cells (not a cell of the
+    paper's table: a preset's table runs without them)."""
     cells = [("full", "1")]
     for length in lengths:
         cells.append(("pce", length))
-        cells.extend((m, length) for m in (*FINE_TUNED, CONTROL))
+        cells.extend((m, length) for m in (*FINE_TUNED, *((CONTROL,) if control else ())))
     return cells
 
 
+def from_backbone(method: str, preset: str | None) -> bool:
+    """Whether a cell trains from the backbone's initial weights rather than from its
+    length's PCE-GD model: full supervision and PCE-GD always; with a preset, every
+    method whose recipe has no PCE pretraining (the paper's Dense-GD, SPEC §4)."""
+    if method == CONTROL:
+        return False
+    recipe = preset_values(preset, "", method) if preset else {}
+    return not REGISTRY[method].starts_from_pce or recipe.get("pretrain_epochs") == 0
+
+
 def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, overrides=None) -> TrainConfig:
+    """One cell. Without a preset (the synthetic table): PCE-GD trains `pretrain_epochs`,
+    the other methods continue from it for `epochs`, full supervision trains both. With a
+    preset, every cell trains as the authors ran it (SPEC §4): PCE-GD `pretrain_epochs`,
+    the others `epochs`, from the backbone's ImageNet weights or from the PCE-GD model
+    (`from_backbone`)."""
     overrides = dict(overrides or {})
     cfg = TrainConfig(
         data=data, format=fmt, scribbles="" if method == "full" else scribble_suffix(length),
@@ -121,9 +146,12 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     if method == "pce":
         cfg.epochs = pretrain
     elif method == "full":
-        cfg.epochs = pretrain + epochs
+        cfg.epochs = epochs if preset else pretrain + epochs
+    elif from_backbone(method, preset):
+        cfg.pretrain_epochs = 0
     else:
         cfg.init = storage.join(cell_dir(out, "pce", length), "checkpoints", "last.pt")
+        cfg.backbone_weights = None  # the PCE-GD model has them
     return cfg
 
 
@@ -143,22 +171,47 @@ def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default"
     return out, os.path.abspath(data), fmt
 
 
+def table1_configs(out: str, data: str, fmt: str, size: Table1Size, preset: str | None, overrides: dict,
+                   lengths) -> tuple[dict, dict]:
+    """({cell: (method, length)}, {cell: TrainConfig}) of a table. A quick table with a
+    preset keeps the preset's recipe on the quick budget."""
+    from trainer.architectures import resolve_arch
+
+    if preset and size is QUICK:
+        overrides = {"epochs": size.epochs, "pretrain_epochs": size.pretrain_epochs, "batch_size": size.batch_size,
+                     "epochs_per_round": size.epochs_per_round, "crop_size": QUICK_PRESET_CROP, **overrides}
+    cells = {cell_name(m, L): (m, L) for m, L in plan(lengths, control=not preset)}
+    configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides) for name, (m, L) in cells.items()}
+    for name, (_, length) in cells.items():  # a cell from PCE-GD's model has its network (as --init says)
+        if configs[name].init:
+            pce = configs[cell_name("pce", length)]
+            configs[name].arch = resolve_arch(pce.arch, None, pce.backbone_weights)
+    return cells, configs
+
+
 def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick: bool = False,
                preset: str | None = None, overrides: dict | None = None, log=print,
-               lengths=LENGTHS, variant: str = "default", max_concurrent: int | None = None) -> dict:
-    """Train the cells at `lengths` as two Tune experiments (full supervision and the
-    PCE models, then the cells fine-tuned from those), then write the table and the
-    plots from the trials' results. Returns {method: {length: summary}}."""
+               lengths=LENGTHS, variant: str = "default", max_concurrent: int | None = None,
+               plan_only: bool = False) -> dict:
+    """Train the cells at `lengths` as two Tune experiments (the cells from the backbone:
+    full supervision, the PCE models and, with the paper preset, Dense-GD; then the cells
+    fine-tuned from a PCE model), then write the table and the plots from the trials'
+    results. Returns {method: {length: summary}}. `plan_only`: write each cell's
+    config.toml, print the plan and train nothing (experiments/plan.py)."""
+    size = QUICK if quick else FULL
+    out, data, fmt = prepare(out, data, fmt, size, variant)
+    cells, configs = table1_configs(out, data, fmt, size, preset, dict(overrides or {}), lengths)
+    if plan_only:
+        from experiments.plan import write_plan
+
+        write_plan(configs, log)
+        return {}
     from ray import tune
 
     from experiments import trials
 
-    size = QUICK if quick else FULL
-    out, data, fmt = prepare(out, data, fmt, size, variant)
     log(f"data: {data} ({fmt})\nout: {out}")
-    cells = {cell_name(m, L): (m, L) for m, L in plan(lengths)}
-    configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides) for name, (m, L) in cells.items()}
-    first = [name for name, (m, _) in cells.items() if m in ("full", "pce")]
+    first = [name for name, cfg in configs.items() if not cfg.init]
     phases = {"table1-pce": first, "table1-fine-tuned": [name for name in cells if name not in first]}
     at_once = max_concurrent or trials.runs_that_fit(list(configs.values()))
     log(f"{len(cells)} cells, at most {at_once} at once")
@@ -172,7 +225,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
         for r in grid:
             method, length = cells[r.config["run"]]
             results[method][length] = trials.summary_of(r)
-    write_outputs(out, results)
+    write_outputs(out, results, preset)
     log(f"table1: {len(cells)} cells in {time.perf_counter() - t_all:.0f}s -> {storage.join(out, 'table1.csv')}")
     return results
 
@@ -189,11 +242,11 @@ def miou_table(results: dict) -> dict:
     return table
 
 
-def write_outputs(out: str, results: dict) -> None:
+def write_outputs(out: str, results: dict, preset: str | None = None) -> None:
     """table1.csv, table1.md and the plots into OUT (a folder or a URI)."""
     table = miou_table(results)
     write_csv(storage.join(out, "table1.csv"), table)
-    storage.write_bytes(storage.join(out, "table1.md"), markdown(table, results).encode())
+    storage.write_bytes(storage.join(out, "table1.md"), markdown(table, results, preset).encode())
     plot_fig5(storage.join(out, "fig5_miou_vs_length.png"), table)
     plot_fig6(storage.join(out, "fig6_trimap.png"), results)
 
@@ -207,11 +260,56 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def markdown(table: dict, results: dict) -> str:
+SYNTHETIC_NOTES = (
+    "- Full supervision is trained once (scribble length does not matter to it), for the GD/TR cells' total epochs",
+    "  (PCE-GD's plus the fine-tuning's); its value is repeated in every column.",
+    "- PCE-GD is the starting model: Dense-GD, Grid-GD and Grid-TR at each scribble length are fine-tuned from that",
+    "  length's PCE-GD checkpoint (Alg. 1 line 2, paper Sec. 4.1), so they have trained longer than the PCE-GD row;",
+    "  the paper's Table 1 compares the same way (PCE-GD is the baseline the others start from). The paper's PCE-GD",
+    "  has converged; ours has not had a long budget, so the last row continues PCE-GD from the same checkpoint for",
+    "  the same number of epochs: the fair baseline for the three methods above it (not in table1.csv).",
+)
+PRESET_NOTES = (
+    "- Every cell as the authors ran it (SPEC §4): full supervision, PCE-GD and Dense-GD from the ImageNet backbone;",
+    "  Grid-GD and Grid-TR from that length's PCE-GD model; full supervision is trained once, its value repeated in",
+    "  every column. No same-budget control: the paper's PCE-GD has converged after its epochs.",
+)
+
+
+def _diff(ours, paper) -> str:
+    return "" if ours is None or paper is None else f" ({100 * (ours - paper):+.1f})"
+
+
+def read_results(out: str) -> dict:
+    """{method: {length: summary}} of the cells of a table in OUT that have finished
+    (their summary.json), whatever the run's lengths and preset were."""
+    results: dict = {m: {} for m in ROWS}
+    for method, length in plan(LENGTHS):
+        raw = storage.read_if_exists(storage.join(cell_dir(out, method, length), "summary.json"))
+        if raw is not None:
+            results[method][length] = json.loads(raw)
+    return results
+
+
+def compare(out: str) -> str:
+    """The markdown of table1.md for a finished or partial table in OUT."""
+    from shared.errors import UserError
+
+    results = read_results(out)
+    if not any(results.values()):
+        raise UserError(f"{out}: no finished Table 1 cell (no */summary.json of a table1 run)")
+    # a preset's table trains Dense-GD from the backbone, the synthetic one from PCE-GD's model
+    dense = [storage.read_if_exists(storage.join(cell_dir(out, "dense-gd", L), "config.toml")) for L in LENGTHS]
+    preset = any(raw is not None and "init" not in tomllib.loads(raw.decode()) for raw in dense)
+    return markdown(miou_table(results), results, "paper" if preset else None)
+
+
+def markdown(table: dict, results: dict, preset: str | None = None) -> str:
     lines = [
         "# Table 1: val mIoU against scribble length",
         "",
-        "Each cell: **this run** / paper (ScribbleSup on Pascal VOC 2012, Table 1 of Marin & Boykov, ICCV 2021).",
+        "Each cell: **this run** / paper (ScribbleSup on Pascal VOC 2012, Table 1 of Marin & Boykov, ICCV 2021)"
+        " (this run − paper, in mIoU points).",
         "Scribble length 0 is clicks, 1 full-length scribbles.",
         "",
         "| scribble length | " + " | ".join(LENGTHS) + " |",
@@ -219,21 +317,15 @@ def markdown(table: dict, results: dict) -> str:
     ]
     for method in ROWS:
         paper = PAPER_TABLE1.get(method, dict.fromkeys(LENGTHS))
-        cells = [f"**{_fmt(table[method][L])}** / {_fmt(paper[L])}" for L in LENGTHS]
+        cells = [f"**{_fmt(table[method][L])}** / {_fmt(paper[L])}{_diff(table[method][L], paper[L])}" for L in LENGTHS]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     any_summary = next((s for m in ROWS for s in results[m].values()), None)
     lines += [
         "",
         "Notes:",
         "",
-        "- Full supervision is trained once (scribble length does not matter to it), for the GD/TR cells' total epochs",
-        "  (PCE-GD's plus the fine-tuning's); its value is repeated in every column.",
-        "- PCE-GD is the starting model: Dense-GD, Grid-GD and Grid-TR at each scribble length are fine-tuned from that",
-        "  length's PCE-GD checkpoint (Alg. 1 line 2, paper Sec. 4.1), so they have trained longer than the PCE-GD row;",
-        "  the paper's Table 1 compares the same way (PCE-GD is the baseline the others start from). The paper's PCE-GD",
-        "  has converged; ours has not had a long budget, so the last row continues PCE-GD from the same checkpoint for",
-        "  the same number of epochs: the fair baseline for the three methods above it (not in table1.csv).",
-        "- The paper's numbers are VOC (K = 21, 60 epochs); they are there for the trend, not as targets for another data set.",
+        *(PRESET_NOTES if preset else SYNTHETIC_NOTES),
+        "- The paper's numbers are VOC (K = 21, 60 epochs); on another data set they are there for the trend, not as targets.",
     ]
     if any_summary is not None:
         lines.append(f"- Data set: `{any_summary['dataset']}`, {any_summary['train_images']} train / {any_summary['val_images']} val images;"

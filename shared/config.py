@@ -16,6 +16,7 @@ from shared.labels import check_scribbles
 SCHEDULES = ("overlapped", "sync")
 ALGORITHMS = ("expansion", "swap")
 OPTIMIZERS = ("sgd", "adamw")
+SEED_LOSSES = ("ce", "l2")  # grid-gd's seed term (trainer/methods.py)
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
 SCRATCH_LR = 3e-3  # AdamW on the UNet from scratch (docs/recipe-synthetic)
 FINE_TUNE_LR = 3e-4  # a tenth of SCRATCH_LR, as the paper's Grid-TR rate is of PCE-GD's
@@ -65,6 +66,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     crop_size: int = 64  # training crops; 0 trains on whole images
+    drop_last: bool = True  # drop an epoch's last short batch (the reference keeps it: the paper preset)
     max_image_pixels: int = 4096 * 4096  # larger images are an input error (stage A memory)
     init: str | None = None  # checkpoint to start from (Alg. 1 line 2: the PCE model)
     pretrain_epochs: int = 10  # PCE epochs before grid-gd/dense-gd/grid-tr when no --init; 0: none
@@ -74,6 +76,7 @@ class TrainConfig:
     # stage B (SPEC §2) and the baselines' weights (SPEC §3)
     eps: float | None = None  # ε; None: default_eps(K), the paper's 0.95 at K = 21
     nu: float | None = None  # regulariser weight of grid-gd / dense-gd; None = method default
+    seed_loss: str = "ce"  # grid-gd's seed term: ce (the paper's eq. 8) or l2 (the authors' script's)
     epochs_per_round: int = 5  # M in Alg. 1
     # the solver farm and the schedule (SPEC §4, §6)
     schedule: str = "overlapped"
@@ -166,6 +169,7 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, "--momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")
         _check(self.nu is None or self.nu >= 0, "--nu", f"must be ≥ 0, got {self.nu}")
+        _check(self.seed_loss in SEED_LOSSES, "--seed-loss", f"must be one of {SEED_LOSSES}, got {self.seed_loss!r}")
         _check(self.eps is None or 0 <= self.eps < 1, "--eps", f"must be in [0, (K−1)/K), got {self.eps}")
         self.solver_range()
         self.solver.validate()

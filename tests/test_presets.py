@@ -75,7 +75,8 @@ def test_resolve_without_preset_keeps_defaults():
 def test_resolve_order_defaults_preset_config_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('scribbles = "0.8"\nbatch-size = 6\n[solver]\npotts-weight = 50.0\n')
-    cfg = resolve_train_config(_params(config_file=str(toml), preset="paper", data="d", lr=0.02, tr_weight=0.2))
+    cfg = resolve_train_config(_params(config_file=str(toml), preset="paper", data="d", lr=0.02, tr_weight=0.2,
+                                         backbone_weights="w.pth"))
     assert cfg.scribbles == "0.8"
     assert cfg.eps == 0.946  # preset, at the config file's scribble length
     assert cfg.epochs == 60  # preset over the default
@@ -85,9 +86,9 @@ def test_resolve_order_defaults_preset_config_flags(tmp_path):
 
 
 def test_resolve_preset_follows_scribbles_flag():
-    cfg = resolve_train_config(_params(preset="paper", data="d", scribbles="0", eps=0.9))
+    cfg = resolve_train_config(_params(preset="paper", data="d", scribbles="0", eps=0.9, init="pce.pt"))
     assert cfg.solver.tr_weight == 0.1 and cfg.eps == 0.9
-    cfg = resolve_train_config(_params(preset="paper", data="d"))
+    cfg = resolve_train_config(_params(preset="paper", data="d", backbone_weights="imagenet"))
     assert (cfg.eps, cfg.solver.tr_weight) == (0.944, 0.05)
 
 
@@ -113,7 +114,7 @@ def test_print_config_is_the_resolved_toml_and_round_trips(tmp_path):
     from trainer.cli import cli
 
     args = ["train", "--data", str(tmp_path / "d"), "--method", "grid-tr", "--preset", "paper", "--scribbles", "0.5",
-            "--tr-weight", "0.2", "--out", str(tmp_path / "run"), "--print-config"]
+            "--tr-weight", "0.2", "--out", str(tmp_path / "run"), "--backbone-weights", "w.pth", "--print-config"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     printed = result.output
@@ -127,6 +128,6 @@ def test_print_config_is_the_resolved_toml_and_round_trips(tmp_path):
     assert not (tmp_path / "run").exists()
     for method, lr, nu in (("pce", 0.007, None), ("grid-gd", 7e-7, 100.0), ("grid-tr", 7e-4, None)):
         shown = CliRunner().invoke(cli, ["train", "--data", "d", "--format", "voc", "--preset", "paper", "--method",
-                                         method, "--print-config"])
+                                         method, "--backbone-weights", "imagenet", "--print-config"])
         values = tomllib.loads(shown.output)
         assert (values["lr"], values.get("nu")) == (lr, nu), method  # each method's recipe

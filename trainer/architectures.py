@@ -3,6 +3,8 @@
 - ``deeplabv3plus-mobilenetv2``: the paper's network (DeepLabV3+ / MobileNetV2,
   output stride 16), the one ImageNet backbone weights (``--backbone-weights``) fit.
 - ``deeplabv3plus-mobilenetv2-os8``: the same at output stride 8.
+- ``deeplabv3plus-mobilenetv2-ref``: the authors' DeepLabV3+ head and backbone end
+  (trainer/model.py, ``reference_head``): the paper preset's network.
 - ``unet``: a small full-resolution UNet that learns small data sets from scratch;
   the default for data without pretrained weights (``docs/recipe-synthetic``).
 """
@@ -19,9 +21,10 @@ from trainer.unet import UNet
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "deeplabv3plus-mobilenetv2": lambda k: DeepLabV3Plus(k, output_stride=16),
     "deeplabv3plus-mobilenetv2-os8": lambda k: DeepLabV3Plus(k, output_stride=8),
+    "deeplabv3plus-mobilenetv2-ref": lambda k: DeepLabV3Plus(k, output_stride=16, reference_head=True),
     "unet": lambda k: UNet(k),
 }
-PRETRAINED_BACKBONE = "deeplabv3plus-mobilenetv2"  # what --backbone-weights and --preset paper use
+PRETRAINED_BACKBONE = "deeplabv3plus-mobilenetv2"  # what --backbone-weights picks (the paper preset: its -ref variant)
 DEFAULT_ARCH = "unet"
 
 

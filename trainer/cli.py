@@ -9,7 +9,7 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import AUGMENTATIONS, EPS_MODELS, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import AUGMENTATIONS, EPS_MODELS, SEED_LOSSES, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
@@ -59,6 +59,12 @@ def _scribbles(ctx, param, value):
     return None if value is None else check_scribbles(value)
 
 
+PLAN_HELP = ("Resolve every run as it would train, write each config.toml into its folder under --out, print "
+             "the plan and exit without training.")
+WEIGHTS_HELP = ("ImageNet weights of the backbone: 'imagenet' (torchvision's mobilenet_v2 file, through torch's "
+                "hub cache) or a torchvision mobilenet_v2 state_dict file.")
+
+
 def _train_options(f):
     options = [
         click.option("--config", "config_file", default=None, help="TOML file with any of these options (flags override it)."),
@@ -84,11 +90,13 @@ def _train_options(f):
         click.option("--crop-size", type=int, default=None),
         click.option("--max-image-pixels", type=int, default=None, help="Refuse larger images [4096²]."),
         click.option("--init", default=None, help="Checkpoint to start from."),
-        click.option("--backbone-weights", default=None, help="torchvision mobilenet_v2 ImageNet state_dict."),
+        click.option("--backbone-weights", default=None, help=WEIGHTS_HELP),
         click.option("--out", default=None),
         click.option("--seed", type=int, default=None),
         click.option("--eps", type=float, default=None, help="Robust-loss outlier probability ε (SPEC §2)."),
         click.option("--nu", type=float, default=None, help="Regulariser weight of grid-gd/dense-gd."),
+        click.option("--seed-loss", type=click.Choice(SEED_LOSSES), default=None,
+                     help="Grid-GD's seed term: ce, the paper's eq. 8 (Table 1), or l2, the authors' script's [ce]."),
         click.option("--epochs-per-round", type=int, default=None, help="M: stage-B epochs per stage-A round."),
         click.option("--schedule", type=click.Choice(SCHEDULES), default=None),
         click.option("--max-staleness", type=int, default=None),
@@ -153,9 +161,10 @@ def resolve_train_config(params: dict) -> TrainConfig:
     cfg = from_dict(TrainConfig, values)
     cfg.solver = from_dict(SolverConfig, solver)
     if preset:  # the preset fills only what nothing above set (experiments/presets.py)
-        from experiments.presets import apply_preset
+        from experiments.presets import apply_preset, check_start
 
         apply_preset(cfg, preset, explicit=[*values, *solver])
+        check_start(preset, cfg.backbone_weights, cfg.init, takes_init=True)
     if resume_dir:
         cfg.out, cfg.resume = resume_dir, True
     if not cfg.data:
@@ -290,24 +299,42 @@ def convert_scribblesup_cmd(src, out, width):
               help="Seed of every cell's training (initial weights, batches, crops) [0]; the data set stays the same.")
 @click.option("--gpu/--no-gpu", "use_gpu", default=None,
               help="Trainer workers on GPUs [as `train`: with --address, needed when the cluster has no GPU now].")
+@click.option("--backbone-weights", default=None, help=WEIGHTS_HELP + " The cells that do not start from PCE-GD's model.")
+@click.option("--plan", "plan_only", is_flag=True, help=PLAN_HELP)
 @click.pass_context
 def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out, max_concurrent,
-               shared_fs, seed, use_gpu):
+               shared_fs, seed, use_gpu, backbone_weights, plan_only):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
     Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
     from shared.ray_session import connect
+    from experiments.presets import check_start
     from experiments.table1 import run_table1
 
     _check_data_folder(data)
+    check_start(preset, backbone_weights)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
-                                   ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu)) if v is not None}
-    connect(ctx.obj["address"])
+                                   ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu),
+                                   ("backbone_weights", _weights(backbone_weights))) if v is not None}
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
                for x in lengths.split(",")]
+    if not plan_only:
+        connect(ctx.obj["address"])
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
-               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant, max_concurrent=max_concurrent)
+               log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant, max_concurrent=max_concurrent,
+               plan_only=plan_only)
+    if plan_only:
+        return
     click.echo(storage.read_bytes(storage.join(out, "table1.csv")).decode().rstrip())
+
+
+@cli.command("table1-compare")
+@click.argument("run")
+def table1_compare_cmd(run):
+    """The paper's Table 1 beside a finished or partial table1 run (its --out), with the differences."""
+    from experiments.table1 import compare
+
+    click.echo(compare(run).rstrip())
 
 
 @cli.command("table1-seeds")
@@ -338,19 +365,26 @@ def table1_seeds_cmd(runs, out):
               help="λ runs trained at once [as many as the cluster holds].")
 @click.option("--gpu/--no-gpu", "use_gpu", default=None,
               help="Trainer workers on GPUs [as `train`: with --address, needed when the cluster has no GPU now].")
+@click.option("--backbone-weights", default=None, help=WEIGHTS_HELP + " The PCE-GD model's start.")
+@click.option("--plan", "plan_only", is_flag=True, help=PLAN_HELP)
 @click.pass_context
 def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out, max_concurrent,
-                        use_gpu):
+                        use_gpu, backbone_weights, plan_only):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
+    from experiments.presets import check_start
     from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)
     _check_data_folder(data)
-    connect(ctx.obj["address"])
+    check_start(preset, backbone_weights)
+    if not plan_only:
+        connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent,
-              use_gpu=use_gpu)
+              use_gpu=use_gpu, backbone_weights=_weights(backbone_weights), plan_only=plan_only)
+    if plan_only:
+        return
     click.echo(storage.read_bytes(storage.join(out, "sweep.csv")).decode().rstrip())
 
 
@@ -364,8 +398,11 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
               help="Trials trained at once [as many as the cluster holds].")
 @click.option("--quick", is_flag=True, help="Tiny budgets on a tiny synthetic set, for tests.")
+@click.option("--plan", "plan_only", is_flag=True, help=PLAN_HELP)
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Settings per scribble length (paper: VOC, SPEC §4); --config, flags and the search override it.")
 @click.pass_context
-def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, **params):
+def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, plan_only, **params):
     """Search configuration keys (λ, β, ε, ν, LR, …) on the val split: Ray Tune with ASHA
     on val mIoU. Writes OUT/best.toml (for train --config), OUT/trials.csv and .md."""
     from shared.ray_session import connect
@@ -389,9 +426,20 @@ def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, **params):
             params[key] = value if params[key] is None else params[key]
     out = params.pop("out")
     cfg = resolve_train_config(params)
-    connect(ctx.obj["address"])
+    cfg.backbone_weights = _weights(cfg.backbone_weights)
+    if not plan_only:
+        connect(ctx.obj["address"])
     run_search(cfg, space, trials, out, max_concurrent=max_concurrent, grace_period=grace_period,
-               log=lambda m: click.echo(m))
+               log=lambda m: click.echo(m), plan_only=plan_only)
+
+
+def _weights(value: str | None) -> str | None:
+    """--backbone-weights, checked before Ray starts (the ImageNet file fetched into torch's
+    cache if need be); a local file as an absolute path, for the cells' workers."""
+    from trainer.imagenet import IMAGENET, check_backbone_weights
+
+    check_backbone_weights(value)
+    return value if not value or value == IMAGENET or storage.is_remote(value) else os.path.abspath(value)
 
 
 def _check_data_folder(data: str | None) -> None:

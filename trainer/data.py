@@ -408,29 +408,33 @@ class TrainSet(_Base):
 
 def reference_augment(image: np.ndarray, maps: list[np.ndarray], fill: list[int], crop: int,
                       rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The authors' VOC augmentation (SPEC §4): a horizontal flip (p 0.5); the short side
-    rescaled to a uniform integer in REFERENCE_SHORT_SIDE (image bilinear, maps nearest);
-    padded centred to `crop` with the mean RGB (zero after the network's normalisation;
-    the maps with `fill`, so the ROI map marks the padding); a random crop×crop crop; a
-    Gaussian blur of random radius in [0, 1) px (p 0.5), on the image only."""
+    """The authors' VOC augmentation (SPEC §4), in their order (reference
+    dataloaders/datasets/pascal.py: RandomHorizontalFlip, RandomScaleCrop,
+    RandomGaussianBlur): a horizontal flip (p 0.5); the short side rescaled to a uniform
+    integer in REFERENCE_SHORT_SIDE, the long side truncated as theirs (image bilinear,
+    maps nearest); padded centred to `crop` with the mean RGB truncated to integers as
+    theirs, (123, 116, 103) (≈ zero after the network's normalisation; the maps with
+    `fill`, so the ROI map marks the padding); a random crop×crop crop; then a Gaussian blur of random radius in [0, 1) px (p 0.5), on the
+    image only (the crop's padding included, as theirs)."""
     if rng.random() < 0.5:
         image, maps = image[:, ::-1], [m[:, ::-1] for m in maps]
     h, w = image.shape[:2]
     short = int(rng.integers(REFERENCE_SHORT_SIDE[0], REFERENCE_SHORT_SIDE[1] + 1))
-    nh, nw = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
-    pil = Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR)
+    nh, nw = (short, max(1, int(w * short / h))) if h <= w else (max(1, int(h * short / w)), short)
+    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR))
     maps = [np.asarray(Image.fromarray(np.ascontiguousarray(m)).resize((nw, nh), Image.NEAREST)) for m in maps]
-    if rng.random() < 0.5:
-        pil = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.random())))
-    image = np.asarray(pil)
     ph, pw = max(crop - nh, 0), max(crop - nw, 0)
     if ph or pw:
         pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-        image = np.stack([np.pad(image[..., c], pads, constant_values=round(IMAGENET_MEAN[c])) for c in range(3)], -1)
+        image = np.stack([np.pad(image[..., c], pads, constant_values=int(IMAGENET_MEAN[c])) for c in range(3)], -1)
         maps = [np.pad(m, pads, constant_values=v) for m, v in zip(maps, fill)]
     h, w = image.shape[:2]
     y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-    return image[y0:y0 + crop, x0:x0 + crop], [m[y0:y0 + crop, x0:x0 + crop] for m in maps]
+    image, maps = image[y0:y0 + crop, x0:x0 + crop], [m[y0:y0 + crop, x0:x0 + crop] for m in maps]
+    if rng.random() < 0.5:
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(
+            ImageFilter.GaussianBlur(radius=float(rng.random()))))
+    return image, maps
 
 
 class EvalSet(_Base):

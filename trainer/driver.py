@@ -33,6 +33,7 @@ from trainer.architectures import checkpoint_arch, resolve_arch
 from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
+from trainer.imagenet import IMAGENET, check_backbone_weights
 from trainer.methods import METHODS
 from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, phases, train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
@@ -73,6 +74,7 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> Inputs:
             raise UserError(f"--init {cfg.init}: a {state['num_classes']}-class model, but the data set has {K} classes")
         init_arch = checkpoint_arch(state)
     cfg.arch = resolve_arch(cfg.arch, init_arch, cfg.backbone_weights)
+    check_backbone_weights(cfg.backbone_weights)
     if cfg.resume and not storage.exists(storage.join(cfg.out, "checkpoints", "last.pt")):
         raise UserError(f"--resume: {storage.join(cfg.out, 'checkpoints', 'last.pt')} does not exist")
     found = _outputs_in(cfg.out)
@@ -134,7 +136,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     # workers run in other folders: every local path they read must be absolute
     cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
-        p if not p or storage.is_remote(p) else os.path.abspath(p)
+        p if not p or storage.is_remote(p) or p == IMAGENET else os.path.abspath(p)
         for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
     K, n_train, n_val, largest = check_inputs(cfg, overwrite)
     resolve_devices(cfg)
@@ -316,7 +318,7 @@ def check_cluster_paths(cfg: TrainConfig) -> None:
                                 f"would write its own copy; give an s3://, gs:// or hdfs:// URI, or --shared-fs "
                                 f"if every node mounts it")
     for option, path in (("--data", cfg.data), ("--init", cfg.init), ("--backbone-weights", cfg.backbone_weights)):
-        if path and not storage.is_remote(path):
+        if path and not storage.is_remote(path) and path != IMAGENET:  # each node's torch cache fetches that
             lacking = ray_session.nodes_lacking(path)
             if lacking:
                 raise UserError(f"{option} {path}: not on cluster node(s) {', '.join(sorted(set(lacking)))}; "

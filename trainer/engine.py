@@ -72,7 +72,7 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
 
 
 def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None,
-                batch_average=False, log_every=LOG_EVERY):
+                batch_average=False, log_every=LOG_EVERY, seed_loss="ce"):
     """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
     or an `OutlierModel` whose ε is read at every step (learned with the network).
     The losses are summed on the device; the sum is read every `log_every` steps and at
@@ -90,7 +90,7 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
             group["lr"] = poly_lr(base, step, total_steps)
         with autocast(device):
             logits = model(batch["image"])
-        loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average)
+        loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average, seed_loss)
         total += loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

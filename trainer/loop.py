@@ -80,7 +80,7 @@ def train_loader(trainset, cfg: TrainConfig, rank: int, world: int, pin_memory: 
     sampler = DistributedSampler(trainset, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     share = len(sampler) if sampler is not None else len(trainset)
     return DataLoader(trainset, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                      drop_last=share > per_rank, num_workers=cfg.loader_workers, pin_memory=pin_memory)
+                      drop_last=cfg.drop_last and share > per_rank, num_workers=cfg.loader_workers, pin_memory=pin_memory)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
@@ -190,11 +190,13 @@ def train_loop_per_worker(config: dict) -> None:
             loss, step = engine.train_epoch(
                 model, loader, optimizer, method=method, eps=outliers, nu=cfg.nu, device=device,
                 step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
-                batch_average=cfg.batch_average,
+                batch_average=cfg.batch_average, seed_loss=cfg.seed_loss,
             )
             close(bar)
             stage_b_s += time.perf_counter() - t0
             record.update(loss=loss, lr=optimizer.param_groups[0]["lr"], stage_b_s=time.perf_counter() - t0)
+            if device.type == "cuda":  # the training step's peak, for the GPU benchmark (benchmarks/gpu_voc.py)
+                record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
             global_epoch += 1
             last = epoch == epochs - 1
             if last or global_epoch % cfg.eval_every == 0:

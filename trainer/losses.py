@@ -80,6 +80,26 @@ def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = 
         return -lp.sum() / mask.sum().clamp(min=1) / (logits.shape[0] if batch_average else 1)
 
 
+def partial_l2(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = False) -> torch.Tensor:
+    """The seed term of the authors' Grid-GD script (its ``--loss-type l2`` default; the
+    paper's eq. 8 has partial cross-entropy, :func:`partial_ce`, there):
+
+        Σ_{i seeded} Σ_k (1[y_i = k] − q_i^k)² / number of seeded pixels
+
+    ``batch_average`` is accepted and ignored: the reference's L2 loss is not divided by
+    the batch size (its ``LxLoss``). A float32 zero with a gradient when nothing is seeded.
+    """
+    _check(logits, seeds, "seeds")
+    with _no_autocast(logits.device):
+        q = torch.softmax(logits.float(), dim=1)
+        mask = seeds != UNLABELLED
+        n = mask.sum()
+        if int(n) == 0:
+            return q.sum() * 0.0
+        onehot = F.one_hot(torch.where(mask, seeds, 0).long(), q.shape[1]).permute(0, 3, 1, 2).float()
+        return (((onehot - q) ** 2).sum(1) * mask).sum() / n
+
+
 def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor,
               eps: float | torch.Tensor, batch_average: bool = False) -> torch.Tensor:
     """Stage-B robust loss L_B, SPEC §2 (eq. 17, 18, 22, 24, 25).

@@ -13,12 +13,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import dense_crf, grid_potts, partial_ce, robust_ce
+from trainer.losses import dense_crf, grid_potts, partial_ce, partial_l2, robust_ce
 from trainer.permutohedral import krahenbuhl_factor
 
-# (logits, batch, ε, ν, batch_average): batch_average divides the data terms by N as the
-# reference does (SPEC §2); the regularisers are batch means already.
-Loss = Callable[[torch.Tensor, dict, float, float, bool], torch.Tensor]
+# (logits, batch, ε, ν, batch_average, seed_loss): batch_average divides the data terms by N
+# as the reference does (SPEC §2); the regularisers are batch means already; seed_loss is
+# Grid-GD's seed term (SEED_LOSSES).
+Loss = Callable[[torch.Tensor, dict, float, float, bool, str], torch.Tensor]
+# Grid-GD's seed term: "ce" the paper's eq. 8 (PCE), "l2" the authors' script's (--loss-type l2)
+SEED_LOSSES = {"ce": partial_ce, "l2": partial_l2}
 
 
 @dataclass(frozen=True)
@@ -32,29 +35,30 @@ class Method:
     paper: dict = field(default_factory=dict)  # the reference's recipe (SPEC §4) beyond the common one
 
 
-def _full(logits, batch, eps, nu, batch_average):
+def _full(logits, batch, eps, nu, batch_average, seed_loss):
     """Cross-entropy on the full masks."""
     return F.cross_entropy(logits.float(), batch["mask"], ignore_index=255) / (len(logits) if batch_average else 1)
 
 
-def _pce(logits, batch, eps, nu, batch_average):
+def _pce(logits, batch, eps, nu, batch_average, seed_loss):
     """Partial cross-entropy on the seeds (eq. 6)."""
     return partial_ce(logits, batch["seeds"], batch_average)
 
 
-def _grid_gd(logits, batch, eps, nu, batch_average):
-    """PCE + ν · relaxed grid Potts (eq. 7, 8)."""
+def _grid_gd(logits, batch, eps, nu, batch_average, seed_loss):
+    """PCE (or the authors' script's L2 seed term) + ν · relaxed grid Potts (eq. 7, 8)."""
     q = torch.softmax(logits.float(), 1)
-    return _pce(logits, batch, eps, nu, batch_average) + nu * grid_potts(q, batch["image"], batch.get("roi"))
+    seeds = SEED_LOSSES[seed_loss](logits, batch["seeds"], batch_average)
+    return seeds + nu * grid_potts(q, batch["image"], batch.get("roi"))
 
 
-def _dense_gd(logits, batch, eps, nu, batch_average):
+def _dense_gd(logits, batch, eps, nu, batch_average, seed_loss):
     """PCE + ν · dense CRF relaxation (Tang et al.)."""
     q = torch.softmax(logits.float(), 1)
-    return _pce(logits, batch, eps, nu, batch_average) + nu * dense_crf(q, batch["image"], roi=batch.get("roi"))
+    return _pce(logits, batch, eps, nu, batch_average, seed_loss) + nu * dense_crf(q, batch["image"], roi=batch.get("roi"))
 
 
-def _grid_tr(logits, batch, eps, nu, batch_average):
+def _grid_tr(logits, batch, eps, nu, batch_average, seed_loss):
     """Robust cross-entropy to the proposals, exact on the seeds (eq. 17, 18, 24)."""
     return robust_ce(logits, batch["proposal"], batch["seeds"], eps, batch_average)
 
@@ -64,6 +68,29 @@ def _grid_tr(logits, batch, eps, nu, batch_average):
 # et al.'s lattice, whose output is krahenbuhl_factor(5) times the exact filter ours
 # computes. Converted here, once.
 PAPER_DENSE_NU = 2e-9 * krahenbuhl_factor(5)
+
+
+def _kernel_mass(side: int, sigma: float) -> float:
+    """Σ_{i,j} exp(−‖p_i − p_j‖²/(2σ²)) over the pixels of a side×side grid: the product
+    of one axis's sum m(L) = Σ_{|d|<L} (L − |d|)·exp(−d²/(2σ²)) with itself."""
+    d = torch.arange(1 - side, side, dtype=torch.float64)
+    return float(((side - d.abs()) * torch.exp(-d ** 2 / (2 * sigma ** 2))).sum()) ** 2
+
+
+def dense_nu_for_crop(nu: float, crop: int, reference_crop: int = 513, sigma_xy: float = 100.0,
+                      scale: float = 0.5) -> float:
+    """Dense-GD's ν for training crops of crop×crop pixels that weighs its term against
+    PCE as ν does on reference_crop crops (SPEC §3's 2e-9: VOC's 513 crops).
+
+    The term's pull on the network is the sum over pixels of its gradient 2ν·Σ_j W_ij q_j;
+    inside a region of one colour and one label that is 2ν·M, M = Σ_{i,j} of the spatial
+    kernel over the scale-resized crop (σ = scale·σ_xy); PCE's pull, a mean over the seeds,
+    does not depend on the crop's size. Keeping ν·M: ν · M(reference) / M(crop). On 64-pixel
+    crops (32 after scale 0.5, all within σ = 50) M is ≈ 1e6, on 513 ones ≈ 7.6e8 (≈ 700×).
+    """
+    side = lambda c: max(1, round(c * scale))  # noqa: E731 - dense_crf's resized size
+    sigma = sigma_xy * scale
+    return nu * _kernel_mass(side(reference_crop), sigma) / _kernel_mass(side(crop), sigma)
 PAPER_GRID_NU = 100.0
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -81,7 +108,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def method_loss(name: str, logits: torch.Tensor, batch: dict, eps: float, nu: float | None,
-                batch_average: bool = False) -> torch.Tensor:
+                batch_average: bool = False, seed_loss: str = "ce") -> torch.Tensor:
     """The loss of one batch; logits N×K×H×W at the input resolution."""
     method = METHODS[name]
-    return method.loss(logits, batch, eps, method.default_nu if nu is None else nu, batch_average)
+    return method.loss(logits, batch, eps, method.default_nu if nu is None else nu, batch_average, seed_loss)

@@ -17,6 +17,13 @@ Follows the reference implementation VainF/DeepLabV3Plus-Pytorch
   OS8) and image pooling, 256 channels each, projected to 256 (dropout 0.1).
 - decoder: low-level features projected to 48 channels, concatenated with the
   upsampled ASPP output, a 3×3 conv (256) and a 1×1 classifier, at stride 4.
+- ``reference_head=True``: the network of the paper's authors (dmitrii-marin/
+  robust_trust_region, jfzhang95's DeepLabV3+): the backbone ends at 320 channels
+  (no ``features.18``; its weights in a torchvision file are skipped), ASPP dropout 0.5,
+  two 3×3 convs in the decoder with dropout 0.5 and 0.1, align_corners=True in the
+  head's upsampling. One difference is kept: the logits go to the input size with
+  align_corners=False, as stage A resizes the snapshots (solver_service/energy.py), so
+  that its probabilities stay the network's own output (SPEC §4).
 
 The network takes RGB images N×3×H×W, float, values 0..255, and normalises them
 with the ImageNet mean/std inside ``forward`` (callers and losses see raw RGB).
@@ -90,7 +97,7 @@ class MobileNetV2Backbone(nn.Module):
     ``state_dict()`` keys: ``features.0.0.weight`` … ``features.18.1.num_batches_tracked``.
     """
 
-    def __init__(self, output_stride: int = 16):
+    def __init__(self, output_stride: int = 16, last_conv: bool = True):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise UserError(f"output_stride: must be 8, 16 or 32, got {output_stride}")
@@ -110,10 +117,12 @@ class MobileNetV2Backbone(nn.Module):
                 else:
                     layers.append(InvertedResidual(cin, c, 1, t, dilation=dilation))
                 cin = c
-        layers.append(ConvBNReLU(cin, 1280, kernel=1))
+        if last_conv:  # torchvision's features.18; the reference's backbone ends at 320 channels
+            layers.append(ConvBNReLU(cin, 1280, kernel=1))
+            cin = 1280
         self.features = nn.Sequential(*layers)
         self.low_level_channels = 24
-        self.high_level_channels = 1280
+        self.high_level_channels = cin
 
     def forward(self, x):
         low = self.features[0:4](x)
@@ -129,20 +138,21 @@ def _bn_any_batch(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 class ASPPPooling(nn.Module):
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, align_corners=False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 1, bias=False)
         self.bn = nn.BatchNorm2d(cout)
+        self.align_corners = align_corners
 
     def forward(self, x):
         size = x.shape[-2:]
         y = F.adaptive_avg_pool2d(x, 1)
         y = F.relu(_bn_any_batch(self.bn, self.conv(y)))
-        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
 class ASPP(nn.Module):
-    def __init__(self, cin, rates, cout=256):
+    def __init__(self, cin, rates, cout=256, dropout=0.1, align_corners=False):
         super().__init__()
         branches: list[nn.Module] = [
             nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -155,13 +165,13 @@ class ASPP(nn.Module):
                     nn.ReLU(inplace=True),
                 )
             )
-        branches.append(ASPPPooling(cin, cout))
+        branches.append(ASPPPooling(cin, cout, align_corners))
         self.convs = nn.ModuleList(branches)
         self.project = nn.Sequential(
             nn.Conv2d(cout * len(branches), cout, 1, bias=False),
             nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True),
-            nn.Dropout(0.1),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x):
@@ -169,16 +179,24 @@ class ASPP(nn.Module):
 
 
 class DeepLabHeadV3Plus(nn.Module):
-    def __init__(self, high_channels, low_channels, num_classes, rates):
+    """VainF's head; with ``reference``, the authors' (jfzhang95's, their
+    modeling/decoder.py and aspp.py): ASPP dropout 0.5, two 3×3 convs with dropout 0.5 and
+    0.1 before the classifier, align_corners=True in the head's upsampling."""
+
+    def __init__(self, high_channels, low_channels, num_classes, rates, reference=False):
         super().__init__()
+        self.align_corners = reference
         self.project = nn.Sequential(
             nn.Conv2d(low_channels, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True)
         )
-        self.aspp = ASPP(high_channels, rates)
+        self.aspp = ASPP(high_channels, rates, dropout=0.5 if reference else 0.1, align_corners=reference)
+        second = [nn.Dropout(0.5), nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256),
+                  nn.ReLU(inplace=True), nn.Dropout(0.1)] if reference else []
         self.classifier = nn.Sequential(
             nn.Conv2d(304, 256, 3, padding=1, bias=False),
             nn.BatchNorm2d(256),
             nn.ReLU(inplace=True),
+            *second,
             nn.Conv2d(256, num_classes, 1),
         )
         for m in self.modules():
@@ -191,7 +209,7 @@ class DeepLabHeadV3Plus(nn.Module):
     def forward(self, low, high):
         low = self.project(low)
         high = self.aspp(high)
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return self.classifier(torch.cat([low, high], dim=1))
 
 
@@ -205,16 +223,17 @@ class DeepLabV3Plus(nn.Module):
     - ``backbone.state_dict()`` has torchvision ``mobilenet_v2``'s ``features.*`` keys.
     """
 
-    def __init__(self, num_classes: int, output_stride: int = 16):
+    def __init__(self, num_classes: int, output_stride: int = 16, reference_head: bool = False):
         super().__init__()
         if num_classes < 2:
             raise UserError(f"num_classes: must be ≥ 2, got {num_classes}")
         rates = {16: (6, 12, 18), 8: (12, 24, 36), 32: (3, 6, 9)}.get(output_stride)
         self.num_classes = num_classes
         self.output_stride = output_stride
-        self.backbone = MobileNetV2Backbone(output_stride)
+        self.backbone = MobileNetV2Backbone(output_stride, last_conv=not reference_head)
         self.head = DeepLabHeadV3Plus(
-            self.backbone.high_level_channels, self.backbone.low_level_channels, num_classes, rates
+            self.backbone.high_level_channels, self.backbone.low_level_channels, num_classes, rates,
+            reference=reference_head,
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -237,23 +256,18 @@ class DeepLabV3Plus(nn.Module):
 
 
 def load_backbone_weights(model: DeepLabV3Plus, path: str) -> None:
-    """Load torchvision ``mobilenet_v2`` ImageNet weights (a state_dict file) into the backbone.
+    """Load torchvision ``mobilenet_v2`` ImageNet weights (a state_dict file, or
+    ``imagenet``: torchvision's published file through torch's hub cache,
+    trainer/imagenet.py) into the backbone.
 
     The file is read with ``torch.load(weights_only=True)``; its ``features.*`` keys must
     match the backbone exactly (names and shapes; ``classifier.*`` keys are ignored).
     Keys prefixed ``backbone.`` (this project's checkpoints) are accepted too.
     Raises UserError naming the file on any failure.
     """
-    try:
-        data = storage.read_bytes(path)  # a local path or a URI
-    except FileNotFoundError:
-        raise UserError(f"{path}: backbone weights file not found") from None
-    except OSError as exc:  # a folder, a refused read
-        raise UserError(f"{path}: cannot read backbone weights ({str(exc).splitlines()[0]})") from None
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reading failure is the file's fault
-        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
+    from trainer.imagenet import IMAGENET, imagenet_state_dict
+
+    state = imagenet_state_dict() if path == IMAGENET else _read_state(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -269,6 +283,8 @@ def load_backbone_weights(model: DeepLabV3Plus, path: str) -> None:
     if not feats:
         raise UserError(f"{path}: no 'features.*' keys: not a torchvision mobilenet_v2 state_dict")
     expected = model.backbone.state_dict()
+    if "features.18.0.weight" not in expected:  # the reference's backbone has no last 1×1 conv
+        feats = {k: v for k, v in feats.items() if not k.startswith("features.18.")}
     missing = sorted(set(expected) - set(feats))
     unexpected = sorted(set(feats) - set(expected))
     if missing or unexpected:
@@ -281,3 +297,16 @@ def load_backbone_weights(model: DeepLabV3Plus, path: str) -> None:
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise UserError(f"{path}: {k} has shape {shape}, expected {tuple(expected[k].shape)}")
     model.backbone.load_state_dict(feats, strict=True)
+
+
+def _read_state(path: str):
+    try:
+        data = storage.read_bytes(path)  # a local path or a URI
+    except FileNotFoundError:
+        raise UserError(f"{path}: backbone weights file not found") from None
+    except OSError as exc:  # a folder, a refused read
+        raise UserError(f"{path}: cannot read backbone weights ({str(exc).splitlines()[0]})") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reading failure is the file's fault
+        raise UserError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
