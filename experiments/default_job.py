@@ -16,6 +16,7 @@ from shared.config import TrainConfig
 from shared.errors import UserError
 from trainer.driver import run_train
 from trainer.synthetic import VERSION, make_synthetic
+from experiments.pictures import write_job_pictures
 
 
 @dataclass
@@ -70,4 +71,7 @@ def run_default_job(out: str | None, quick: bool = False, overwrite: bool = Fals
         print(f"{name:<10} {epochs:>6} {100 * s['val_miou']:>9.1f} {s['wall_s']:>8.1f} {s['trainer_stall_s']:>8.1f} {s['stage_a_images']:>8}")
     comparison = {name: {"val_miou": s["val_miou"], "wall_s": s["wall_s"]} for name, s in rows.items()}
     storage.write_bytes(storage.join(os.path.abspath(out), "comparison.json"), (json.dumps(comparison, indent=2) + "\n").encode())
+    cells = {"PCE-GD start": f"{out}/pce-init", "PCE-GD": f"{out}/pce", "Grid-TR": f"{out}/grid-tr"}
+    pictures = write_job_pictures(out, cells, pretrained="PCE-GD start", proposals_from="Grid-TR")
+    print(f"\npictures: {pictures['comparison']}\n          {pictures['curves']}", flush=True)
     return rows

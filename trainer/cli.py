@@ -318,6 +318,16 @@ def table1_seeds_cmd(runs, out):
     click.echo(text.rstrip())
 
 
+@cli.command("report")
+@click.argument("run_dir")
+def report_cmd(run_dir):
+    """What a finished or running run did (config, val mIoU, stage-A rounds, wall time),
+    from its folder; writes its comparison.png and curves.png where missing."""
+    from experiments.report import report
+
+    click.echo("\n".join(report(run_dir)))
+
+
 @cli.command("sweep-tr-weight")
 @click.option("--data", default=None, help="Data set root [the built-in synthetic set].")
 @click.option("--format", type=click.Choice(list(LAYOUTS)), default="synthetic")

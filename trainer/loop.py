@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
                 record.update(_evaluate(model, valset, K, device, rank, world, bar))
                 close(bar)
                 if rank == 0:
-                    write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, K)
+                    write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, classes)
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
                 "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
