@@ -53,12 +53,13 @@ def check_out(out: str | None, overwrite: bool = False) -> str:
     return out
 
 
-def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False) -> dict:
-    size = QUICK if quick else FULL
+def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False, seed: int = 0,
+                    size: JobSize | None = None) -> dict:
+    size = size or (QUICK if quick else FULL)
     out = check_out(out, overwrite)
     data = synthetic_dataset(size.n_train, size.n_val, size.size)
     print(f"data: {data}\nrun folder: {out}", flush=True)
-    common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round)
+    common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round, seed=seed)
     pretrain = run_train(TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init"), "synthetic", overwrite)
     init = f"{os.path.abspath(out)}/pce-init/checkpoints/last.pt"
     pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, out=f"{out}/pce"), "synthetic", overwrite)
