@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import TrainConfig
+from shared.config import SolverConfig, TrainConfig
 from shared.errors import UserError
 from trainer.driver import run_train
 from trainer.synthetic import VERSION, make_synthetic
@@ -27,6 +27,10 @@ class JobSize:
     pretrain_epochs: int
     epochs: int
     epochs_per_round: int
+    lr: float | None = None  # of the cells after pretraining (both): None, TrainConfig's fine-tuning rate
+    tr_weight: float = SolverConfig.tr_weight  # Grid-TR's λ
+    eps: float | None = None  # Grid-TR's ε; None: default_eps(K)
+    schedule: str = "overlapped"  # Grid-TR's; "sync": every round's proposals before its epochs (Alg. 1)
 
 
 FULL = JobSize(n_train=64, n_val=32, size=96, pretrain_epochs=20, epochs=20, epochs_per_round=5)
@@ -62,8 +66,10 @@ def run_default_job(out: str | None, quick: bool = False, overwrite: bool = Fals
     common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round, seed=seed)
     pretrain = run_train(TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init"), "synthetic", overwrite)
     init = f"{os.path.abspath(out)}/pce-init/checkpoints/last.pt"
-    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, out=f"{out}/pce"), "synthetic", overwrite)
-    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, out=f"{out}/grid-tr"), "synthetic", overwrite)
+    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, lr=size.lr, out=f"{out}/pce"),
+                    "synthetic", overwrite)
+    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, lr=size.lr, eps=size.eps,
+                               solver=SolverConfig(tr_weight=size.tr_weight), schedule=size.schedule, out=f"{out}/grid-tr"), "synthetic", overwrite)
     rows = {"pce-init": pretrain, "pce": pce, "grid-tr": tr}
     total = size.pretrain_epochs + size.epochs
     print(f"\n{'method':<10} {'epochs':>6} {'val mIoU':>9} {'wall s':>8} {'stall s':>8} {'stage A':>8}")
