@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import TrainConfig
+from shared.config import SolverConfig, TrainConfig
 from shared.errors import UserError
 from trainer.driver import run_train
 from trainer.synthetic import VERSION, make_synthetic
+from experiments.pictures import write_job_pictures
 
 
 @dataclass
@@ -26,6 +27,10 @@ class JobSize:
     pretrain_epochs: int
     epochs: int
     epochs_per_round: int
+    lr: float | None = None  # of the cells after pretraining (both): None, TrainConfig's fine-tuning rate
+    tr_weight: float = SolverConfig.tr_weight  # Grid-TR's λ
+    eps: float | None = None  # Grid-TR's ε; None: default_eps(K)
+    schedule: str = "overlapped"  # Grid-TR's; "sync": every round's proposals before its epochs (Alg. 1)
 
 
 FULL = JobSize(n_train=64, n_val=32, size=96, pretrain_epochs=20, epochs=20, epochs_per_round=5)
@@ -52,16 +57,19 @@ def check_out(out: str | None, overwrite: bool = False) -> str:
     return out
 
 
-def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False) -> dict:
-    size = QUICK if quick else FULL
+def run_default_job(out: str | None, quick: bool = False, overwrite: bool = False, seed: int = 0,
+                    size: JobSize | None = None) -> dict:
+    size = size or (QUICK if quick else FULL)
     out = check_out(out, overwrite)
     data = synthetic_dataset(size.n_train, size.n_val, size.size)
     print(f"data: {data}\nrun folder: {out}", flush=True)
-    common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round)
+    common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round, seed=seed)
     pretrain = run_train(TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init"), "synthetic", overwrite)
     init = f"{os.path.abspath(out)}/pce-init/checkpoints/last.pt"
-    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, out=f"{out}/pce"), "synthetic", overwrite)
-    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, out=f"{out}/grid-tr"), "synthetic", overwrite)
+    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, lr=size.lr, out=f"{out}/pce"),
+                    "synthetic", overwrite)
+    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, lr=size.lr, eps=size.eps,
+                               solver=SolverConfig(tr_weight=size.tr_weight), schedule=size.schedule, out=f"{out}/grid-tr"), "synthetic", overwrite)
     rows = {"pce-init": pretrain, "pce": pce, "grid-tr": tr}
     total = size.pretrain_epochs + size.epochs
     print(f"\n{'method':<10} {'epochs':>6} {'val mIoU':>9} {'wall s':>8} {'stall s':>8} {'stage A':>8}")
@@ -70,4 +78,7 @@ def run_default_job(out: str | None, quick: bool = False, overwrite: bool = Fals
         print(f"{name:<10} {epochs:>6} {100 * s['val_miou']:>9.1f} {s['wall_s']:>8.1f} {s['trainer_stall_s']:>8.1f} {s['stage_a_images']:>8}")
     comparison = {name: {"val_miou": s["val_miou"], "wall_s": s["wall_s"]} for name, s in rows.items()}
     storage.write_bytes(storage.join(os.path.abspath(out), "comparison.json"), (json.dumps(comparison, indent=2) + "\n").encode())
+    cells = {"PCE-GD start": f"{out}/pce-init", "PCE-GD": f"{out}/pce", "Grid-TR": f"{out}/grid-tr"}
+    pictures = write_job_pictures(out, cells, pretrained="PCE-GD start", proposals_from="Grid-TR")
+    print(f"\npictures: {pictures['comparison']}\n          {pictures['curves']}", flush=True)
     return rows

@@ -24,9 +24,11 @@ from experiments.presets import PRESETS
 @click.option("--out", default=None, help="Run folder of the default job [runs/<timestamp>].")
 @click.option("--quick", is_flag=True, help="A reduced default job, for tests and CI.")
 @click.option("--overwrite", is_flag=True, help="Replace the default job's earlier outputs in --out.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Training seed of the default job's cells (the data set stays the same).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
-def cli(ctx, local, address, out, quick, overwrite, debug):
+def cli(ctx, local, address, out, quick, overwrite, seed, debug):
     """Trust-region training of segmentation networks with graph-cut solvers.
 
     With no command: the default job on the built-in synthetic data set (PCE-GD,
@@ -48,7 +50,7 @@ def cli(ctx, local, address, out, quick, overwrite, debug):
 
         out = check_out(out, overwrite)  # before Ray's start-up: a refused --out fails at once
         connect(address)
-        run_default_job(out, quick=quick, overwrite=overwrite)
+        run_default_job(out, quick=quick, overwrite=overwrite, seed=seed)
 
 
 SCRIBBLES_HELP = "Scribble length: 1 (full, also ''), 0.8, 0.5, 0.3, 0 (clicks)."
@@ -348,6 +350,16 @@ def table1_seeds_cmd(runs, out):
     if out:
         storage.write_bytes(out, text.encode())
     click.echo(text.rstrip())
+
+
+@cli.command("report")
+@click.argument("run_dir")
+def report_cmd(run_dir):
+    """What a finished or running run did (config, val mIoU, stage-A rounds, wall time),
+    from its folder; writes its comparison.png and curves.png where missing."""
+    from experiments.report import report
+
+    click.echo("\n".join(report(run_dir)))
 
 
 @cli.command("sweep-tr-weight")

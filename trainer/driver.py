@@ -12,7 +12,6 @@ import _thread
 import json
 import math
 import os
-import sys
 import threading
 import time
 import tomllib
@@ -30,6 +29,7 @@ from shared.config import TrainConfig, check_eps, to_dict
 from shared.errors import UserError
 from solver_service.farm import Farm, Pool, solver_memory, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch
+from trainer.console import EpochLines, header
 from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
@@ -159,6 +159,8 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     use_gpu = cfg.use_gpu
     if cfg.sync_bn and not use_gpu:
         raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
+    print(header(cfg, dataset_name or cfg.data, n_train, n_val, K,
+                 cfg.solver_range()[1] if METHODS[cfg.method].needs_proposals else 0, use_gpu), flush=True)
     if METHODS[cfg.method].needs_proposals:
         pool = Pool(cfg.solver_range(), cfg.solver_resource, solver_memory(largest, K), cfg.solver_retries,
                     cfg.solver_wait)
@@ -175,7 +177,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=None if cfg.num_workers > 1 else NoProcessGroup(backend="gloo"),
-        train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty(), "run_id": run_id},
+        train_loop_config={**to_dict(cfg), "progress": False, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
         run_config=RunConfig(
             name="ray_train",
@@ -187,12 +189,15 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             callbacks=list(callbacks),
         ),
     )
+    epochs = EpochLines(cfg.out, sum(n for _, n in phases(cfg)))
+    epochs.start()
     try:
         result = trainer.fit()
     except (KeyboardInterrupt, ray.train.TrainingFailedError):
         if farm is None or farm.error is None:  # not stopped by the farm: the user's ^C or the trainer's own error
             raise
     finally:
+        epochs.finish()
         if farm is not None:
             farm.finish(cfg.max_stall)
     if farm is not None and farm.error is not None:

@@ -204,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                 record.update(_evaluate(model, valset, K, device, rank, world, bar))
                 close(bar)
                 if rank == 0:
-                    write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, K)
+                    write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, classes)
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase,
                 "epoch": epoch + 1, "global_epoch": global_epoch, "num_classes": K, "class_names": classes,
@@ -222,8 +222,6 @@ def train_loop_per_worker(config: dict) -> None:
                 log.save_checkpoint(f"{method}.pt", blob)
             log.log_epoch(record, global_epoch)  # before last.pt: a resume drops lines past it
             log.save_checkpoint("last.pt", blob)
-            if rank == 0:
-                print(_progress_line(record, global_epoch, sum(e for _, e in plan)), flush=True)
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
             metrics[CHECKPOINT_SCORE] = record["val_miou"] if final and "val_miou" in record else -1.0
             if final and last:
@@ -270,16 +268,3 @@ def _evaluate(model, valset, K, device, rank, world, progress=None) -> dict:
         dist.all_reduce(conf)
         dist.all_reduce(trimap)
     return engine.scores(conf.cpu(), trimap.cpu())
-
-
-def _progress_line(record: dict, epoch: int, total: int) -> str:
-    parts = [f"epoch {epoch}/{total} [{record['phase']}]", f"loss {record['loss']:.4f}"]
-    if "val_miou" in record:
-        parts.append(f"val mIoU {100 * record['val_miou']:.1f}")
-    if "round" in record:
-        parts.append(f"round {record['round']} stall {record['stall_s']:.1f}s staleness {record['mean_staleness']:.2f}")
-    if "proposal_changed" in record:
-        parts.append(f"proposals: {100 * record['proposal_changed']:.1f}% changed from the network")
-    if "proposal_miou" in record:
-        parts.append(f"mIoU vs masks {100 * record['proposal_miou']:.1f}")
-    return "  ".join(parts)
