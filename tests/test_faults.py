@@ -248,3 +248,31 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
 
 
 # --------------------------------------------------------------------------- a solver node removed
+
+
+@pytest.mark.slow
+def test_a_diverged_network_ends_the_run_at_once_with_its_own_line(synthetic_set, tmp_path):
+    """A UserError inside a trainer worker (here the snapshot's non-finite check) fails the
+    same way every time: one attempt, not 1 + --max-failures, and its own message."""
+    from tests.helpers import run_cli
+
+    proc = run_cli("train", "--data", synthetic_set(4, 2, 48), "--method", "grid-tr", "--epochs", 1,
+                   "--pretrain-epochs", 1, "--pretrain-lr", 1e30, "--crop-size", 32, "--batch-size", 4,
+                   "--out", tmp_path / "out", check=False, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite network output on training image train_0000")
+    output = proc.stdout + proc.stderr
+    assert output.count("Moving model to device") == 1  # one trainer attempt: no retry
+
+
+def test_user_cause_finds_a_workers_user_error_inside_ray_trains_errors():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from shared.errors import UserError
+    from trainer.cli import _user_cause
+
+    error = UserError("x.png: unreadable")
+    assert _user_cause(WorkerGroupError("rank 1: …", {0: RuntimeError("gloo"), 1: error})) is error
+    assert _user_cause(ControllerError(error)) is error
+    assert _user_cause(WorkerGroupError("rank 0: …", {0: RuntimeError("lost")})) is None

@@ -415,13 +415,19 @@ def main(argv=None) -> None:
 
 
 def _user_cause(e: BaseException):
-    """A UserError raised inside a Ray worker arrives wrapped: find it."""
+    """A UserError raised inside a Ray worker arrives wrapped: find it (Ray Train holds
+    it in a ControllerError's controller_failure or a WorkerGroupError's worker_failures)."""
     seen = set()
-    while e is not None and id(e) not in seen:
+    todo = [e]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, UserError):
             return e
-        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
     return None
 
 

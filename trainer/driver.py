@@ -47,6 +47,17 @@ class NoProcessGroup(TorchConfig):
         return Backend
 
 
+class EndOnUserError(ray.train.UserCallback):
+    """Ray Train retries every worker error as a lost worker (--max-failures); bad input
+    or a diverged network (a UserError) fails the same way every time: end the run at
+    once. Raised here, on the controller, it ends fit() as a ControllerError holding it."""
+
+    def after_exception(self, run_context, worker_exceptions):
+        for error in worker_exceptions.values():
+            if isinstance(error, UserError):
+                raise error
+
+
 class Inputs(NamedTuple):
     num_classes: int
     train_images: int
@@ -181,7 +192,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             # the latest checkpoint (Ray Train never deletes it) and the best by val mIoU
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE,
                                                checkpoint_score_order="max"),
-            callbacks=list(callbacks),
+            callbacks=[EndOnUserError(), *callbacks],
         ),
     )
     try:
