@@ -81,7 +81,7 @@ class TrainConfig:
     # seconds the trainer waits without any new proposal part before the run ends: generous,
     # since sync rounds wait for a whole stage A (raise it for big sets on few solvers)
     max_stall: float = 1800.0
-    solver_wait: float = 600.0  # seconds the farm waits for its first actor to be placed
+    solver_wait: float = 600.0  # seconds a run waits for its first solver actor, or its trainer workers, to be placed
     solver_retries: int = 3  # kills of a solver on one round's parts before the run ends
     solvers: str = "1"  # N or MIN:MAX solver actors
     solver_resource: str | None = None  # custom resource that solver nodes advertise

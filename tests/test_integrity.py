@@ -178,12 +178,18 @@ def test_an_unplaceable_pool_ends_after_solver_wait(ray_local, tmp_path):
 
 
 def test_local_capacity_is_checked_before_starting(ray_local):
-    from solver_service.farm import Pool
+    """For every method: trainer workers (and their GPUs) that a private Ray can never
+    place would wait forever (Ray Train retries their placement without end)."""
     from trainer.driver import check_capacity
 
-    check_capacity(TrainConfig(data="x", num_workers=1), Pool(), use_gpu=False)
+    check_capacity(TrainConfig(data="x", method="grid-tr", num_workers=1), use_gpu=False)
+    check_capacity(TrainConfig(data="x", method="pce", num_workers=2), use_gpu=False)
     with pytest.raises(UserError, match=r"--workers 2 and --solvers 1: need 3 CPUs.*gives Ray 2; use --workers 1"):
-        check_capacity(TrainConfig(data="x", num_workers=2), Pool(), use_gpu=False)
+        check_capacity(TrainConfig(data="x", method="grid-tr", num_workers=2), use_gpu=False)
+    with pytest.raises(UserError, match=r"--workers 3: need 3 CPUs at once, this machine gives Ray 2; use --workers 2"):
+        check_capacity(TrainConfig(data="x", method="pce", num_workers=3), use_gpu=False)
+    with pytest.raises(UserError, match=r"--gpu: 1 trainer worker\(s\) need a GPU each, this machine gives Ray 0"):
+        check_capacity(TrainConfig(data="x", method="full"), use_gpu=True)
 
 
 def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_path, capsys):

@@ -95,7 +95,7 @@ def _train_options(f):
         click.option("--max-stall", type=float, default=None,
                      help="End the run after this many seconds without a new proposal [1800]."),
         click.option("--solver-wait", type=float, default=None,
-                     help="End the run if no solver actor can be placed within this many seconds [600]."),
+                     help="End the run if no solver actor, or not every trainer worker, can be placed within this many seconds [600]."),
         click.option("--solver-retries", type=int, default=None,
                      help="Solver kills on one round's parts before the run ends [3]."),
         click.option("--solvers", default=None, help="Solver actors: N or MIN:MAX."),
