@@ -6,6 +6,7 @@ paper's VOC settings (SPEC §4) are the `paper` preset (`experiments.presets`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,8 +146,8 @@ class TrainConfig:
         _check(self.pretrain_epochs >= 0, "--pretrain-epochs", "must be ≥ 0")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
-        _check(self.max_stall > 0, "--max-stall", f"must be > 0 seconds, got {self.max_stall}")
-        _check(self.solver_wait > 0, "--solver-wait", f"must be > 0 seconds, got {self.solver_wait}")
+        _check(0 < self.max_stall < math.inf, "--max-stall", f"must be finite and > 0 seconds, got {self.max_stall}")
+        _check(0 < self.solver_wait < math.inf, "--solver-wait", f"must be finite and > 0 seconds, got {self.solver_wait}")
         _check(self.solver_retries >= 0, "--solver-retries", f"must be ≥ 0, got {self.solver_retries}")
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")

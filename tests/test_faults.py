@@ -216,6 +216,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         storage.write_bytes(ShardStore(base).part_uri("snapshots", 0, 1), b"garbage")
     monkeypatch.undo()
     assert open(uri, "rb").read() == before
+    assert not [n for n in os.listdir(os.path.dirname(uri)) if n.startswith(".tmp-")]  # cleaned up
     assert list(ShardStore(base).parts("snapshots", 0)) == [0]  # temp files are not parts
 
 

@@ -104,6 +104,9 @@ def test_max_stall_ends_the_wait_naming_round_and_parts(tmp_path):
 def test_max_stall_option_is_checked():
     with pytest.raises(UserError, match="--max-stall"):
         TrainConfig(data="x", max_stall=0).validate()
+    for option, value in (("max_stall", float("inf")), ("solver_wait", float("inf")), ("max_stall", float("nan"))):
+        with pytest.raises(UserError, match=f"--{option.replace('_', '-')}: must be finite"):
+            TrainConfig(data="x", **{option: value}).validate()
     with pytest.raises(UserError, match="--solver-retries"):
         TrainConfig(data="x", solver_retries=-1).validate()
 
@@ -175,6 +178,17 @@ def test_an_unplaceable_pool_ends_after_solver_wait(ray_local, tmp_path):
     _write_snapshot_parts(base, str(tmp_path / "data"), 1, r=0)
     with pytest.raises(UserError, match=r"within 2s \(--solver-wait\): each asks for 1 CPU, 1 'solver_node'"):
         solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), Pool(resource="solver_node", wait_s=2))
+
+
+def test_two_fresh_runs_cannot_both_claim_one_shard_base(tmp_path, monkeypatch):
+    """claim checks, then writes: a run that came between them must not lose its base."""
+    base = str(tmp_path / "shards")
+    ShardStore(base, "b").claim()
+    late = ShardStore(base, "a")
+    monkeypatch.setattr(late, "owner", iter([None, "b"]).__next__)  # its check ran before b wrote
+    with pytest.raises(UserError, match=r"--shards .*: another run \(b\) claimed it just now"):
+        late.claim()
+    assert ShardStore(base).owner() == "b"
 
 
 def test_local_capacity_is_checked_before_starting(ray_local):

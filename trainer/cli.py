@@ -136,7 +136,11 @@ def resolve_train_config(params: dict) -> TrainConfig:
         values.update(read_toml(storage.join(resume_dir, "config.toml"), "--resume"))
     if config_file:
         values.update(read_toml(config_file))
-    solver = dict(values.pop("solver", {}))
+    solver = values.pop("solver", {})
+    if not isinstance(solver, dict):  # a TOML `solver = 5`: the stage-A options are a [solver] table
+        source = f"--config {config_file}" if config_file else f"--resume {storage.join(resume_dir, 'config.toml')}"
+        raise UserError(f"{source}: key 'solver': expected a [solver] table, got {type(solver).__name__} {solver!r}")
+    solver = dict(solver)
     for key, value in params.items():
         if value is None:
             continue
