@@ -84,6 +84,7 @@ class TrainConfig:
     max_stall: float = 1800.0
     solver_wait: float = 600.0  # seconds a run waits for its first solver actor, or its trainer workers, to be placed
     solver_retries: int = 3  # kills of a solver on one round's parts before the run ends
+    storage_patience: float = 300.0  # seconds stage A rides out failing storage (an S3 outage) before the run ends
     solvers: str = "1"  # N or MIN:MAX solver actors
     solver_resource: str | None = None  # custom resource that solver nodes advertise
     shards: str | None = None  # base URI of the shards; default OUT/shards
@@ -148,6 +149,8 @@ class TrainConfig:
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
         _check(0 < self.max_stall < math.inf, "--max-stall", f"must be finite and > 0 seconds, got {self.max_stall}")
         _check(0 < self.solver_wait < math.inf, "--solver-wait", f"must be finite and > 0 seconds, got {self.solver_wait}")
+        _check(0 < self.storage_patience < math.inf, "--storage-patience",
+               f"must be finite and > 0 seconds, got {self.storage_patience}")
         _check(self.solver_retries >= 0, "--solver-retries", f"must be ≥ 0, got {self.solver_retries}")
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")

@@ -256,3 +256,59 @@ def test_trainer_writes_a_missing_answers_unreadable_snapshot_again(tmp_path, sy
     stage_a._repair(net, 0, [1, 2])
     assert store.unreadable("snapshots", 0, read_rows=True) == {}
     assert os.stat(good).st_mtime_ns == before
+
+
+def test_the_farm_waits_out_a_storage_outage_then_gives_up_after_its_patience(ray_local, tmp_path, capsys):
+    """tests/poison.py fails every image read under outage/ while outage/FAILING exists (an
+    S3 503 inside the solver actor): no solver restart is spent, no failure marker is
+    written; the round is solved once storage answers. An outage past --storage-patience
+    ends the farm naming the option."""
+    from solver_service.farm import Farm, Pool, solver_restarts
+
+    base, data = str(tmp_path / "shards"), tmp_path / "outage"
+    _write_snapshot_parts(base, str(data), 2)
+    (data / "FAILING").touch()
+    restarts, errors, out = solver_restarts(), [], ""
+    farm = Farm(ShardStore(base), 2, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1),
+                storage_patience_s=600)
+    farm.start()
+    deadline = time.monotonic() + 120
+    while out.count("storage error") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        out += capsys.readouterr().out
+    (data / "FAILING").unlink()
+    while len(ShardStore(base).parts("proposals", 0)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    farm.finish(60)
+    assert out.count("warning: stage A: storage error") >= 2 and "SLOW_DOWN" in out
+    assert sorted(ShardStore(base).parts("proposals", 0)) == [0, 1]
+    assert farm.error is None and not errors and ShardStore(base).failure() is None
+    assert solver_restarts() == restarts
+
+    base = str(tmp_path / "shards2")
+    _write_snapshot_parts(base, str(data), 1)
+    (data / "FAILING").touch()
+    farm = Farm(ShardStore(base), 1, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1),
+                storage_patience_s=1)
+    farm.start()
+    farm.join(120)
+    assert errors == [1] and isinstance(farm.error, OSError)
+    assert "(--storage-patience)" in str(farm.error) and "--storage-patience" in ShardStore(base).failure()
+
+
+def test_a_round_without_progress_is_tried_again_ever_less_often(ray_local, tmp_path):
+    """A round whose only part is an unreadable snapshot: each try lists and reads back the
+    round's proposal parts (on VOC 1,300 GETs a second when tried every poll)."""
+    from solver_service.farm import Farm, Pool
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 1)
+    _truncate(ShardStore(base).part_uri("snapshots", 0, 0))
+    store, tries = ShardStore(base), []
+    unsolved = store.unsolved
+    store.unsolved = lambda *a, **k: tries.append(1) or unsolved(*a, **k)
+    farm = Farm(store, 1, SolverConfig(max_iter=1), Pool())
+    farm.start()
+    time.sleep(4)  # tries at 0, 1, 3 s (backing off); every poll (0.2 s doubled up to 1 s) would make 6 or more
+    farm.finish(30)
+    assert 1 <= len(tries) <= 4 and farm.error is None

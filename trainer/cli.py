@@ -98,6 +98,8 @@ def _train_options(f):
                      help="End the run if no solver actor, or not every trainer worker, can be placed within this many seconds [600]."),
         click.option("--solver-retries", type=int, default=None,
                      help="Solver kills on one round's parts before the run ends [3]."),
+        click.option("--storage-patience", type=float, default=None,
+                     help="Seconds stage A waits out failing storage (an S3 outage) before the run ends [300]."),
         click.option("--solvers", default=None, help="Solver actors: N or MIN:MAX."),
         click.option("--solver-resource", default=None, help="Custom resource that solver nodes advertise."),
         click.option("--shards", default=None, help="Shard base URI (local path, s3://, gs://, hdfs://)."),

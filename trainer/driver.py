@@ -177,7 +177,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
             # in a Tune trial run_train is not on the main thread, which is the actor's own: there the
             # farm's failure marker alone stops the trainer
             on_error=_thread.interrupt_main if threading.current_thread() is threading.main_thread() else None,
-            n_images=n_train,
+            n_images=n_train, storage_patience_s=cfg.storage_patience,
         )
         farm.start()
     trainer = TorchTrainer(
