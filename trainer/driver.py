@@ -21,8 +21,7 @@ from typing import NamedTuple
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.backend import Backend
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from shared import ray_session, storage
 from shared.shard_store import ShardStore, parts_of
@@ -34,18 +33,10 @@ from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
 from trainer.methods import METHODS
+from trainer.process_group import torch_config
 from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, phases, train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
-
-class NoProcessGroup(TorchConfig):
-    """One trainer worker needs no torch.distributed, whose TCP store would listen on
-    every interface (local mode promises loopback only): Ray Train's no-op backend."""
-
-    @property
-    def backend_cls(self):
-        return Backend
-
 
 class EndOnUserError(ray.train.UserCallback):
     """Ray Train retries every worker error as a lost worker (--max-failures); bad input
@@ -182,7 +173,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         farm.start()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        torch_config=None if cfg.num_workers > 1 else NoProcessGroup(backend="gloo"),
+        torch_config=torch_config(cfg.num_workers, one_machine=ray_session.started_here()),
         train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty(), "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
         run_config=RunConfig(
