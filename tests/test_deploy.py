@@ -138,3 +138,15 @@ def test_ray_token_files_are_private(tmp_path, monkeypatch):
     monkeypatch.setattr(submit, "TOKEN_PATH", str(made))
     with pytest.raises(UserError, match="chmod 600"):
         submit.auth_env({})
+
+
+def test_the_deploy_docs_keep_the_driver_alive_and_say_how_to_continue():
+    """A driver started by a plain `ray submit` dies with the SSH connection; a lost head
+    is continued from the run's store with `--resume`."""
+    import re
+
+    docs = {name: open(os.path.join(ROOT, "deploy", name)).read() for name in ("README.md", "cluster.yaml")}
+    submits = [line for text in docs.values() for line in text.splitlines() if "ray submit " in line]
+    assert submits and all("ray submit --tmux " in line for line in submits), submits
+    assert re.search(r"ray submit --tmux deploy/cluster.yaml deploy/submit.py -- --resume s3://", docs["README.md"])
+    assert "ray attach --tmux" in docs["README.md"]
