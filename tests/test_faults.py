@@ -277,3 +277,29 @@ def test_user_cause_finds_a_workers_user_error_inside_ray_trains_errors():
     assert _user_cause(WorkerGroupError("rank 1: …", {0: RuntimeError("gloo"), 1: error})) is error
     assert _user_cause(ControllerError(error)) is error
     assert _user_cause(WorkerGroupError("rank 0: …", {0: RuntimeError("lost")})) is None
+
+
+def test_reliability_doc_names_a_test_that_exists_for_every_fault():
+    """docs/reliability.md: one row per fault, each naming tests that exist."""
+    import re
+
+    from tests.helpers import ROOT
+
+    text = open(os.path.join(ROOT, "docs", "reliability.md")).read()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| fault")
+            and not line.startswith("| ---")]
+    faults = ["worker killed", "solver process killed", "node lost", "storage outage", "disk full", "bad image",
+              "diverged network", "Ctrl-C", "head node lost"]
+    for fault in faults:
+        assert any(all(word in row.split("|")[1] for word in fault.split()) for row in rows), fault
+    for row in rows:
+        cell = row.rstrip(" |").split("|")[-1]
+        named, current = [], None
+        for file, test in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)`", cell):
+            current = file or current
+            named.append((current, test))
+        if "none automated" in cell:
+            continue
+        assert named, row
+        for file, test in named:
+            assert re.search(rf"^def {test}\(", open(os.path.join(ROOT, "tests", file)).read(), re.M), (file, test)
