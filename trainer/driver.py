@@ -311,7 +311,8 @@ def check_capacity(cfg: TrainConfig, use_gpu: bool) -> None:
     gpus = resources.get("GPU", 0)
     if use_gpu and gpus < cfg.num_workers:
         raise UserError(f"--gpu: {cfg.num_workers} trainer worker(s) need a GPU each, this machine gives Ray "
-                        f"{gpus:g}; leave out --gpu" + (f" or use --workers {int(gpus)}" if gpus >= 1 else ""))
+                        f"{gpus:g}; {'leave out --gpu' if cfg.use_gpu else 'give --no-gpu'}"
+                        + (f" or use --workers {int(gpus)}" if gpus >= 1 else ""))
     cpus = resources.get("CPU", 0)
     trainer_cpus = cfg.num_workers * (1 + cfg.loader_workers)  # as ScalingConfig below asks
     solvers = cfg.solver_range()[0] if METHODS[cfg.method].needs_proposals else 0
