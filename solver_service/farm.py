@@ -305,6 +305,8 @@ class Farm(threading.Thread):
                         return
                     self.stop_event.wait(idle_s)
                     idle_s = min(2 * idle_s, MAX_POLL_S)  # an idle farm polls ever less often
+        except (KeyboardInterrupt, SystemExit):  # Ray's ^C handling ends the process: not a stage-A failure
+            return
         except BaseException as e:
             self.error = e
             traceback.print_exc()

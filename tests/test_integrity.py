@@ -312,3 +312,22 @@ def test_a_round_without_progress_is_tried_again_ever_less_often(ray_local, tmp_
     time.sleep(4)  # tries at 0, 1, 3 s (backing off); every poll (0.2 s doubled up to 1 s) would make 6 or more
     farm.finish(30)
     assert 1 <= len(tries) <= 4 and farm.error is None
+
+
+def test_a_farm_ended_by_ctrl_c_is_no_stage_a_failure(tmp_path):
+    """On ^C, Ray Train's SIGINT handler ends the process and Ray raises SystemExit in the
+    farm thread's ray.get: no failure marker (a resumed run would read it), no second
+    interrupt of the main thread."""
+    from solver_service.farm import Farm, Pool
+
+    store, errors = ShardStore(str(tmp_path / "shards"), "r"), []
+    store.claim()
+
+    def ending():
+        raise SystemExit(0)
+
+    farm = Farm(store, 1, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1))
+    farm.pending = ending
+    farm.start()
+    farm.join(60)
+    assert not farm.is_alive() and farm.error is None and not errors and store.failure() is None
