@@ -16,8 +16,11 @@ TOKEN_PATH = "~/.trseg/ray_auth_token"  # file_mounts of deploy/cluster.yaml put
 
 def auth_env(environ: dict) -> None:
     """The cluster runs with token authentication: the driver joins it with the same token."""
+    from shared.private_file import check_private
+
     token = os.path.expanduser(TOKEN_PATH)
     if os.path.exists(token):
+        check_private(token)  # readable by others: anyone on the machine could control the cluster
         environ.setdefault("RAY_AUTH_MODE", "token")
         environ.setdefault("RAY_AUTH_TOKEN_PATH", token)
 

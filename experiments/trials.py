@@ -91,15 +91,9 @@ def train_trial(config: dict, base: dict, dataset: str, per_trial_folders: bool 
     all train the same run)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from shared.config import set_option
     from trainer.driver import run_train
 
-    cfg = from_dict(TrainConfig, base[config["run"]])
-    for key, value in config.items():
-        if key != "run":
-            set_option(cfg, key, value)
-    if per_trial_folders:
-        cfg.out = storage.join(cfg.out, tune.get_context().get_trial_id())
+    cfg = trial_config(config, base, tune.get_context().get_trial_id() if per_trial_folders else None)
     started = time.time()
     # a trial that Tune starts again (after a lost driver or node) continues its run from
     # the last checkpoint; another run's outputs in the folder are cleared
@@ -107,6 +101,24 @@ def train_trial(config: dict, base: dict, dataset: str, per_trial_folders: bool 
     # the summary as one JSON string: Tune prints every key of a result, nested ones too
     summary.update(trial_started=started, trial_ended=time.time())
     return {"val_miou": summary["val_miou"], "wall_s": summary["wall_s"], "summary": json.dumps(summary)}
+
+
+def trial_config(config: dict, base: dict, trial_id: str | None = None) -> TrainConfig:
+    """The configuration of a trial (see train_trial); `trial_id`: its own folder OUT/TRIAL_ID.
+    A --shards base that the user named is shared by every trial: each trial gets its own
+    folder under it (RUN/ or RUN/TRIAL_ID), since a run claims its shard base and clears
+    whatever another run left there."""
+    from shared.config import set_option
+
+    cfg = from_dict(TrainConfig, base[config["run"]])
+    for key, value in config.items():
+        if key != "run":
+            set_option(cfg, key, value)
+    if trial_id is not None:
+        cfg.out = storage.join(cfg.out, trial_id)
+    if cfg.shards:
+        cfg.shards = storage.join(cfg.shards, config["run"], *([trial_id] if trial_id is not None else []))
+    return cfg
 
 
 def summary_of(result) -> dict:

@@ -6,6 +6,7 @@ paper's VOC settings (SPEC §4) are the `paper` preset (`experiments.presets`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,8 +85,9 @@ class TrainConfig:
     # seconds the trainer waits without any new proposal part before the run ends: generous,
     # since sync rounds wait for a whole stage A (raise it for big sets on few solvers)
     max_stall: float = 1800.0
-    solver_wait: float = 600.0  # seconds the farm waits for its first actor to be placed
+    solver_wait: float = 600.0  # seconds a run waits for its first solver actor, or its trainer workers, to be placed
     solver_retries: int = 3  # kills of a solver on one round's parts before the run ends
+    storage_patience: float = 300.0  # seconds stage A rides out failing storage (an S3 outage) before the run ends
     solvers: str = "1"  # N or MIN:MAX solver actors
     solver_resource: str | None = None  # custom resource that solver nodes advertise
     shards: str | None = None  # base URI of the shards; default OUT/shards
@@ -152,8 +154,10 @@ class TrainConfig:
         _check(self.pretrain_epochs >= 0, "--pretrain-epochs", "must be ≥ 0")
         _check(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")
         _check(self.max_staleness >= 0, "--max-staleness", "must be ≥ 0")
-        _check(self.max_stall > 0, "--max-stall", f"must be > 0 seconds, got {self.max_stall}")
-        _check(self.solver_wait > 0, "--solver-wait", f"must be > 0 seconds, got {self.solver_wait}")
+        _check(0 < self.max_stall < math.inf, "--max-stall", f"must be finite and > 0 seconds, got {self.max_stall}")
+        _check(0 < self.solver_wait < math.inf, "--solver-wait", f"must be finite and > 0 seconds, got {self.solver_wait}")
+        _check(0 < self.storage_patience < math.inf, "--storage-patience",
+               f"must be finite and > 0 seconds, got {self.storage_patience}")
         _check(self.solver_retries >= 0, "--solver-retries", f"must be ≥ 0, got {self.solver_retries}")
         _check(self.shard_size >= 1, "--shard-size", "must be ≥ 1")
         _check(self.num_workers >= 1, "--workers", "must be ≥ 1")

@@ -48,6 +48,8 @@ def _open(uri: str, what: str) -> Image.Image:
         return img
     except Image.UnidentifiedImageError:  # its message names our in-memory buffer, not the file
         raise UserError(f"{uri}: unreadable {what} (not an image format Pillow knows)") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: past Pillow's pixel limit
+        raise UserError(f"{uri}: {what}: {exc} (Pillow's limit, Image.MAX_IMAGE_PIXELS)") from None
     except _BAD_FILE as exc:
         raise UserError(f"{uri}: unreadable or truncated {what} ({exc})") from None
 

@@ -16,8 +16,29 @@ _CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# where Ray Train logs a worker's error: the worker, the controller, its failure policy
+_ERROR_LOGGERS = ("ray.train.v2._internal.util", "ray.train.v2._internal.execution.controller.controller",
+                  "ray.train.v2._internal.execution.failure_handling.default")
+
+
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    """False for Ray Train's tracebacks of a UserError (bad input, a diverged network): the
+    driver prints its one line, and Ray Train does not retry it (trainer/driver.py)."""
+    from shared.errors import UserError
+
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(getattr(error, "controller_failure", None), UserError) or isinstance(error, UserError):
+        return False
+    # the worker logs its traceback as text: the last line names the exception's class
+    return not (record.getMessage().startswith("Error in training function")
+                and record.getMessage().rstrip().splitlines()[-1].startswith("shared.errors."))
+
+
 def quiet_workers() -> None:
-    """Drop Ray Train's per-report INFO lines; warnings and errors still show."""
+    """Drop Ray Train's per-report INFO lines and its tracebacks of a UserError; other
+    warnings and errors still show."""
+    for name in _ERROR_LOGGERS:
+        logging.getLogger(name).addFilter(_not_a_user_error)
     spec = importlib.util.find_spec(_REPORT_LOGGER_MODULE)
     if spec is not None and spec.origin:
         logging.getLogger(spec.origin).setLevel(logging.WARNING)

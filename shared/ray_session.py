@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 import ray
 
+from shared.private_file import check_private
+
 NO_API_SERVER = "http://127.0.0.1:1"  # tcpmux: nothing listens there, connects are refused
+# the token of a private Ray: Ray's own default, ~/.ray/auth_token, is written readable by all
+LOCAL_TOKEN = "~/.trseg/ray_auth_token"
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,6 +27,7 @@ def connect(address: str | None, num_cpus: int | None = None, quiet: bool = Fals
     """
     if ray.is_initialized():
         return
+    private_token(local=not address)
     # Ray Train's print patch tees every worker print into a logger that Ray forwards
     # too, so each epoch line would reach the terminal twice.
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -49,6 +55,27 @@ def connect(address: str | None, num_cpus: int | None = None, quiet: bool = Fals
         "env_vars": env_vars, "worker_process_setup_hook": "shared.ray_logging.quiet_local_workers"})
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def private_token(local: bool) -> None:
+    """With token authentication (RAY_AUTH_MODE=token), the token file must be readable by
+    its owner only: anyone who reads it controls the cluster. A private Ray (`local`) that
+    names no token gets LOCAL_TOKEN, created mode 0600. A token file that others can read
+    is refused, naming it."""
+    if os.environ.get("RAY_AUTH_MODE") != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    if local and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = os.path.expanduser(LOCAL_TOKEN)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+        os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    check_private(os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"))
 
 
 def started_here() -> bool:

@@ -81,8 +81,13 @@ class ShardStore:
             if write:
                 for kind in shards.KINDS:
                     storage.delete_tree(storage.join(self.base, kind))
-        if write:
-            storage.write_bytes(storage.join(self.base, _RUN), (self.run_id + "\n").encode())
+        if not write:
+            return
+        record = (self.run_id + "\n").encode()
+        if owner is not None:
+            storage.write_bytes(storage.join(self.base, _RUN), record)
+        elif not storage.create_new(storage.join(self.base, _RUN), record):  # checked, then another run came first
+            raise UserError(f"--shards {self.base}: another run ({self.owner()}) claimed it just now; give another --shards")
 
     # -- layout
     def round_dir(self, kind: str, r: int) -> str:

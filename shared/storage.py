@@ -15,6 +15,7 @@ reads but does not parse corrupt.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -96,14 +97,42 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, ^C: leave no partial file behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def create_new(uri: str, data: bytes) -> bool:
+    """Write a small file only if none exists; False if one does. Exclusive on a local
+    filesystem (O_EXCL). An object store has no such call in pyarrow: there the file is
+    written if absent and read back, which catches a writer that came first, not one
+    racing within the same instant."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    if exists(uri):
+        return False
+    write_bytes(uri, data)
+    return read_bytes(uri) == data
 
 
 def write_csv(uri: str, header: list[str], rows) -> None:

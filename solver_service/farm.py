@@ -36,6 +36,12 @@ from solver_service.parts import solve_part
 SNAPSHOT_POLL_S = 0.2  # first wait of an idle farm, doubled up to MAX_POLL_S
 MAX_POLL_S = 1.0
 RECHECK_S = 30.0  # how long a finished round is not listed again
+# a round that made no progress (every part left is an unreadable snapshot) is tried again
+# after this, doubled up to MAX_RETRY_S: each try lists and reads back its proposal parts
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 8.0  # above the trainer's 5 s between rewrites of an unreadable snapshot
+MAX_STORAGE_WAIT_S = 30.0  # longest wait between tries while storage fails
+STORAGE_ERROR = "storage: "  # an actor's error row for a storage failure (not bad input)
 # Peak memory of stage A above the process, measured by benchmarks/solver_memory.py:
 # 115 / 171 MB at 375×500 with |L| = 2 / 21, 788 MB / 1.08 GB at 1000×1000.
 SOLVER_BYTES_PER_PIXEL = 900
@@ -87,6 +93,9 @@ class SolverActor:
             except UserError as e:  # bad input fails the same way every time: report it, no retry
                 stats = {"images": 0, "seconds": 0.0, "warm_starts": 0, "changed_sum": 0.0}
                 out["error"].append(str(e))
+            except OSError as e:  # storage still failing after storage.retried: the farm waits it out
+                stats = {"images": 0, "seconds": 0.0, "warm_starts": 0, "changed_sum": 0.0}
+                out["error"].append(STORAGE_ERROR + f"{type(e).__name__}: {e}")
             out["k"].append(int(k))
             out["images"].append(stats["images"])
             out["seconds"].append(stats["seconds"])
@@ -125,6 +134,8 @@ def solve_parts(items: list[dict], solver: SolverConfig, pool: Pool):
         )
     try:
         for row in ds.iter_rows():
+            if row["error"].startswith(STORAGE_ERROR):
+                raise OSError(row["error"][len(STORAGE_ERROR):])
             if row["error"]:
                 raise UserError(row["error"])
             yield row
@@ -169,7 +180,7 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
             for row in solve_parts(items, solver, pool):
                 rows.append(row)
                 bar.update(row["images"])
-        except UserError:
+        except (UserError, OSError):  # bad input; storage, which the farm waits out (not a solver death)
             raise
         except Exception as e:  # Ray gave up on a part: its solver died more than pool.retries times
             left = sorted(store.unsolved(r))
@@ -204,10 +215,12 @@ class Farm(threading.Thread):
     storage allows): the driver uses it to stop the trainer."""
 
     def __init__(self, store: ShardStore, n_parts: int, solver: SolverConfig, pool: Pool,
-                 on_round=None, on_error=None, n_images: int | None = None):
+                 on_round=None, on_error=None, n_images: int | None = None, storage_patience_s: float = 300.0):
         super().__init__(name="solver-farm", daemon=True)
         self.store, self.n_parts, self.solver, self.pool = store, n_parts, solver, pool
         self.n_images = n_images
+        self.storage_patience_s = storage_patience_s  # --storage-patience
+        self._retry_at: dict[int, tuple[float, float]] = {}  # round without progress: (next try, wait)
         self.on_round = on_round or (lambda r, rows, seconds: None)
         self.on_error = on_error or (lambda: None)
         self.stop_event = threading.Event()
@@ -243,19 +256,48 @@ class Farm(threading.Thread):
             self._warned.add(message)
             print(message, flush=True)
 
+    def _solve_next(self) -> bool:
+        """Solve the first pending round that can progress; whether one did."""
+        for r in self.pending():  # a round blocked on unreadable snapshots lets later ones pass
+            if r in self._retry_at and time.monotonic() < self._retry_at[r][0]:
+                continue
+            start = time.perf_counter()
+            rows = solve_round(self.store, r, self.solver, self.pool, self.n_images, self._warn_once)
+            if rows:
+                self._retry_at.pop(r, None)
+                self.images += sum(row["images"] for row in rows)
+                self.on_round(r, rows, time.perf_counter() - start)
+                return True  # list the rounds again: newer ones may be whole by now
+            wait = min(2 * self._retry_at[r][1], MAX_RETRY_S) if r in self._retry_at else FIRST_RETRY_S
+            self._retry_at[r] = (time.monotonic() + wait, wait)
+        return False
+
+    def _solve_next_waiting_out_storage(self) -> bool:
+        """`_solve_next`, riding out storage errors (an S3 outage, a lost mount) with backoff
+        for up to storage_patience_s; past it the last one is raised."""
+        first_failure, wait = None, SNAPSHOT_POLL_S
+        while True:
+            try:
+                return self._solve_next()
+            except UserError:
+                raise
+            except OSError as e:
+                first_failure = first_failure or time.monotonic()
+                left = self.storage_patience_s - (time.monotonic() - first_failure)
+                if left <= 0:
+                    raise OSError(f"storage failing for over {self.storage_patience_s:g}s (--storage-patience): "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                wait = min(2 * wait, MAX_STORAGE_WAIT_S, left)
+                print(f"warning: stage A: storage error ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                      f"trying again in {wait:.1f}s ({left:.0f}s of --storage-patience left)", flush=True)
+                if self.stop_event.wait(wait):
+                    return False
+
     def run(self) -> None:
         idle_s = SNAPSHOT_POLL_S
         try:
             while True:
-                solved = False
-                for r in self.pending():  # a round blocked on unreadable snapshots lets later ones pass
-                    start = time.perf_counter()
-                    rows = solve_round(self.store, r, self.solver, self.pool, self.n_images, self._warn_once)
-                    if rows:
-                        self.images += sum(row["images"] for row in rows)
-                        self.on_round(r, rows, time.perf_counter() - start)
-                        solved = True
-                        break  # list the rounds again: newer ones may be whole by now
+                solved = self._solve_next_waiting_out_storage()
                 if solved:
                     idle_s = SNAPSHOT_POLL_S
                 else:
@@ -263,6 +305,8 @@ class Farm(threading.Thread):
                         return
                     self.stop_event.wait(idle_s)
                     idle_s = min(2 * idle_s, MAX_POLL_S)  # an idle farm polls ever less often
+        except (KeyboardInterrupt, SystemExit):  # Ray's ^C handling ends the process: not a stage-A failure
+            return
         except BaseException as e:
             self.error = e
             traceback.print_exc()

@@ -1,6 +1,7 @@
 """The trainer-worker side of tests/test_ddp.py (Ray workers import it by name)."""
 import json
 import os
+import time
 
 import torch
 
@@ -35,6 +36,8 @@ def draw(config):
         epochs.append([batch.tolist() for batch in loader])
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
         json.dump({"epochs": epochs, **collectives(rank, world)}, f)
+    time.sleep(config.get("hold_s", 0))  # the process group stays up while the test looks at its sockets
+    dist.barrier()
 
 
 class OneValImage(torch.utils.data.Dataset):

@@ -76,6 +76,36 @@ def test_truncated_image(data, tmp_path):
     _assert_one_line_error(_train(data, tmp_path), path)
 
 
+def test_truncated_jpeg_is_named_before_ray_starts(data, tmp_path):
+    """Its header reads: only a full decode finds it (training would, inside a worker)."""
+    image_id = _train_ids(data)[2]
+    png = os.path.join(data, "images", image_id + ".png")
+    path = png[:-4] + ".jpg"
+    Image.open(png).convert("RGB").save(path, quality=95)
+    os.remove(png)
+    with open(path, "rb") as f:
+        head = f.read()
+    with open(path, "wb") as f:
+        f.write(head[: len(head) * 2 // 3])
+    line = _assert_one_line_error(_train(data, tmp_path), path)
+    assert "truncated" in line
+
+
+def test_an_image_past_pillows_pixel_limit_is_named(data, monkeypatch):
+    """Image.DecompressionBombError is no OSError: it would surface without the file's name."""
+    from shared.errors import UserError
+    from trainer.data import check_samples, load_split
+
+    samples = load_split(data, "synthetic", "train")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 48 // 3)  # the images are 48×48: past twice the limit
+    with pytest.raises(UserError, match=f"{samples[0].image_path}: .*decompression bomb"):
+        check_samples(samples, 4)
+    from shared.image_io import read_image
+
+    with pytest.raises(UserError, match=f"{samples[0].image_path}: image: .*decompression bomb"):
+        read_image(samples[0].image_path)
+
+
 def test_empty_split_file(data, tmp_path):
     path = os.path.join(data, "train.txt")
     open(path, "w").close()

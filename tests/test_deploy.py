@@ -113,5 +113,40 @@ def test_submit_joins_with_the_clusters_token(tmp_path, monkeypatch):
     submit.auth_env(env)
     assert env == {}  # no token file: a cluster without authentication
     (tmp_path / "token").write_text("secret\n")
+    (tmp_path / "token").chmod(0o600)
     submit.auth_env(env)
     assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+
+
+def test_ray_token_files_are_private(tmp_path, monkeypatch):
+    """Anyone who reads the token controls the cluster: a private Ray gets a token file of
+    mode 0600 (Ray's own ~/.ray/auth_token is 0644), and one that others can read is refused."""
+    from shared.errors import UserError
+    from shared.ray_session import private_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    private_token(local=True)
+    made = tmp_path / ".trseg" / "ray_auth_token"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(made)
+    assert os.stat(made).st_mode & 0o777 == 0o600 and len(made.read_text().strip()) == 64
+    made.chmod(0o644)
+    with pytest.raises(UserError, match=f"{made}: the Ray token file can be read by other users \\(mode 0644\\)"):
+        private_token(local=False)
+    monkeypatch.setattr(submit, "TOKEN_PATH", str(made))
+    with pytest.raises(UserError, match="chmod 600"):
+        submit.auth_env({})
+
+
+def test_the_deploy_docs_keep_the_driver_alive_and_say_how_to_continue():
+    """A driver started by a plain `ray submit` dies with the SSH connection; a lost head
+    is continued from the run's store with `--resume`."""
+    import re
+
+    docs = {name: open(os.path.join(ROOT, "deploy", name)).read() for name in ("README.md", "cluster.yaml")}
+    submits = [line for text in docs.values() for line in text.splitlines() if "ray submit " in line]
+    assert submits and all("ray submit --tmux " in line for line in submits), submits
+    assert re.search(r"ray submit --tmux deploy/cluster.yaml deploy/submit.py -- --resume s3://", docs["README.md"])
+    assert "ray attach --tmux" in docs["README.md"]

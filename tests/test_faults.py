@@ -216,6 +216,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         storage.write_bytes(ShardStore(base).part_uri("snapshots", 0, 1), b"garbage")
     monkeypatch.undo()
     assert open(uri, "rb").read() == before
+    assert not [n for n in os.listdir(os.path.dirname(uri)) if n.startswith(".tmp-")]  # cleaned up
     assert list(ShardStore(base).parts("snapshots", 0)) == [0]  # temp files are not parts
 
 
@@ -248,3 +249,59 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
 
 
 # --------------------------------------------------------------------------- a solver node removed
+
+
+@pytest.mark.slow
+def test_a_diverged_network_ends_the_run_at_once_with_its_own_line(synthetic_set, tmp_path):
+    """A UserError inside a trainer worker (here the snapshot's non-finite check) fails the
+    same way every time: one attempt, not 1 + --max-failures, and its own message."""
+    from tests.helpers import run_cli
+
+    proc = run_cli("train", "--data", synthetic_set(4, 2, 48), "--method", "grid-tr", "--epochs", 1,
+                   "--pretrain-epochs", 1, "--pretrain-lr", 1e30, "--crop-size", 32, "--batch-size", 4,
+                   "--out", tmp_path / "out", check=False, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite network output on training image train_0000")
+    output = proc.stdout + proc.stderr
+    assert output.count("Moving model to device") == 1  # one trainer attempt: no retry
+    # once: Ray Train's own logs of it (the worker's traceback, the controller's) are dropped
+    assert output.count("non-finite network output") == 1, output[-3000:]
+
+
+def test_user_cause_finds_a_workers_user_error_inside_ray_trains_errors():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from shared.errors import UserError
+    from trainer.cli import _user_cause
+
+    error = UserError("x.png: unreadable")
+    assert _user_cause(WorkerGroupError("rank 1: …", {0: RuntimeError("gloo"), 1: error})) is error
+    assert _user_cause(ControllerError(error)) is error
+    assert _user_cause(WorkerGroupError("rank 0: …", {0: RuntimeError("lost")})) is None
+
+
+def test_reliability_doc_names_a_test_that_exists_for_every_fault():
+    """docs/reliability.md: one row per fault, each naming tests that exist."""
+    import re
+
+    from tests.helpers import ROOT
+
+    text = open(os.path.join(ROOT, "docs", "reliability.md")).read()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| fault")
+            and not line.startswith("| ---")]
+    faults = ["worker killed", "solver process killed", "node lost", "storage outage", "disk full", "bad image",
+              "diverged network", "Ctrl-C", "head node lost"]
+    for fault in faults:
+        assert any(all(word in row.split("|")[1] for word in fault.split()) for row in rows), fault
+    for row in rows:
+        cell = row.rstrip(" |").split("|")[-1]
+        named, current = [], None
+        for file, test in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)`", cell):
+            current = file or current
+            named.append((current, test))
+        if "none automated" in cell:
+            continue
+        assert named, row
+        for file, test in named:
+            assert re.search(rf"^def {test}\(", open(os.path.join(ROOT, "tests", file)).read(), re.M), (file, test)

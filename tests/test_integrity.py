@@ -104,6 +104,9 @@ def test_max_stall_ends_the_wait_naming_round_and_parts(tmp_path):
 def test_max_stall_option_is_checked():
     with pytest.raises(UserError, match="--max-stall"):
         TrainConfig(data="x", max_stall=0).validate()
+    for option, value in (("max_stall", float("inf")), ("solver_wait", float("inf")), ("max_stall", float("nan"))):
+        with pytest.raises(UserError, match=f"--{option.replace('_', '-')}: must be finite"):
+            TrainConfig(data="x", **{option: value}).validate()
     with pytest.raises(UserError, match="--solver-retries"):
         TrainConfig(data="x", solver_retries=-1).validate()
 
@@ -177,13 +180,30 @@ def test_an_unplaceable_pool_ends_after_solver_wait(ray_local, tmp_path):
         solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), Pool(resource="solver_node", wait_s=2))
 
 
+def test_two_fresh_runs_cannot_both_claim_one_shard_base(tmp_path, monkeypatch):
+    """claim checks, then writes: a run that came between them must not lose its base."""
+    base = str(tmp_path / "shards")
+    ShardStore(base, "b").claim()
+    late = ShardStore(base, "a")
+    monkeypatch.setattr(late, "owner", iter([None, "b"]).__next__)  # its check ran before b wrote
+    with pytest.raises(UserError, match=r"--shards .*: another run \(b\) claimed it just now"):
+        late.claim()
+    assert ShardStore(base).owner() == "b"
+
+
 def test_local_capacity_is_checked_before_starting(ray_local):
-    from solver_service.farm import Pool
+    """For every method: trainer workers (and their GPUs) that a private Ray can never
+    place would wait forever (Ray Train retries their placement without end)."""
     from trainer.driver import check_capacity
 
-    check_capacity(TrainConfig(data="x", num_workers=1, loader_workers=0), Pool(), use_gpu=False)
+    check_capacity(TrainConfig(data="x", method="grid-tr", num_workers=1, loader_workers=0), use_gpu=False)
+    check_capacity(TrainConfig(data="x", method="pce", num_workers=2, loader_workers=0), use_gpu=False)
     with pytest.raises(UserError, match=r"--workers 2 and --solvers 1: need 3 CPUs.*gives Ray 2; use --workers 1"):
-        check_capacity(TrainConfig(data="x", num_workers=2, loader_workers=0), Pool(), use_gpu=False)
+        check_capacity(TrainConfig(data="x", method="grid-tr", num_workers=2, loader_workers=0), use_gpu=False)
+    with pytest.raises(UserError, match=r"--workers 3: need 3 CPUs at once, this machine gives Ray 2; use --workers 2"):
+        check_capacity(TrainConfig(data="x", method="pce", num_workers=3, loader_workers=0), use_gpu=False)
+    with pytest.raises(UserError, match=r"--gpu: 1 trainer worker\(s\) need a GPU each, this machine gives Ray 0"):
+        check_capacity(TrainConfig(data="x", method="full", loader_workers=0), use_gpu=True)
 
 
 def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_path, capsys):
@@ -236,3 +256,78 @@ def test_trainer_writes_a_missing_answers_unreadable_snapshot_again(tmp_path, sy
     stage_a._repair(net, 0, [1, 2])
     assert store.unreadable("snapshots", 0, read_rows=True) == {}
     assert os.stat(good).st_mtime_ns == before
+
+
+def test_the_farm_waits_out_a_storage_outage_then_gives_up_after_its_patience(ray_local, tmp_path, capsys):
+    """tests/poison.py fails every image read under outage/ while outage/FAILING exists (an
+    S3 503 inside the solver actor): no solver restart is spent, no failure marker is
+    written; the round is solved once storage answers. An outage past --storage-patience
+    ends the farm naming the option."""
+    from solver_service.farm import Farm, Pool, solver_restarts
+
+    base, data = str(tmp_path / "shards"), tmp_path / "outage"
+    _write_snapshot_parts(base, str(data), 2)
+    (data / "FAILING").touch()
+    restarts, errors, out = solver_restarts(), [], ""
+    farm = Farm(ShardStore(base), 2, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1),
+                storage_patience_s=600)
+    farm.start()
+    deadline = time.monotonic() + 120
+    while out.count("storage error") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        out += capsys.readouterr().out
+    (data / "FAILING").unlink()
+    while len(ShardStore(base).parts("proposals", 0)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    farm.finish(60)
+    assert out.count("warning: stage A: storage error") >= 2 and "SLOW_DOWN" in out
+    assert sorted(ShardStore(base).parts("proposals", 0)) == [0, 1]
+    assert farm.error is None and not errors and ShardStore(base).failure() is None
+    assert solver_restarts() == restarts
+
+    base = str(tmp_path / "shards2")
+    _write_snapshot_parts(base, str(data), 1)
+    (data / "FAILING").touch()
+    farm = Farm(ShardStore(base), 1, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1),
+                storage_patience_s=1)
+    farm.start()
+    farm.join(120)
+    assert errors == [1] and isinstance(farm.error, OSError)
+    assert "(--storage-patience)" in str(farm.error) and "--storage-patience" in ShardStore(base).failure()
+
+
+def test_a_round_without_progress_is_tried_again_ever_less_often(ray_local, tmp_path):
+    """A round whose only part is an unreadable snapshot: each try lists and reads back the
+    round's proposal parts (on VOC 1,300 GETs a second when tried every poll)."""
+    from solver_service.farm import Farm, Pool
+
+    base = str(tmp_path / "shards")
+    _write_snapshot_parts(base, str(tmp_path / "data"), 1)
+    _truncate(ShardStore(base).part_uri("snapshots", 0, 0))
+    store, tries = ShardStore(base), []
+    unsolved = store.unsolved
+    store.unsolved = lambda *a, **k: tries.append(1) or unsolved(*a, **k)
+    farm = Farm(store, 1, SolverConfig(max_iter=1), Pool())
+    farm.start()
+    time.sleep(4)  # tries at 0, 1, 3 s (backing off); every poll (0.2 s doubled up to 1 s) would make 6 or more
+    farm.finish(30)
+    assert 1 <= len(tries) <= 4 and farm.error is None
+
+
+def test_a_farm_ended_by_ctrl_c_is_no_stage_a_failure(tmp_path):
+    """On ^C, Ray Train's SIGINT handler ends the process and Ray raises SystemExit in the
+    farm thread's ray.get: no failure marker (a resumed run would read it), no second
+    interrupt of the main thread."""
+    from solver_service.farm import Farm, Pool
+
+    store, errors = ShardStore(str(tmp_path / "shards"), "r"), []
+    store.claim()
+
+    def ending():
+        raise SystemExit(0)
+
+    farm = Farm(store, 1, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1))
+    farm.pending = ending
+    farm.start()
+    farm.join(60)
+    assert not farm.is_alive() and farm.error is None and not errors and store.failure() is None

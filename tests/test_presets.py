@@ -66,6 +66,13 @@ def test_apply_preset_keeps_explicit():
     assert (cfg.epochs, cfg.solver.tr_weight, cfg.eps, cfg.batch_size) == (3, 0.3, 0.9514, 12)
 
 
+def test_a_solver_key_that_is_not_a_table_is_named(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("solver = 5\n")
+    with pytest.raises(UserError, match=f"--config {toml}: key 'solver': expected a \\[solver\\] table, got int 5"):
+        resolve_train_config(_params(config_file=str(toml), data="d"))
+
+
 def test_resolve_without_preset_keeps_defaults():
     cfg = resolve_train_config(_params(data="d"))
     default = TrainConfig()

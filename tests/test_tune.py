@@ -168,3 +168,18 @@ def test_a_dead_actors_placement_group_is_freed_by_the_driver():
         assert remove_orphaned_placement_groups() == 0
     finally:
         ray.shutdown()
+
+
+def test_trials_sharing_shards_get_folders_of_their_own():
+    """A run claims its shard base and clears what another run left there: trials of one
+    experiment (tune, table1, sweep-tr-weight) given one --shards must not share it."""
+    from experiments.trials import trial_config
+    from shared.config import TrainConfig, to_dict
+
+    base = {name: to_dict(TrainConfig(method="grid-tr", out=f"/r/{name}", shards="s3://b/shards?x=1"))
+            for name in ("tr-0.1", "tr-1")}
+    cells = {trial_config({"run": name}, base).shard_base() for name in base}
+    searched = {trial_config({"run": "tr-1", "lr": 0.1}, base, trial_id).shard_base() for trial_id in ("t1", "t2")}
+    assert cells == {"s3://b/shards/tr-0.1?x=1", "s3://b/shards/tr-1?x=1"}
+    assert searched == {"s3://b/shards/tr-1/t1?x=1", "s3://b/shards/tr-1/t2?x=1"}
+    assert trial_config({"run": "tr-1"}, {"tr-1": to_dict(TrainConfig(out="/r"))}).shard_base() == "/r/shards"

@@ -105,9 +105,11 @@ def _train_options(f):
         click.option("--max-stall", type=float, default=None,
                      help="End the run after this many seconds without a new proposal [1800]."),
         click.option("--solver-wait", type=float, default=None,
-                     help="End the run if no solver actor can be placed within this many seconds [600]."),
+                     help="End the run if no solver actor, or not every trainer worker, can be placed within this many seconds [600]."),
         click.option("--solver-retries", type=int, default=None,
                      help="Solver kills on one round's parts before the run ends [3]."),
+        click.option("--storage-patience", type=float, default=None,
+                     help="Seconds stage A waits out failing storage (an S3 outage) before the run ends [300]."),
         click.option("--solvers", default=None, help="Solver actors: N or MIN:MAX."),
         click.option("--solver-resource", default=None, help="Custom resource that solver nodes advertise."),
         click.option("--shards", default=None, help="Shard base URI (local path, s3://, gs://, hdfs://)."),
@@ -149,7 +151,11 @@ def resolve_train_config(params: dict) -> TrainConfig:
         values.update(read_toml(storage.join(resume_dir, "config.toml"), "--resume"))
     if config_file:
         values.update(read_toml(config_file))
-    solver = dict(values.pop("solver", {}))
+    solver = values.pop("solver", {})
+    if not isinstance(solver, dict):  # a TOML `solver = 5`: the stage-A options are a [solver] table
+        source = f"--config {config_file}" if config_file else f"--resume {storage.join(resume_dir, 'config.toml')}"
+        raise UserError(f"{source}: key 'solver': expected a [solver] table, got {type(solver).__name__} {solver!r}")
+    solver = dict(solver)
     for key, value in params.items():
         if value is None:
             continue
@@ -484,13 +490,19 @@ def main(argv=None) -> None:
 
 
 def _user_cause(e: BaseException):
-    """A UserError raised inside a Ray worker arrives wrapped: find it."""
+    """A UserError raised inside a Ray worker arrives wrapped: find it (Ray Train holds
+    it in a ControllerError's controller_failure or a WorkerGroupError's worker_failures)."""
     seen = set()
-    while e is not None and id(e) not in seen:
+    todo = [e]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, UserError):
             return e
-        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
     return None
 
 

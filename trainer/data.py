@@ -29,6 +29,7 @@ per worker — pass ``cache=False`` there.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,6 +210,8 @@ def _image_size(path: str) -> tuple[int, int]:
             return h, w
     except FileNotFoundError:
         raise UserError(f"{path}: image not found") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: {exc} (Pillow's limit, Image.MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: unreadable or truncated image ({exc})") from None
 
@@ -217,29 +220,48 @@ def check_samples(samples: list[Sample], num_classes: int, max_pixels: int | Non
     """Open every file of ``samples`` once so that bad data fails before training;
     returns the pixel count of the largest image.
 
-    Checks: images readable (header; PNG integrity) and at most ``max_pixels`` pixels,
-    label PNGs decodable with values < K or 255, label sizes equal to the image's.
-    Raises UserError naming the file.
+    Checks: images at most ``max_pixels`` pixels (from the header) and decoded whole, as
+    training will read them (a truncated JPEG has a good header), label PNGs decodable
+    with values < K or 255, label sizes equal to the image's. Samples are checked in
+    threads (Pillow decodes without the GIL); one already checked in this process, and
+    unchanged since, is not decoded again. Raises UserError naming the file (the first
+    bad sample in order).
     """
     if not samples:
         raise UserError("empty split: no samples")
-    largest = 0
-    for s in samples:
-        size = _image_size(s.image_path)
-        largest = max(largest, size[0] * size[1])
-        if max_pixels and size[0] * size[1] > max_pixels:
-            raise UserError(f"{s.image_path}: {size[1]}×{size[0]} pixels is more than --max-image-pixels "
-                            f"{max_pixels} (stage A holds several float64 copies of |L|×H×W)")
-        for p in (s.seeds_path, s.mask_path):
-            if p is None:
-                continue
-            lab = read_label(p, num_classes)
-            if lab.shape != size:
-                raise UserError(
-                    f"{p}: label size {lab.shape[1]}×{lab.shape[0]} differs from image "
-                    f"{s.image_path} ({size[1]}×{size[0]})"
-                )
-    return largest
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        sizes = list(pool.map(lambda s: _check_sample(s, num_classes, max_pixels), samples))
+    return max(h * w for h, w in sizes)
+
+
+_checked: set[tuple] = set()  # (a sample's files, K, cap, the files' mtimes and sizes) found good
+
+
+def _check_sample(s: Sample, num_classes: int, max_pixels: int | None) -> tuple[int, int]:
+    files = [p for p in (s.image_path, s.seeds_path, s.mask_path) if p is not None]
+    try:
+        key = (s.image_path, s.seeds_path, s.mask_path, num_classes, max_pixels, *((st.st_mtime_ns, st.st_size) for st in map(os.stat, files)))
+    except OSError:
+        key = None  # a missing file: the reads below name it
+    size = _image_size(s.image_path)
+    if key in _checked:
+        return size
+    if max_pixels and size[0] * size[1] > max_pixels:
+        raise UserError(f"{s.image_path}: {size[1]}×{size[0]} pixels is more than --max-image-pixels "
+                        f"{max_pixels} (stage A holds several float64 copies of |L|×H×W)")
+    read_image(s.image_path)
+    for p in (s.seeds_path, s.mask_path):
+        if p is None:
+            continue
+        lab = read_label(p, num_classes)
+        if lab.shape != size:
+            raise UserError(
+                f"{p}: label size {lab.shape[1]}×{lab.shape[0]} differs from image "
+                f"{s.image_path} ({size[1]}×{size[0]})"
+            )
+    if key is not None:
+        _checked.add(key)
+    return size
 
 
 # --------------------------------------------------------------------------- datasets

@@ -20,14 +20,13 @@ from typing import NamedTuple
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.backend import Backend
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from shared import ray_session, storage
 from shared.shard_store import ShardStore, parts_of
 from shared.config import TrainConfig, check_eps, to_dict
 from shared.errors import UserError
-from solver_service.farm import Farm, Pool, solver_memory, solver_restarts
+from solver_service.farm import Farm, Pool, _free, solver_memory, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch
 from trainer.console import EpochLines, header
 from shared.image_io import read_label
@@ -35,17 +34,20 @@ from shared.labels import UNLABELLED, scribble_length
 from trainer.data import check_samples, load_split, read_classes
 from trainer.imagenet import IMAGENET, check_backbone_weights
 from trainer.methods import METHODS
+from trainer.process_group import torch_config
 from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, phases, train_loop_per_worker, train_split
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
 
-class NoProcessGroup(TorchConfig):
-    """One trainer worker needs no torch.distributed, whose TCP store would listen on
-    every interface (local mode promises loopback only): Ray Train's no-op backend."""
+class EndOnUserError(ray.train.UserCallback):
+    """Ray Train retries every worker error as a lost worker (--max-failures); bad input
+    or a diverged network (a UserError) fails the same way every time: end the run at
+    once. Raised here, on the controller, it ends fit() as a ControllerError holding it."""
 
-    @property
-    def backend_cls(self):
-        return Backend
+    def after_exception(self, run_context, worker_exceptions):
+        for error in worker_exceptions.values():
+            if isinstance(error, UserError):
+                raise error
 
 
 class Inputs(NamedTuple):
@@ -159,47 +161,53 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     use_gpu = cfg.use_gpu
     if cfg.sync_bn and not use_gpu:
         raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
+    if ray_session.started_here():
+        check_capacity(cfg, use_gpu)
     print(header(cfg, dataset_name or cfg.data, n_train, n_val, K,
                  cfg.solver_range()[1] if METHODS[cfg.method].needs_proposals else 0, use_gpu), flush=True)
     if METHODS[cfg.method].needs_proposals:
         pool = Pool(cfg.solver_range(), cfg.solver_resource, solver_memory(largest, K), cfg.solver_retries,
                     cfg.solver_wait)
-        if ray_session.started_here():
-            check_capacity(cfg, pool, use_gpu)
         farm = Farm(
             store, len(parts), cfg.solver, pool, on_round=lambda r, rows, s: _report_round(r, rows, s, cfg),
             # in a Tune trial run_train is not on the main thread, which is the actor's own: there the
             # farm's failure marker alone stops the trainer
             on_error=_thread.interrupt_main if threading.current_thread() is threading.main_thread() else None,
-            n_images=n_train,
+            n_images=n_train, storage_patience_s=cfg.storage_patience,
         )
         farm.start()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        torch_config=None if cfg.num_workers > 1 else NoProcessGroup(backend="gloo"),
+        torch_config=torch_config(cfg.num_workers, one_machine=ray_session.started_here()),
         train_loop_config={**to_dict(cfg), "progress": False, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
         run_config=RunConfig(
             name="ray_train",
             storage_path=ray_train_storage(cfg.out, run_id),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train retries a worker group that cannot be placed (a controller failure every
+            # WORKER_START_S) without end: bound it by --solver-wait, as the farm's actors are
+            failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                         controller_failure_limit=math.ceil(cfg.solver_wait / WORKER_START_S)),
             # the latest checkpoint (Ray Train never deletes it) and the best by val mIoU
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE,
                                                checkpoint_score_order="max"),
-            callbacks=list(callbacks),
+            callbacks=[EndOnUserError(), *callbacks],
         ),
     )
     epochs = EpochLines(cfg.out, sum(n for _, n in phases(cfg)))
     epochs.start()
+    trained_to_end = False
     try:
         result = trainer.fit()
-    except (KeyboardInterrupt, ray.train.TrainingFailedError):
+        trained_to_end = True
+    except (KeyboardInterrupt, ray.train.TrainingFailedError) as e:
         if farm is None or farm.error is None:  # not stopped by the farm: the user's ^C or the trainer's own error
-            raise
+            raise _unplaced(e, cfg, use_gpu) or e
     finally:
         epochs.finish()
+        # a trainer that ended (^C, an error) no longer needs proposals: stop at once, not after --max-stall
         if farm is not None:
-            farm.finish(cfg.max_stall)
+            farm.finish(cfg.max_stall if trained_to_end else STOP_S)
     if farm is not None and farm.error is not None:
         raise UserError(f"stage A failed: {farm.error}")
     trained = result.metrics.get(SUMMARY_KEY) if result.metrics else None
@@ -330,15 +338,44 @@ def check_cluster_paths(cfg: TrainConfig) -> None:
                                 f"copy it to every node (file_mounts in deploy/cluster.yaml) or use a URI")
 
 
-def check_capacity(cfg: TrainConfig, pool: Pool, use_gpu: bool) -> None:
-    """A private Ray must hold the trainer workers and at least one solver actor at once,
-    or stage A would wait forever for a CPU (cluster pools wait `pool.wait_s` instead)."""
-    cpus = ray.cluster_resources().get("CPU", 0)
+# Ray Train's wait for a worker group to be placed before it counts a controller failure
+WORKER_START_S = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))
+STOP_S = 5.0  # the farm's wait for its current part after the trainer stopped (^C, an error)
+
+
+def _unplaced(error: BaseException, cfg: TrainConfig, use_gpu: bool) -> UserError | None:
+    """Ray Train's error once it gave up placing the trainer workers (a cluster that never
+    offered them within --solver-wait), as the one line that names what they ask for."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        return None
+    return UserError(f"--workers {cfg.num_workers}: the trainer workers ({1 + cfg.loader_workers} CPU"
+                     f"{' and 1 GPU' if use_gpu else ''} each) could not be placed within --solver-wait "
+                     f"{cfg.solver_wait:g}s; free: {_free()}")
+
+
+def check_capacity(cfg: TrainConfig, use_gpu: bool) -> None:
+    """A private Ray never grows: it must hold the trainer workers (and their GPUs) and, for
+    a method with stage A, at least one solver actor at once, or the run would wait
+    forever (a cluster's waits are bounded by --solver-wait instead)."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if use_gpu and gpus < cfg.num_workers:
+        raise UserError(f"--gpu: {cfg.num_workers} trainer worker(s) need a GPU each, this machine gives Ray "
+                        f"{gpus:g}; {'leave out --gpu' if cfg.use_gpu else 'give --no-gpu'}"
+                        + (f" or use --workers {int(gpus)}" if gpus >= 1 else ""))
+    cpus = resources.get("CPU", 0)
     trainer_cpus = cfg.num_workers * (1 + cfg.loader_workers)  # as ScalingConfig below asks
-    if cpus - trainer_cpus < pool.solvers[0]:
+    solvers = cfg.solver_range()[0] if METHODS[cfg.method].needs_proposals else 0
+    if trainer_cpus > cpus and not solvers:
+        raise UserError(f"--workers {cfg.num_workers}" + (f" --loader-workers {cfg.loader_workers}" if cfg.loader_workers else "")
+                        + f": need {trainer_cpus} CPUs at once, this machine gives Ray {cpus:g}; use --workers "
+                        f"{max(1, int(cpus))}" + (" --loader-workers 0" if cfg.loader_workers else ""))
+    if cpus - trainer_cpus < solvers:
         loaders = f" --loader-workers {cfg.loader_workers}" if cfg.loader_workers else ""
         raise UserError(f"--workers {cfg.num_workers}{loaders} and --solvers {cfg.solvers}: need "
-                        f"{trainer_cpus + pool.solvers[0]} CPUs at once, this machine gives Ray {cpus:g}; use "
+                        f"{trainer_cpus + solvers} CPUs at once, this machine gives Ray {cpus:g}; use "
                         f"--workers {max(1, int(cpus) - 1)}{' --loader-workers 0' if loaders else ''} --solvers 1"
                         + ("" if use_gpu else " (or a cluster, --address)"))
 

@@ -216,8 +216,6 @@ def train_loop_per_worker(config: dict) -> None:
             if improved:
                 best = state["best_miou"] = record["val_miou"]
             blob = checkpoint_bytes(state) if rank == 0 else None  # one serialisation for every copy
-            if improved:
-                log.save_checkpoint("best.pt", blob)
             if last and not final:
                 log.save_checkpoint(f"{method}.pt", blob)
             log.log_epoch(record, global_epoch)  # before last.pt: a resume drops lines past it
@@ -231,6 +229,11 @@ def train_loop_per_worker(config: dict) -> None:
                     "trimap": record.get("trimap"), "epochs": global_epoch,
                 }
             report(metrics, blob)
+            # after last.pt and Ray Train's checkpoint, which record this best: a worker restarted
+            # from an earlier checkpoint would otherwise compare against an older best and could
+            # overwrite best.pt with a worse model
+            if improved:
+                log.save_checkpoint("best.pt", blob)
     log.close()
 
 
