@@ -307,10 +307,11 @@ def _to_item(image, seeds, proposal, mask, index, roi=None) -> dict:
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),
         # uint8 label maps (values < K ≤ 255, or 255), checked here: the trainer sends them
-        # to the device as they are and the losses check nothing there
-        "seeds": torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.uint8)),
-        "proposal": torch.from_numpy(np.ascontiguousarray(proposal, dtype=np.uint8)),
-        "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8)),
+        # to the device as they are and the losses check nothing there. Copies: an
+        # unaugmented item's maps are the image cache's own (read-only) arrays
+        "seeds": torch.from_numpy(np.array(seeds, dtype=np.uint8)),
+        "proposal": torch.from_numpy(np.array(proposal, dtype=np.uint8)),
+        "mask": torch.from_numpy(np.array(mask, dtype=np.uint8)),
         "roi": torch.ones(seeds.shape, dtype=torch.bool) if roi is None else torch.from_numpy(roi.astype(bool)),
         "index": index,
     }
