@@ -104,6 +104,7 @@ def measure(repeats: int = 3) -> dict:
         "warm_iterations": warm.iterations,
         "cold_energy": round(cold.energy, 3),
         "warm_energy": round(warm.energy, 3),
+        "warm_kept_init": warm.kept_init,  # true: GCO's result was above the warm start itself
         "integer_scale": cold.scale,
         "integer_rel_error": rel_err,
     }
