@@ -340,6 +340,30 @@ def test_batch_average_divides_the_data_terms_by_n():
         method_loss("grid-gd", logits, batch, 0.5, 2.0).item() - pce + pce / 3)
 
 
+@pytest.mark.parametrize("batch_average", [False, True])
+def test_method_loss_is_data_term_plus_nu_times_regulariser(batch_average):
+    """Grid-GD and Dense-GD: method_loss = PCE (the loop reference, /N with batch_average)
+    + ν · the regulariser of softmax(logits) on the batch's images inside its ROI; grid
+    Potts by the loop reference, the dense CRF as dense_crf computes it (checked against
+    the exact filter above); ν None is the method's default."""
+    from trainer.methods import METHODS, method_loss
+
+    logits, seeds, proposals = _batch(n=2, h=7, w=8)
+    image = smooth_images(2, 7, 8, seed=3)
+    roi = torch.ones(2, 7, 8, dtype=torch.bool)
+    roi[1, 5:, :] = False
+    q = torch.softmax(logits, 1)
+    pce = ref_partial_ce(logits, seeds) / (2 if batch_average else 1)
+    regulariser = {"grid-gd": ref_grid_potts(q, image, roi), "dense-gd": dense_crf(q, image, roi=roi).item()}
+    for name, reg in regulariser.items():
+        assert abs(reg) > 1e-3 * pce, name  # a term that would show if it were dropped
+        for nu in (None, 0.0, 0.5, 3.0):
+            batch = {"seeds": seeds, "proposal": proposals, "image": image, "mask": proposals, "roi": roi}
+            got = method_loss(name, logits, batch, 0.5, nu, batch_average).item()
+            weight = METHODS[name].default_nu if nu is None else nu
+            assert got == pytest.approx(pce + weight * reg, rel=1e-5, abs=1e-12), (name, nu)
+
+
 def test_batch_average_equals_lr_and_weight_decay_rescaling():
     """One SGD step (momentum, weight decay) on the batch-averaged loss at LR η, wd λ is
     the step on the per-batch loss at η/N, wd N·λ: the two ways to use the reference's LRs."""
