@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_permutohedral import RATIO_BAND
 from trainer.losses import bilateral_filter, dense_crf, grid_potts, partial_ce, robust_ce
 
 IGN = 255
@@ -282,11 +283,12 @@ def test_dense_crf_value_and_gradient_vs_exact():
         exact_val += -(qn * Wq).sum().item()
         grads.append((-2 * Wq / N).reshape(K, H, W))
     exact_val /= N
-    assert val.item() == pytest.approx(exact_val, rel=0.15)
+    low, high = RATIO_BAND  # trainer/permutohedral.py's documented bound
+    assert low <= val.item() / exact_val <= high
     gexp = torch.stack(grads)
     cos = F.cosine_similarity(q.grad.double().flatten(), gexp.flatten(), dim=0).item()
     assert cos > 0.99
-    assert q.grad.double().norm().item() == pytest.approx(gexp.norm().item(), rel=0.15)
+    assert low <= q.grad.double().norm().item() / gexp.norm().item() <= high
     assert torch.isfinite(z.grad).all()
 
 
