@@ -44,7 +44,7 @@ def sync_run(data, tmp_path_factory):
     return str(out)
 
 
-def test_sync_run_writes_every_output(sync_run):
+def test_sync_run_writes_every_output(sync_run, data):
     summary = json.load(open(os.path.join(sync_run, "summary.json")))
     for key in ("method", "dataset", "scribble_length", "epochs", "train_images", "val_images", "val_miou",
                 "per_class_iou", "wall_s", "stage_b_s", "trainer_stall_s", "stage_a_images",
@@ -53,6 +53,7 @@ def test_sync_run_writes_every_output(sync_run):
     assert summary["proposals_missing"] == 0
     assert summary["stage_a_images"] == 8 * 3  # three rounds of eight images
     assert 0 <= summary["val_miou"] <= 1
+    assert summary["val_miou"] > helpers.majority_class_miou(data, "synthetic", 4)  # it learned
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "last.pt"))
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "best.pt"))
 

@@ -136,21 +136,6 @@ def test_scribblesup_conversion_and_shortened_sets(tmp_path):
     assert counts == sorted(counts, reverse=True) and counts[-1] > 0, counts  # shorter with r, clicks last
 
 
-def majority_class_miou(data: str) -> float:
-    """Val mIoU of predicting the train set's most frequent class everywhere."""
-    from shared.image_io import read_label
-    from trainer.data import load_split
-    from trainer.metrics import confusion_matrix, miou
-
-    counts = np.zeros(256, np.int64)
-    for s in load_split(data, "synthetic", "train"):
-        counts += np.bincount(read_label(s.mask_path).ravel(), minlength=256)
-    majority = int(np.argmax(counts[:255]))
-    conf = sum(confusion_matrix(np.full_like(m, majority), m, 4)
-               for m in (read_label(s.mask_path) for s in load_split(data, "synthetic", "val")))
-    return miou(conf)[0]
-
-
 @pytest.mark.slow
 def test_readme_quick_start(tmp_path):
     """The quick start as a user types it, and what the README says of it: the folders
@@ -177,6 +162,6 @@ def test_readme_quick_start(tmp_path):
     assert re.search(r"^method +epochs +val mIoU", out, re.M)
     assert tr["proposals_missing"] == 0 and tr["stage_a_images"] > 0
     assert min(r["proposal_miou"] for r in proposals) > 0.6 and all(r["proposal_changed"] > 0 for r in proposals)
-    baseline = majority_class_miou(data)
+    baseline = helpers.majority_class_miou(data, "synthetic", 4)
     for cell, s in summaries.items():
         assert s["val_miou"] > baseline + 0.1, (cell, s["val_miou"], baseline)
