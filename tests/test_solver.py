@@ -181,7 +181,7 @@ def test_warm_start_reaches_gco():
 def test_warm_start_from_the_brute_force_optimum_stays_there():
     for trial in range(4):
         rng = np.random.default_rng(300 + trial)
-        image, probs, seeds = problem(rng, 3, 4, 3, seed_frac=0.0)
+        image, probs, seeds = problem(rng, 3, 3, 3, seed_frac=0.0)
         e_best, best = brute_force_k(image, probs, seeds, 0.5, 30.0, 3)
         for algorithm in sorted(SOLVERS):
             warm = solve(image, probs, seeds, init=best, max_iter=1, tr_weight=0.5, potts_weight=30.0,
