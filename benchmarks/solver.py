@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gco  # noqa: E402
 
+from solver_service import energy as E  # noqa: E402
 from solver_service.alpha_expansion import build_problem, solve  # noqa: E402
 
 H, W, K = 375, 500, 3
@@ -104,6 +105,8 @@ def measure(repeats: int = 3) -> dict:
         "warm_iterations": warm.iterations,
         "cold_energy": round(cold.energy, 3),
         "warm_energy": round(warm.energy, 3),
+        "warm_kept_init": warm.kept_init,  # true: GCO's result was above the warm start itself
+        "gco_kept_seeds": bool(E.seeds_satisfied(cold.gco_labels, seeds)),  # before solve() re-imposes them
         "integer_scale": cold.scale,
         "integer_rel_error": rel_err,
     }

@@ -11,14 +11,18 @@ and rounded to the nearest integer, so the largest unary or pairwise term become
 the 1e-4 that SPEC §1 allows (measured in the tests and by benchmarks/solver.py).
 Seeds are hard constraints: on a seeded pixel every other label costs
 HARD_COST = 2**23 > 8 · 2**19, more than the most a pixel can gain from its 8
-neighbours, so no move ever violates a seed; the output is checked anyway.
-The energies that `solve` reports are always recomputed in float64 from the SPEC
-formula (energy.py), never GCO's integers.
+neighbours, so no move ever violates a seed; the output is checked anyway (seeds
+are re-imposed). The energies that `solve` reports are always recomputed in float64
+from the SPEC formula (energy.py), never GCO's integers; GCO's own labelling and
+energy, before that check and before the warm-start comparison below, are reported
+too (`gco_labels`, `gco_energy`), so that both safety nets can be seen not to act.
 
 Warm start. pyGCO can only set initial labels one site at a time. The solver puts the
 most frequent label of `init` at GCO label 0 (GCO's initial labeling is all 0) and
 sets only the other sites, through the C entry point directly. If the result ends
-above the SPEC energy of `init` (seeds fixed), `init` is returned instead.
+above the SPEC energy of `init` (seeds fixed), `init` is returned instead
+(`kept_init`). GCO's moves never raise its energy, so that happens only through the
+integer rounding.
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ class SolveResult:
     gco_energy: float = float("nan")  # GCO's integer energy / scale, for checks
     warm_start: bool = False
     changed: float = 0.0  # fraction of unseeded pixels where labels ≠ the network's argmax over L
+    # GCO's own labelling (class ids, H×W), before seeds are re-imposed and before a
+    # lower-energy `init` replaces it; `gco_energy` is its energy
+    gco_labels: np.ndarray | None = None
+    kept_init: bool = False  # `init` was returned: GCO's result was above it
 
 
 class Solver(Protocol):
@@ -269,17 +277,19 @@ def solve(
                 pass
         iterations = SOLVERS[algorithm](graph, max_iter)
         gco_energy = graph.compute_energy() / p["scale"]
-        idx = order[graph.get_labels()]
+        gco_idx = order[graph.get_labels()]
     finally:
         graph.destroy_graph()
 
+    idx = gco_idx.copy()
     if np.any(idx[seeded] != lut[seed_flat[seeded]]):  # cannot happen (HARD_COST); be safe
         idx[seeded] = lut[seed_flat[seeded]]
     total, un, sm = _float_energy(idx, p)
+    kept_init = False
     if init_idx is not None:
         i_total, i_un, i_sm = _float_energy(init_idx, p)
         if i_total < total:
-            idx, total, un, sm = init_idx, i_total, i_un, i_sm
+            idx, total, un, sm, kept_init = init_idx, i_total, i_un, i_sm, True
     out = L[idx].reshape(h, w).astype(np.uint8)
     free = ~seeded
     network = np.argmin(p["unary"], axis=0)  # argmax of q over L (unary is λ·(−log q))
@@ -288,4 +298,5 @@ def solve(
         labels=out, energy=total, unary_energy=un, smooth_energy=sm, iterations=iterations,
         seconds=time.perf_counter() - t0, scale=p["scale"], gco_energy=gco_energy,
         warm_start=init is not None, changed=changed,
+        gco_labels=L[gco_idx].reshape(h, w).astype(np.uint8), kept_init=kept_init,
     )

@@ -209,3 +209,22 @@ def run_cli_watching_sockets(*args, timeout: float = 600) -> tuple[subprocess.Co
         output = log.read()
     assert proc.returncode == 0, output[-3000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, output, ""), seen
+
+
+def majority_class_miou(data: str, fmt: str, num_classes: int, scribbles: str = "") -> float:
+    """The trivial baseline of the learning checks: val mIoU of predicting the train
+    masks' most frequent class everywhere."""
+    import numpy as np
+
+    from shared.image_io import read_label
+    from trainer.data import load_split
+    from trainer.metrics import confusion_matrix, miou
+
+    counts = np.zeros(256, np.int64)
+    for s in load_split(data, fmt, "train", scribbles):
+        counts += np.bincount(read_label(s.mask_path).ravel(), minlength=256)
+    majority = int(np.argmax(counts[:255]))
+    conf = sum(confusion_matrix(np.full_like(m, majority), m, num_classes)
+               for m in (read_label(s.mask_path) for s in load_split(data, fmt, "val", scribbles)))
+    return miou(conf)[0]
+

@@ -1,5 +1,6 @@
 """A Ray worker setup hook for tests/test_integrity.py: a solver process dies, the way a
-segfault or an OOM kill would end it, when it reads an image named poison/1.png; and
+segfault or an OOM kill would end it, when it reads an image named poison/1.png (each
+death first appends a line to poison/deaths, so that the test can count them); and
 reading an image under a folder `outage` fails with a storage error (an S3 503) while
 a file `outage/FAILING` exists."""
 import os
@@ -12,6 +13,8 @@ def install() -> None:
 
     def read_or_die(uri: str):
         if uri.endswith(os.path.join("poison", "1.png")):
+            with open(os.path.join(os.path.dirname(uri), "deaths"), "a") as f:
+                f.write(f"{os.getpid()}\n")
             os._exit(1)
         folder = os.path.dirname(uri)
         if os.path.basename(folder) == "outage" and os.path.exists(os.path.join(folder, "FAILING")):

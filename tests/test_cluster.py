@@ -32,7 +32,8 @@ def cluster():
         trainer = c.add_node(**_node_args(num_cpus=1, resources={"trainer_node": 1}))
         solvers = [c.add_node(**_node_args(num_cpus=1, resources={"solver_node": 1})) for _ in range(2)]
         c.wait_for_nodes()
-        ray.init(address=c.address, _node_ip_address=LOOPBACK, log_to_driver=False)
+        ray.init(address=c.address, _node_ip_address=LOOPBACK, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": "tests.hold.install", "env_vars": {"PYTHONPATH": ROOT}})
         yield c, trainer, solvers
     finally:
         if ray.is_initialized():
@@ -154,13 +155,13 @@ def _check_cluster_paths(tmp_path):
 @pytest.mark.faults
 def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
     """Issue: a solver node removed mid-round loses no image, and is counted as restarts."""
-    from shared import shards
     from shared.config import SolverConfig
     from solver_service.farm import Pool, solve_round, solver_restarts
 
     c, trainer, solvers = cluster
-    base, n_parts, size = str(tmp_path / "shards"), 12, 200
-    ids = _make_round(base, str(tmp_path / "data"), n_parts, per_part=1, size=size)
+    base, data, n_parts, size = str(tmp_path / "shards"), tmp_path / "data", 6, 48
+    ids = _make_round(base, str(data), n_parts, per_part=1, size=size)
+    (data / "hold").touch()  # tests/hold.py: every solver waits at its first image until released
     result, errors = {}, []
 
     def run():
@@ -169,27 +170,25 @@ def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
 
+    def held():  # pids of the solver processes waiting at an image
+        return set((data / "held").read_text().split()) if (data / "held").exists() else set()
+
     thread = threading.Thread(target=run, daemon=True)
     t0 = time.perf_counter()
     thread.start()
-    proposals = ShardStore(base).round_dir("proposals", 0)
-
-    def solvers_seen():  # "<ip>:<pid>" of the actors that wrote proposals so far
-        return {p.solver for uri in parts_in(proposals).values() for p in shards.read_proposals(uri)}
-
-    # wait until both solver actors (one per solver node) are working, so the node goes mid-solve
-    while len(solvers_seen()) < 2 and thread.is_alive() and time.perf_counter() - t0 < 60:
+    # wait until both solver actors (one per solver node) hold a part, so the node goes mid-solve
+    while len(held()) < 2 and thread.is_alive() and time.perf_counter() - t0 < 120:
         time.sleep(0.05)
-    n_before = len(parts_in(proposals))
-    assert len(solvers_seen()) == 2, "the pool never ran two solver actors"
-    assert n_before < n_parts, f"{n_before} of {n_parts} parts done when the node would go: make the round longer"
+    assert len(held()) == 2, "the pool never ran two solver actors"
+    proposals = ShardStore(base).round_dir("proposals", 0)
+    assert parts_in(proposals) == {}  # nothing written yet: both parts in flight are at stake
     c.remove_node(solvers[0])
-    t_removed = time.perf_counter() - t0
+    (data / "hold").unlink()
     thread.join(timeout=120)
     assert not thread.is_alive(), "the round did not finish after a solver node went away"
     assert not errors, errors
-    print(f"node removed at {t_removed:.1f}s with {n_before}/{n_parts} parts done; round {time.perf_counter() - t0:.1f}s; "
-          f"{len(result['rows'])} part solves by {len({r['solver'] for r in result['rows']})} actor processes")
+    print(f"round {time.perf_counter() - t0:.1f}s; {len(result['rows'])} part solves by "
+          f"{len({r['solver'] for r in result['rows']})} actor processes")
     _check_all_proposals(base, ids, n_parts, size)
     solver_ids = {n.node_id for n in solvers}
     assert {str(r["node_id"]) for r in result["rows"]} <= solver_ids

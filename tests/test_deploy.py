@@ -48,8 +48,29 @@ def test_setup_installs_the_working_tree(config):
     assert any("pip install" in c and remote[0] in c for c in config["setup_commands"])
 
 
-def test_solver_resource_matches_the_cli_default():
-    assert submit.SOLVER_RESOURCE == "solver_node"
+def _resolved(argv: list[str]) -> dict:
+    """The configuration the real trainer CLI resolves from argv (`train --print-config`)."""
+    import tomllib
+
+    from click.testing import CliRunner
+    from trainer.cli import cli
+
+    result = CliRunner().invoke(cli, [*argv, "--print-config"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return tomllib.loads(result.output)
+
+
+def test_solver_resource_is_what_solver_nodes_advertise_and_the_cli_lacks(config):
+    """The CLI's own default names no resource (solver actors would land anywhere, the
+    trainer node included), so submit.py must add the one only the solver node type of
+    cluster.yaml advertises; what the CLI then resolves is that resource."""
+    types = config["available_node_types"]
+    only_solver = set(types["solver"]["resources"]).difference(
+        {"CPU", "GPU", "memory"}, *(t["resources"] for name, t in types.items() if name != "solver"))
+    assert only_solver == {submit.SOLVER_RESOURCE}
+    args = ["--data", "/data/voc", "--method", "grid-tr"]
+    assert _resolved(["train", *args]).get("solver_resource") is None
+    assert _resolved(submit.build_argv(args))["solver_resource"] == submit.SOLVER_RESOURCE
 
 
 def test_build_argv_defaults_solver_resource():

@@ -3,6 +3,7 @@ forever, bounded retries. Real files, real GCO, real Ray (one private Ray for th
 module); the storage faults are in test_s3.py."""
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,17 +89,29 @@ def test_feed_refuses_a_proposal_for_other_images(tmp_path):
 # --------------------------------------------------------------------------- nothing waits forever
 
 
-def test_max_stall_ends_the_wait_naming_round_and_parts(tmp_path):
+def test_max_stall_ends_the_wait_naming_round_and_parts(tmp_path, monkeypatch):
+    """On a clock of its own (no timing on a loaded machine): the feed polls with a
+    doubling interval, asks the trainer about the missing part at every poll, and gives
+    up at the first poll more than --max-stall after the last progress."""
+    import trainer.proposals as proposals_module
+
+    clock, sleeps = [0.0], []
+
+    def sleep(s):
+        assert clock[0] < 100, "the wait never ended"
+        sleeps.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(proposals_module, "time", SimpleNamespace(perf_counter=lambda: clock[0], sleep=sleep))
     base = str(tmp_path)
     _props(base, "mine", 0, ["a"])
     feed = ProposalFeed(ShardStore(base, "mine"), [["a"], ["b", "c"]], sync=True, max_staleness=0,
                         max_stall_s=0.5, poll_s=0.05)
     calls = []
-    t0 = time.perf_counter()
     with pytest.raises(UserError, match=r"0\.5s \(--max-stall\): round 0 .* 1 part\(s\): 1 \(b…\)"):
         feed.refresh(0, wait=True, on_wait=calls.append)
-    assert 0.5 <= time.perf_counter() - t0 < 5
-    assert calls and calls[0] == [1]  # the trainer was asked to look at the missing part
+    assert sleeps == [0.05, 0.1, 0.2, 0.4]  # 0.75 s waited: the first poll past 0.5 s ends it
+    assert calls == [[1]] * 4  # the trainer was asked to look at the missing part each time
 
 
 def test_max_stall_option_is_checked():
@@ -164,10 +177,12 @@ def test_a_part_that_kills_its_solver_ends_the_round_naming_it(ray_local, tmp_pa
 
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "poison"), 3)
-    t0 = time.perf_counter()
     with pytest.raises(UserError, match=r"round 0: part\(s\) \[.*1.*\] still unsolved after 1 solver restarts.*part-1"):
         solve_round(ShardStore(base), 0, SolverConfig(max_iter=1), Pool(retries=1))
-    assert time.perf_counter() - t0 < 120  # bounded: not retried forever
+    with open(tmp_path / "poison" / "deaths") as f:
+        deaths = f.read().split()
+    print("solver deaths:", deaths)
+    assert 1 <= len(deaths) <= 2  # bounded: the first try and one retry, not retried forever
     assert 1 not in ShardStore(base).parts("proposals", 0)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_permutohedral import RATIO_BAND
 from trainer.losses import bilateral_filter, dense_crf, grid_potts, partial_ce, robust_ce
 
 IGN = 255
@@ -282,11 +283,12 @@ def test_dense_crf_value_and_gradient_vs_exact():
         exact_val += -(qn * Wq).sum().item()
         grads.append((-2 * Wq / N).reshape(K, H, W))
     exact_val /= N
-    assert val.item() == pytest.approx(exact_val, rel=0.15)
+    low, high = RATIO_BAND  # trainer/permutohedral.py's documented bound
+    assert low <= val.item() / exact_val <= high
     gexp = torch.stack(grads)
     cos = F.cosine_similarity(q.grad.double().flatten(), gexp.flatten(), dim=0).item()
     assert cos > 0.99
-    assert q.grad.double().norm().item() == pytest.approx(gexp.norm().item(), rel=0.15)
+    assert low <= q.grad.double().norm().item() / gexp.norm().item() <= high
     assert torch.isfinite(z.grad).all()
 
 
@@ -338,6 +340,30 @@ def test_batch_average_divides_the_data_terms_by_n():
     pce = partial_ce(logits, seeds).item()
     assert method_loss("grid-gd", logits, batch, 0.5, 2.0, True) == pytest.approx(
         method_loss("grid-gd", logits, batch, 0.5, 2.0).item() - pce + pce / 3)
+
+
+@pytest.mark.parametrize("batch_average", [False, True])
+def test_method_loss_is_data_term_plus_nu_times_regulariser(batch_average):
+    """Grid-GD and Dense-GD: method_loss = PCE (the loop reference, /N with batch_average)
+    + ν · the regulariser of softmax(logits) on the batch's images inside its ROI; grid
+    Potts by the loop reference, the dense CRF as dense_crf computes it (checked against
+    the exact filter above); ν None is the method's default."""
+    from trainer.methods import METHODS, method_loss
+
+    logits, seeds, proposals = _batch(n=2, h=7, w=8)
+    image = smooth_images(2, 7, 8, seed=3)
+    roi = torch.ones(2, 7, 8, dtype=torch.bool)
+    roi[1, 5:, :] = False
+    q = torch.softmax(logits, 1)
+    pce = ref_partial_ce(logits, seeds) / (2 if batch_average else 1)
+    regulariser = {"grid-gd": ref_grid_potts(q, image, roi), "dense-gd": dense_crf(q, image, roi=roi).item()}
+    for name, reg in regulariser.items():
+        assert abs(reg) > 1e-3 * pce, name  # a term that would show if it were dropped
+        for nu in (None, 0.0, 0.5, 3.0):
+            batch = {"seeds": seeds, "proposal": proposals, "image": image, "mask": proposals, "roi": roi}
+            got = method_loss(name, logits, batch, 0.5, nu, batch_average).item()
+            weight = METHODS[name].default_nu if nu is None else nu
+            assert got == pytest.approx(pce + weight * reg, rel=1e-5, abs=1e-12), (name, nu)
 
 
 def test_batch_average_equals_lr_and_weight_decay_rescaling():

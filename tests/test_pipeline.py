@@ -44,7 +44,7 @@ def sync_run(data, tmp_path_factory):
     return str(out)
 
 
-def test_sync_run_writes_every_output(sync_run):
+def test_sync_run_writes_every_output(sync_run, data):
     summary = json.load(open(os.path.join(sync_run, "summary.json")))
     for key in ("method", "dataset", "scribble_length", "epochs", "train_images", "val_images", "val_miou",
                 "per_class_iou", "wall_s", "stage_b_s", "trainer_stall_s", "stage_a_images",
@@ -53,6 +53,7 @@ def test_sync_run_writes_every_output(sync_run):
     assert summary["proposals_missing"] == 0
     assert summary["stage_a_images"] == 8 * 3  # three rounds of eight images
     assert 0 <= summary["val_miou"] <= 1
+    assert summary["val_miou"] > helpers.majority_class_miou(data, "synthetic", 4)  # it learned
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "last.pt"))
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "best.pt"))
 
@@ -154,29 +155,3 @@ def test_overlapped_staleness_stays_within_bound_and_every_socket_is_loopback(da
     summary = json.load(open(out / "summary.json"))
     assert summary["max_staleness"] <= 1 and summary["proposals_missing"] == 0
     assert summary["schedule"] == "overlapped"
-
-
-def readme_quick_start() -> str:
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    return re.search(r"^(python -m trainer --local --quick.*)$", readme, re.M).group(1)
-
-
-@pytest.mark.slow
-def test_readme_quick_start(tmp_path):
-    """The README's quick-start command, as a user types it."""
-    command = readme_quick_start().split()
-    assert command[:3] == ["python", "-m", "trainer"]
-    run_cli(*command[3:], "--out", str(tmp_path / "run"), env={"TRSEG_CACHE": str(tmp_path / "cache")}, timeout=900)
-    control = json.load(open(tmp_path / "run" / "pce" / "summary.json"))
-    tr = json.load(open(tmp_path / "run" / "grid-tr" / "summary.json"))
-    assert tr["proposals_missing"] == 0 and tr["stage_a_images"] > 0
-    assert "trainer_stall_s" in tr and "mean_staleness" in tr
-    # stage A's labels are good (0.82 measured) and changed the network's own ...
-    rounds = [json.loads(line) for line in open(tmp_path / "run" / "grid-tr" / "metrics.jsonl")]
-    proposals = [r for r in rounds if "proposal_miou" in r]
-    assert proposals and min(r["proposal_miou"] for r in proposals) > 0.6
-    assert all(r["proposal_changed"] > 0 for r in proposals)
-    # ... and Grid-TR is no worse than PCE-GD for the same epochs from the same start. (Not
-    # "above its start": the quick job's 8 val images and dozen steps per cell move val
-    # mIoU by ±5 points between epochs.)
-    assert tr["val_miou"] >= control["val_miou"] - 0.02

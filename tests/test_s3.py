@@ -101,7 +101,7 @@ def test_whole_round_on_s3(base, s3_endpoint):
     from shared import shards
     from shared.config import SolverConfig
 
-    parts_mod = pytest.importorskip("solver_service.parts", reason="solver_service/parts.py not written yet")
+    from solver_service import parts as parts_mod
     rng = np.random.default_rng(0)
     classes, size = 3, 24
     images = _make_images(base, 6, size, classes, rng)
@@ -177,15 +177,50 @@ def test_killed_writer_leaves_no_object(base, s3_endpoint, n_bytes):
     assert _keys(client, prefix) == [f"{prefix}/proposals/round=0/part-1.parquet"]
 
 
-def test_failed_serialisation_writes_nothing(base, s3_endpoint):
-    """write_table serialises in memory first: an error before the PUT leaves no object."""
+@pytest.mark.parametrize("ext", ["parquet", "arrow"])
+def test_a_writer_failing_after_its_bytes_leaves_the_old_object(base, s3_endpoint, monkeypatch, ext):
+    """The serialiser writes the whole new file into its sink and then fails (a disk-full
+    close, a bug in a writer): write_table raises and the object on S3 is still the old
+    one, byte for byte. A write_table that streamed to S3 would have replaced it."""
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
     from shared import shards, storage
 
-    uri = ShardStore(base).part_uri("proposals", 0, 0)
-    with pytest.raises(Exception):
-        shards.write_table(None, uri)  # fails while serialising, before any request
-    assert not storage.exists(uri)
-    assert ShardStore(base).parts("proposals", 0) == {}
+    def table(value):
+        return shards.proposals_table([shards.Proposal(
+            image_id="a", round=0, labels=np.full((5, 6), value, np.uint8), energy=1.0, unary_energy=0.5,
+            smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t:1")])
+
+    uri = ShardStore(base).part_uri("proposals", 0, 0, ext)
+    shards.write_table(table(1), uri)
+    old = storage.read_bytes(uri)
+    real_parquet, real_new_file = pq.write_table, ipc.new_file
+
+    def parquet_then_fail(t, sink, **kw):
+        real_parquet(t, sink, **kw)
+        raise OSError("the writer failed after its last byte")
+
+    class ArrowThenFail:
+        def __init__(self, sink, schema, **kw):
+            self.writer = real_new_file(sink, schema, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.writer.close()
+
+        def write_table(self, t):
+            self.writer.write_table(t)
+            raise OSError("the writer failed after its last byte")
+
+    monkeypatch.setattr(pq, "write_table", parquet_then_fail)
+    monkeypatch.setattr(ipc, "new_file", ArrowThenFail)
+    with pytest.raises(OSError, match="after its last byte"):
+        shards.write_table(table(2), uri)
+    assert storage.read_bytes(uri) == old
+    assert (shards.read_proposals(uri)[0].labels == 1).all()
 
 
 def test_overwrite_is_whole(base, s3_endpoint):

@@ -33,6 +33,64 @@ def brute_force(image, probs, seeds, lam, beta, labels):
     return best
 
 
+def all_energies(image, probs, seeds, lam, beta, K):
+    """(energies, labellings) of every labelling of a tiny problem that meets the seeds,
+    vectorised over the K^free labellings (float64, SPEC §1)."""
+    H, W = seeds.shape
+    flat = seeds.ravel()
+    free = np.flatnonzero(flat == 255)
+    labs = np.tile(flat.astype(np.intp), (K ** free.size, 1))
+    labs[:, free] = np.array(list(itertools.product(range(K), repeat=free.size)), np.intp).reshape(-1, free.size)
+    cost = lam * E.neg_log_probs(probs, H, W).reshape(K, H * W)
+    unary = cost[labs[:, free], free].sum(axis=1)
+    s1, s2, _ = E.grid_edges_n8(H, W)
+    smooth = ((labs[:, s1] != labs[:, s2]) * E.contrast_weights(image, beta)).sum(axis=1)
+    return unary + smooth, labs
+
+
+def brute_force_k(image, probs, seeds, lam, beta, K):
+    energies, labs = all_energies(image, probs, seeds, lam, beta, K)
+    best = int(np.argmin(energies))
+    return float(energies[best]), labs[best].reshape(seeds.shape).astype(np.uint8)
+
+
+def best_move(energies, labs, allowed):
+    """The lowest energy among the labellings one move away: `allowed(labs)` says, per
+    labelling, whether it is in the move space of the current one."""
+    return float(energies[allowed(labs)].min())
+
+
+@pytest.mark.parametrize("K", [3, 4])
+@pytest.mark.parametrize("trial", range(4))
+def test_k_labels_against_brute_force(K, trial):
+    """Expansion: within its bound 2c·E* (c = 1 for Potts) and a local minimum of every
+    α-expansion move; swap: a local minimum of every α-β swap move; both ≥ E*."""
+    rng = np.random.default_rng(1000 + 10 * K + trial)
+    H, W = (3, 3) if K == 3 else (2, 4)
+    image, probs, seeds = problem(rng, H, W, K, seed_frac=0.0 if trial % 2 else 0.2)
+    lam, beta = [(1.0, 20.0), (0.3, 60.0), (2.0, 10.0), (0.5, 100.0)][trial]
+    energies, labs = all_energies(image, probs, seeds, lam, beta, K)
+    e_star = float(energies.min())
+    tol = 1e-6 * abs(e_star) + 1e-9
+    for algorithm in sorted(SOLVERS):
+        res = solve(image, probs, seeds, tr_weight=lam, potts_weight=beta, max_iter=20,
+                    restrict_labels=False, algorithm=algorithm)
+        assert E.seeds_satisfied(res.gco_labels, seeds)
+        assert res.energy >= e_star - tol
+        cur = res.labels.ravel().astype(np.intp)
+        if algorithm == "expansion":
+            assert res.energy <= 2 * e_star + tol
+            for alpha in range(K):  # every labelling one α-expansion away from the result
+                e_move = best_move(energies, labs, lambda L: np.all((L == cur) | (L == alpha), axis=1))
+                assert res.energy <= e_move + tol, (alpha, res.energy, e_move)
+        else:
+            for a, b in itertools.combinations(range(K), 2):  # one α-β swap away
+                ab = (cur == a) | (cur == b)
+                e_move = best_move(energies, labs, lambda L: np.all(
+                    np.where(ab, (L == a) | (L == b), L == cur), axis=1))
+                assert res.energy <= e_move + tol, ((a, b), res.energy, e_move)
+
+
 @pytest.mark.parametrize("trial", range(12))
 def test_two_labels_exact(trial):
     rng = np.random.default_rng(trial)
@@ -46,14 +104,20 @@ def test_two_labels_exact(trial):
 
 
 @pytest.mark.parametrize("algorithm", sorted(SOLVERS))
-def test_seeds_never_violated(algorithm):
+def test_gco_itself_honours_the_seeds(algorithm):
+    """GCO's own labelling, before `solve` re-imposes the seeds, satisfies them, and its
+    integer energy is the SPEC energy of that labelling: no hard-cost penalty was paid."""
     rng = np.random.default_rng(5)
     image, probs, seeds = problem(rng, 30, 40, 4, seed_frac=0.3)
     # make the network confidently disagree with the seeds
     probs[:] = 1e-6
     probs[0] = 1.0
     res = solve(image, probs, seeds, tr_weight=10.0, potts_weight=500.0, algorithm=algorithm, restrict_labels=False)
-    assert E.seeds_satisfied(res.labels, seeds)
+    assert E.seeds_satisfied(res.gco_labels, seeds)
+    np.testing.assert_array_equal(res.gco_labels, res.labels)
+    spec = E.potts_energy(res.gco_labels, image, probs, seeds, 10.0, 500.0)[0]
+    assert res.gco_energy == pytest.approx(spec, rel=1e-4)
+    assert res.energy == pytest.approx(spec, rel=1e-10)
 
 
 def test_reported_energy_is_spec_energy():
@@ -95,21 +159,49 @@ def test_label_restriction():
     assert 4 in set(np.unique(res.labels))
 
 
-def test_warm_start_never_above_init():
-    for trial in range(6):
+def test_warm_start_reaches_gco():
+    """From a labelling no expansion move improves (a converged solve warm-started from a
+    random labelling, which the cold solve does not reach), one cycle leaves GCO's own
+    labelling unchanged and its energy at the initial one: GCO started from `init`."""
+    for trial in range(4):
         rng = np.random.default_rng(200 + trial)
         image, probs, seeds = problem(rng, 25, 30, 3)
-        cold = solve(image, probs, seeds, max_iter=1, restrict_labels=False)
-        for init in (cold.labels, rng.integers(0, 3, (25, 30)).astype(np.uint8),
-                     np.full((25, 30), 255, np.uint8)):
+        kw = dict(tr_weight=0.1, potts_weight=100.0, restrict_labels=False)
+        start = rng.integers(0, 3, (25, 30)).astype(np.uint8)
+        local = solve(image, probs, seeds, init=start, max_iter=20, **kw).labels
+        cold = solve(image, probs, seeds, max_iter=1, **kw)
+        assert not np.array_equal(cold.gco_labels, local)  # the test tells a cold start apart
+        warm = solve(image, probs, seeds, init=local, max_iter=1, **kw)
+        np.testing.assert_array_equal(warm.gco_labels, local)
+        e_init = E.potts_energy(local, image, probs, seeds, 0.1, 100.0)[0]
+        assert warm.gco_energy <= e_init * (1 + 1e-4)
+        assert not warm.kept_init and warm.warm_start and warm.iterations == 1
+
+
+def test_warm_start_from_the_brute_force_optimum_stays_there():
+    for trial in range(4):
+        rng = np.random.default_rng(300 + trial)
+        image, probs, seeds = problem(rng, 3, 3, 3, seed_frac=0.0)
+        e_best, best = brute_force_k(image, probs, seeds, 0.5, 30.0, 3)
+        for algorithm in sorted(SOLVERS):
+            warm = solve(image, probs, seeds, init=best, max_iter=1, tr_weight=0.5, potts_weight=30.0,
+                         restrict_labels=False, algorithm=algorithm)
+            np.testing.assert_array_equal(warm.gco_labels, best)
+            assert warm.gco_energy <= e_best * (1 + 1e-4) and not warm.kept_init
+
+
+def test_warm_start_never_above_init_and_keeps_the_seeds():
+    for trial in range(3):
+        rng = np.random.default_rng(200 + trial)
+        image, probs, seeds = problem(rng, 25, 30, 3)
+        for init in (rng.integers(0, 3, (25, 30)).astype(np.uint8), np.full((25, 30), 255, np.uint8)):
             warm = solve(image, probs, seeds, init=init, max_iter=1, restrict_labels=False)
             fixed = init.copy()
             fixed[seeds != 255] = seeds[seeds != 255]
             if fixed.max() < 3:
                 e_init = E.potts_energy(fixed, image, probs, seeds, 0.1, 100.0)[0]
-                assert warm.energy <= e_init + 1e-9
-            assert E.seeds_satisfied(warm.labels, seeds)
-            assert warm.warm_start
+                assert warm.gco_energy <= e_init * (1 + 1e-4)
+            assert E.seeds_satisfied(warm.gco_labels, seeds) and warm.warm_start
 
 
 def test_swap_and_expansion_agree_on_easy_problem():

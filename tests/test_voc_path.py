@@ -9,7 +9,7 @@ import tomllib
 import torch
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import majority_class_miou, run_cli
 from trainer.model import MobileNetV2Backbone
 
 
@@ -35,6 +35,12 @@ def test_paper_preset_runs_end_to_end_on_a_voc_shaped_set(tmp_path):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["proposals_missing"] == 0 and summary["stage_a_images"] == 4 * 2
     assert 0 <= summary["val_miou"] <= 1 and len(summary["per_class_iou"]) == 21
+    # stage A's labels beat the trivial baseline (the network's val mIoU, after three
+    # epochs of an untrained DeepLabV3+ on 4 images, need not)
+    rounds = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    proposal_miou = [r["proposal_miou"] for r in rounds if "proposal_miou" in r]
+    baseline = majority_class_miou(data, "voc", 21, "0.5")
+    assert len(proposal_miou) == 2 and min(proposal_miou) > baseline + 0.1, (proposal_miou, baseline)
     cfg = tomllib.loads(open(os.path.join(out, "config.toml")).read())
     assert (cfg["arch"], cfg["batch_average"], cfg["schedule"], cfg["lr"], cfg["eps"]) == (
         "deeplabv3plus-mobilenetv2-ref", True, "sync", 7e-4, 0.9514)
