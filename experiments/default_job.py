@@ -84,6 +84,6 @@ def run_default_job(out: str | None, quick: bool = False, overwrite: bool = Fals
     comparison = {name: {"val_miou": s["val_miou"], "wall_s": s["wall_s"]} for name, s in rows.items()}
     storage.write_bytes(storage.join(os.path.abspath(out), "comparison.json"), (json.dumps(comparison, indent=2) + "\n").encode())
     cells = {"PCE-GD start": f"{out}/pce-init", "PCE-GD": f"{out}/pce", "Grid-TR": f"{out}/grid-tr"}
-    pictures = write_job_pictures(out, cells, pretrained="PCE-GD start", proposals_from="Grid-TR")
+    pictures = write_job_pictures(os.path.abspath(out), cells, pretrained="PCE-GD start", proposals_from="Grid-TR")
     print(f"\npictures: {pictures['comparison']}\n          {pictures['curves']}", flush=True)
     return rows

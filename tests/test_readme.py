@@ -140,10 +140,12 @@ def test_scribblesup_conversion_and_shortened_sets(tmp_path):
 @pytest.mark.slow
 def test_readme_quick_start(tmp_path):
     """The quick start as a user types it, and what the README says of it: the folders
-    and files of runs/<timestamp>/{pce-init,pce,grid-tr}/, 16 images, an epoch line per
-    epoch, a line per stage-A round, the comparison; and a pipeline that learns (the two
-    compared cells above the majority-class baseline), stage A's labels good and changing the
-    network's. (The README says its mIoU figures say nothing about the method.)"""
+    and files of runs/<timestamp>/{pce-init,pce,grid-tr}/, 16 training and 16 val images,
+    a header per run, an epoch line per epoch from the driver (no Ray prefix), a line per
+    stage-A round, the comparison and its two pictures; a pipeline that learns (the two
+    compared cells above the majority-class baseline), stage A's labels good and changing
+    the network's, and Grid-TR above the same-budget PCE-GD (by 12.5 points at this seed,
+    2.5 to 19.1 at seeds 0-4; the test asks for 2)."""
     proc = bash(QUICK_START, tmp_path, timeout=900, env={"TRSEG_CACHE": str(tmp_path / "cache")})
     (run,) = glob.glob(str(tmp_path / "runs" / "*"))  # runs/<timestamp>
     summaries = {}
@@ -151,11 +153,15 @@ def test_readme_quick_start(tmp_path):
         for name in ("summary.json", "metrics.jsonl", "checkpoints", "tensorboard", "panels"):
             assert os.path.exists(os.path.join(run, cell, name)), (cell, name)
         summaries[cell] = json.load(open(os.path.join(run, cell, "summary.json")))
-        assert summaries[cell]["train_images"] == 16
+        assert (summaries[cell]["train_images"], summaries[cell]["val_images"]) == (16, 16)
     out = proc.stdout + proc.stderr
     data = re.search(r"^data: (.*)$", out, re.M).group(1)
+    assert len(re.findall(r"^(pce|grid-tr) on .* · out ", proc.stdout, re.M)) == 3  # a header per run
     n_epochs = sum(len(open(os.path.join(run, c, "metrics.jsonl")).readlines()) for c in summaries)
-    assert len(re.findall(r"epoch \d+/\d+ \[", out)) == n_epochs  # worker lines carry Ray's prefix
+    assert len(re.findall(r"^epoch \d+/\d+ \[", proc.stdout, re.M)) == n_epochs  # the driver's, unprefixed
+    for picture in ("comparison.png", "curves.png"):
+        path = os.path.join(run, picture)
+        assert os.path.exists(path) and path in proc.stdout, picture
     tr = summaries["grid-tr"]
     rounds = [json.loads(line) for line in open(os.path.join(run, "grid-tr", "metrics.jsonl"))]
     proposals = [r for r in rounds if "proposal_miou" in r]
@@ -164,7 +170,7 @@ def test_readme_quick_start(tmp_path):
     assert re.search(r"^method +epochs +val mIoU", out, re.M)
     assert tr["proposals_missing"] == 0 and tr["stage_a_images"] > 0
     assert min(r["proposal_miou"] for r in proposals) > 0.6 and all(r["proposal_changed"] > 0 for r in proposals)
-    # measured: 0.36 for both against 0.23 (one run on a loaded machine)
     baseline = helpers.majority_class_miou(data, "synthetic", 4)
     for cell in ("pce", "grid-tr"):
         assert summaries[cell]["val_miou"] > baseline + 0.05, (cell, summaries[cell]["val_miou"], baseline)
+    assert summaries["grid-tr"]["val_miou"] > summaries["pce"]["val_miou"] + 0.02, summaries
