@@ -92,6 +92,7 @@ class TrainConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     # the trainer
     num_workers: int = 1  # Ray Train workers (DDP ranks)
+    trainer_resource: str | None = None  # custom resource that trainer nodes advertise
     max_failures: int = 3  # trainer-worker losses Ray Train recovers from (last checkpoint) per run
     loader_workers: int = 0  # data-loading processes per trainer worker (each asks for one more CPU)
     sync_bn: bool = False  # SyncBatchNorm across the workers (CUDA only, as in torch)

@@ -48,26 +48,31 @@ def test_setup_installs_the_working_tree(config):
     assert any("pip install" in c and remote[0] in c for c in config["setup_commands"])
 
 
-def test_solver_resource_matches_the_cli_default():
-    assert submit.SOLVER_RESOURCE == "solver_node"
+def test_resources_are_those_the_node_types_advertise(config):
+    types = config["available_node_types"]
+    assert submit.SOLVER_RESOURCE in types["solver"]["resources"]
+    assert submit.TRAINER_RESOURCE in types["trainer"]["resources"]
+    assert not any(submit.TRAINER_RESOURCE in t["resources"] for name, t in types.items() if name != "trainer")
 
 
-def test_build_argv_defaults_solver_resource():
+DEFAULTS = ["--solver-resource", "solver_node", "--trainer-resource", "trainer_node"]
+
+
+def test_build_argv_defaults_the_node_type_resources():
     args = ["--data", "/data/voc", "--method", "grid-tr", "--solvers", "4:64", "--shards", "s3://b/p"]
-    assert submit.build_argv(args) == ["--address", "auto", "train", *args, "--solver-resource", "solver_node"]
+    assert submit.build_argv(args) == ["--address", "auto", "train", *args, *DEFAULTS]
 
 
 @pytest.mark.parametrize("given", [["--solver-resource", "big_solver"], ["--solver-resource=big_solver"]])
 def test_build_argv_keeps_a_given_solver_resource(given):
     args = ["--data", "d", *given]
     argv = submit.build_argv(args)
-    assert argv == ["--address", "auto", "train", *args]
+    assert argv == ["--address", "auto", "train", *args, "--trainer-resource", "trainer_node"]
     assert "solver_node" not in argv
 
 
 def test_build_argv_tolerates_separator_and_subcommand():
-    assert submit.build_argv(["--", "train", "--data", "d"]) == [
-        "--address", "auto", "train", "--data", "d", "--solver-resource", "solver_node"]
+    assert submit.build_argv(["--", "train", "--data", "d"]) == ["--address", "auto", "train", "--data", "d", *DEFAULTS]
 
 
 def test_build_argv_parses_with_the_trainer_cli():
@@ -80,6 +85,7 @@ def test_build_argv_parses_with_the_trainer_cli():
     sub = cli.get_command(ctx, "train")
     sub_ctx = sub.make_context("train", argv[3:], parent=ctx, resilient_parsing=True)
     assert sub_ctx.params["solver_resource"] == "solver_node"
+    assert sub_ctx.params["trainer_resource"] == "trainer_node"
     assert sub_ctx.params["solvers"] == "2:8"
     assert sub_ctx.params["shards"] == "s3://b/p"
 

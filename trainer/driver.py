@@ -154,6 +154,8 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     t0 = time.perf_counter()
     farm = None
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.trainer_resource and ray_session.started_here():
+        raise UserError(f"--trainer-resource {cfg.trainer_resource}: a private Ray has no trainer nodes; use it with --address")
     if cfg.sync_bn and not use_gpu:
         raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
     if METHODS[cfg.method].needs_proposals:
@@ -173,7 +175,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         train_loop_per_worker,
         torch_config=None if cfg.num_workers > 1 else NoProcessGroup(backend="gloo"),
         train_loop_config={**to_dict(cfg), "progress": sys.stdout.isatty(), "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=trainer_resources(cfg)),
         run_config=RunConfig(
             name="ray_train",
             storage_path=ray_train_storage(cfg.out, run_id),
@@ -276,6 +278,12 @@ def check_cluster_paths(cfg: TrainConfig) -> None:
             if lacking:
                 raise UserError(f"{option} {path}: not on cluster node(s) {', '.join(sorted(set(lacking)))}; "
                                 f"copy it to every node (file_mounts in deploy/cluster.yaml) or use a URI")
+
+
+def trainer_resources(cfg: TrainConfig) -> dict:
+    """What one trainer worker asks for besides its GPU: a CPU for itself and each loader
+    process, and one of the resource that only trainer nodes advertise, if given."""
+    return {"CPU": 1 + cfg.loader_workers, **({cfg.trainer_resource: 1} if cfg.trainer_resource else {})}
 
 
 def check_capacity(cfg: TrainConfig, pool: Pool, use_gpu: bool) -> None:
