@@ -17,7 +17,8 @@ import time
 import pytest
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
-from tests.helpers import ROOT, Proc, descendants, kill_processes, session_processes
+from tests.helpers import (ROOT, Proc, descendants, is_loopback, kill_processes, listening_sockets,
+                           session_processes)
 
 pytestmark = pytest.mark.cluster
 
@@ -203,7 +204,7 @@ def _solving(raylets: list[Proc], solvers: set[int]) -> dict[int, int]:
 def _lose_a_solver_node(cluster, proposals: str, n_parts: int, driver, timeout_s: float):
     """Once two solver nodes each run a solver actor that has written a proposal, and parts
     are left, end every process of a node whose actor is solving a part (a lost machine).
-    Returns (pid of the raylet ended, parts done before)."""
+    Returns (the node's id, parts done before)."""
     from shared import shards
     from shared.shard_store import parts_in
 
@@ -214,22 +215,25 @@ def _lose_a_solver_node(cluster, proposals: str, n_parts: int, driver, timeout_s
         busy = _solving(cluster.raylets(), solvers)
         assert len(done) < n_parts, f"the round ended before two solver nodes held parts ({len(done)} parts done)"
         if len(busy) >= 1 and len({r for r in cluster.raylets() for p in descendants(r.pid) if p.pid in solvers}) >= 2:
-            raylet = next(iter(busy))
-            kill_processes([Proc(raylet), *descendants(raylet)])
-            return raylet, len(done)
+            raylet = Proc(next(iter(busy)))
+            node_id = raylet.cmdline.split("--node_id=")[1].split()[0]
+            kill_processes([raylet, *descendants(raylet.pid)])
+            return node_id, len(done)
         time.sleep(0.5)
     raise AssertionError(f"no two solver nodes solved at once within {timeout_s}s (driver exit {driver.poll()}); "
                          f"{cluster.autoscaler_status()}")
 
 
-def _timeline(tables: dict, t0: float) -> list[str]:
-    """One line a worker node: type, launched, the actors it ran and when, ended and why."""
+def _timeline(tables: dict, t0: float, lost: str) -> list[str]:
+    """One line a node: type, launched, the actors it ran and when (an actor that Ray
+    restarted elsewhere counts on its last node, from its first start), ended and why."""
     lines = []
     for n in sorted(tables["nodes"], key=lambda n: n["start"]):
         used = [f"{a['class'].split('(')[-1].rstrip(')')} {a['start'] - t0:.0f}–"
                 f"{(a['end'] - t0) if a['end'] else float('nan'):.0f}s" for a in tables["actors"] if a["node"] == n["id"]
                 and ("SolverActor" in a["class"] or a["class"] == "RayTrainWorker")]
         end = f"ended {n['end'] - t0:.0f}s ({n['death']})" if n["end"] else "alive"
+        end += " [killed by the test]" if n["id"] == lost else ""
         lines.append(f"{n['type']:8} {n['id'][-5:]} launched {n['start'] - t0:.0f}s, ran {', '.join(used) or '-'}; {end}")
     return lines
 
@@ -251,9 +255,11 @@ def test_autoscaler_brings_solver_nodes_up_for_stage_a_and_stops_them(fake_clust
         driver = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
-        raylet, parts_before = _lose_a_solver_node(c, str(out / "shards" / "proposals" / "round=0"),
-                                                   n_train // shard_size, driver, 600)
+        lost, parts_before = _lose_a_solver_node(c, str(out / "shards" / "proposals" / "round=0"),
+                                                 n_train // shard_size, driver, 600)
         t_lost = time.time() - t0
+        pids = [p.pid for p in session_processes(c.head.pid) + session_processes(driver.pid)]
+        assert all(is_loopback(address) for _, address in listening_sockets(pids)), listening_sockets(pids)
         driver.wait(600)
     finally:
         if driver.poll() is None:
@@ -267,23 +273,25 @@ def test_autoscaler_brings_solver_nodes_up_for_stage_a_and_stops_them(fake_clust
     while any(n["alive"] for n in tables["nodes"] if n["type"] != "head") and time.monotonic() < deadline:
         time.sleep(2)
         tables = c.tables()
-    print(f"\nrun finished at {t_done:.0f}s, solver node (raylet {raylet}) lost at {t_lost:.0f}s with "
-          f"{parts_before}/{n_train // shard_size} parts done:\n" + "\n".join(_timeline(tables, t0)))
+    print(f"\nrun finished at {t_done:.0f}s, solver node {lost[-5:]} lost at {t_lost:.0f}s with "
+          f"{parts_before}/{n_train // shard_size} parts done:\n" + "\n".join(_timeline(tables, t0, lost)))
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["proposals_missing"] == 0 and summary["stage_a_images"] >= n_train, summary
+    # every image has its proposal (a part the lost node wrote before its result reached
+    # the driver is not solved again, so stage_a_images may fall short of n_train)
+    assert summary["proposals_missing"] == 0, summary
     assert summary["solver_restarts"] >= 1, summary  # the lost node's actor was restarted
     nodes = {n["id"]: n for n in tables["nodes"]}
     solver_nodes = [n for n in tables["nodes"] if n["type"] == "solver"]
     assert len(solver_nodes) >= 2, "the autoscaler launched fewer than two solver nodes for --solvers 1:2"
     assert all(n["start"] > t0 for n in solver_nodes)
-    solver_actors = [a for a in tables["actors"] if "SolverActor" in a["class"]]
-    assert solver_actors and {nodes[a["node"]]["type"] for a in solver_actors} == {"solver"}
-    trainers = [a for a in tables["actors"] if a["class"] == "RayTrainWorker"]
-    assert trainers and {nodes[a["node"]]["type"] for a in trainers} == {"trainer"}
+    placed = [a for a in tables["actors"] if a["node"] in nodes]
+    assert {nodes[a["node"]]["type"] for a in placed if "SolverActor" in a["class"]} == {"solver"}
+    assert {nodes[a["node"]]["type"] for a in placed if a["class"] == "RayTrainWorker"} == {"trainer"}
     assert not any(n["alive"] for n in tables["nodes"] if n["type"] != "head"), "idle nodes were not stopped"
-    idle = [n for n in solver_nodes if "idle" in n["death"].lower()]
-    assert idle, [n["death"] for n in solver_nodes]
-    for n in idle:
-        last_used = max(a["end"] or n["end"] for a in solver_actors if a["node"] == n["id"])
+    assert nodes[lost]["type"] == "solver" and not nodes[lost]["alive"]
+    stopped = [n for n in solver_nodes if n["id"] != lost]
+    assert stopped, "no solver node was left to stop"
+    for n in stopped:  # the autoscaler's doing: one idle timeout after the node's last actor ended
+        last_used = max([a["end"] for a in placed if a["node"] == n["id"] and a["end"]], default=n["start"])
         assert n["end"] - last_used >= 0.9 * IDLE_TIMEOUT_MIN * 60, (n, last_used)
