@@ -8,9 +8,9 @@ resource that only solver nodes advertise.
 
 Failures, all bounded: Ray restarts a dead actor and retries its part up to
 `Pool.retries` times (a killed process or a lost node costs time, no image); past that
-the round ends with an error naming the parts left, unless that pass solved other
-parts: then a new pass solves the rest (a node lost without notice can use up the
-retries before the autoscaler replaces it). A pool that cannot place its
+the round ends with an error naming the parts left, unless that pass wrote proposals
+for other parts: then a new pass solves the rest (a node lost without notice can use up
+the retries before the autoscaler replaces it). A pool that cannot place its
 first actor within `Pool.wait_s` ends it with an error naming what each actor asks
 for. Bad input (`UserError`) fails the same way every time: no retry. The `Farm`
 thread reports its own death to the trainer (a marker in the store) and to the
@@ -167,7 +167,6 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
         inits = store.newest_proposals(r - 1, max(todo) + 1)
         items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", r, k),
                   "init": inits[k][1] if k in inits else ""} for k, uri in sorted(todo.items())]
-        solved_before = len(rows)
         try:
             for row in solve_parts(items, solver, pool):
                 rows.append(row)
@@ -176,7 +175,7 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
             raise
         except Exception as e:  # Ray gave up on a part: its solver died more than pool.retries times
             left = sorted(store.unsolved(r))
-            if len(rows) > solved_before:
+            if len([k for k in left if k in todo]) < len(todo):
                 # A node lost without notice uses up a part's retries while its actor cannot
                 # restart (no node for it until the autoscaler adds one): while passes solve
                 # parts, a new pass (a new actor pool, on the nodes alive then) solves the rest.
