@@ -96,7 +96,9 @@ class FakeCluster:
         self.address = f"127.0.0.1:{_free_port()}"
         config = os.path.join(tmp, "autoscaler.json")
         with open(config, "w") as f:
-            json.dump(fake_cluster_config(self.address), f)
+            fake = fake_cluster_config(self.address)
+            head_cpus = fake["available_node_types"][FAKE_HEAD_TYPE]["resources"]["CPU"]
+            json.dump(fake, f)
         self.env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
         head_env = {**self.env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -107,7 +109,7 @@ class FakeCluster:
              "--node-ip-address=127.0.0.1", f"--port={self.address.split(':')[1]}",
              f"--ray-client-server-port={_free_port()}", "--dashboard-agent-listen-port=0",
              "--min-worker-port=0", "--max-worker-port=0", "--include-dashboard=false",
-             f"--num-cpus={fake_cluster_config(self.address)['available_node_types'][FAKE_HEAD_TYPE]['resources']['CPU']}",
+             f"--num-cpus={head_cpus}",
              f"--object-store-memory={OBJECT_STORE}", f"--autoscaling-config={config}"],
             env=head_env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -202,9 +204,9 @@ def _solving(raylets: list[Proc], solvers: set[int]) -> dict[int, int]:
 
 
 def _lose_a_solver_node(cluster, proposals: str, n_parts: int, driver, timeout_s: float):
-    """Once two solver nodes each run a solver actor that has written a proposal, and parts
-    are left, end every process of a node whose actor is solving a part (a lost machine).
-    Returns (the node's id, parts done before)."""
+    """Once a solver actor that has written a proposal is solving another, end every
+    process of its node (a machine lost without notice). Returns (the node's id, parts
+    done before)."""
     from shared import shards
     from shared.shard_store import parts_in
 
@@ -213,15 +215,19 @@ def _lose_a_solver_node(cluster, proposals: str, n_parts: int, driver, timeout_s
         done = parts_in(proposals) if os.path.isdir(proposals) else {}
         solvers = {int(p.solver.rsplit(":", 1)[1]) for uri in done.values() for p in shards.read_proposals(uri)}
         busy = _solving(cluster.raylets(), solvers)
-        assert len(done) < n_parts, f"the round ended before two solver nodes held parts ({len(done)} parts done)"
-        if len(busy) >= 1 and len({r for r in cluster.raylets() for p in descendants(r.pid) if p.pid in solvers}) >= 2:
+        assert len(done) < n_parts, f"the round ended before a solver was seen solving ({len(done)} parts done)"
+        if busy:
             raylet = Proc(next(iter(busy)))
             node_id = raylet.cmdline.split("--node_id=")[1].split()[0]
             kill_processes([raylet, *descendants(raylet.pid)])
             return node_id, len(done)
         time.sleep(0.5)
-    raise AssertionError(f"no two solver nodes solved at once within {timeout_s}s (driver exit {driver.poll()}); "
+    raise AssertionError(f"no solver node solved a part within {timeout_s}s (driver exit {driver.poll()}); "
                          f"{cluster.autoscaler_status()}")
+
+
+def _since(t: float, t0: float) -> str:
+    return f"{t - t0:.0f}" if t else "?"  # Ray records 0 for a time it has not seen (an actor that never started)
 
 
 def _timeline(tables: dict, t0: float, lost: str) -> list[str]:
@@ -229,8 +235,8 @@ def _timeline(tables: dict, t0: float, lost: str) -> list[str]:
     restarted elsewhere counts on its last node, from its first start), ended and why."""
     lines = []
     for n in sorted(tables["nodes"], key=lambda n: n["start"]):
-        used = [f"{a['class'].split('(')[-1].rstrip(')')} {a['start'] - t0:.0f}–"
-                f"{(a['end'] - t0) if a['end'] else float('nan'):.0f}s" for a in tables["actors"] if a["node"] == n["id"]
+        used = [f"{a['class'].split('(')[-1].rstrip(')')} {_since(a['start'], t0)}–{_since(a['end'], t0)}s"
+                for a in tables["actors"] if a["node"] == n["id"]
                 and ("SolverActor" in a["class"] or a["class"] == "RayTrainWorker")]
         end = f"ended {n['end'] - t0:.0f}s ({n['death']})" if n["end"] else "alive"
         end += " [killed by the test]" if n["id"] == lost else ""
@@ -241,7 +247,7 @@ def _timeline(tables: dict, t0: float, lost: str) -> list[str]:
 def test_autoscaler_brings_solver_nodes_up_for_stage_a_and_stops_them(fake_cluster, synthetic_set, tmp_path):
     """Issue 30 items 1 and 2 in one run."""
     c = fake_cluster
-    n_train, shard_size = 48, 1  # a part an image: the round lasts while both solver nodes work
+    n_train, shard_size = 48, 1  # a part an image: the lost node holds one, the others go on
     data, out = synthetic_set(n_train, 2, 224), tmp_path / "run"
     argv = [sys.executable, os.path.join(ROOT, "deploy", "submit.py"), "--data", data, "--format", "synthetic",
             "--method", "grid-tr", "--solvers", "1:2", "--solver-resource", "solver_node",
