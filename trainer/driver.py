@@ -154,8 +154,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     t0 = time.perf_counter()
     farm = None
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    if cfg.trainer_resource and ray_session.started_here():
-        raise UserError(f"--trainer-resource {cfg.trainer_resource}: a private Ray has no trainer nodes; use it with --address")
+    check_trainer_resource(cfg)
     if cfg.sync_bn and not use_gpu:
         raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
     if METHODS[cfg.method].needs_proposals:
@@ -278,6 +277,13 @@ def check_cluster_paths(cfg: TrainConfig) -> None:
             if lacking:
                 raise UserError(f"{option} {path}: not on cluster node(s) {', '.join(sorted(set(lacking)))}; "
                                 f"copy it to every node (file_mounts in deploy/cluster.yaml) or use a URI")
+
+
+def check_trainer_resource(cfg: TrainConfig) -> None:
+    """No node of a private Ray advertises a custom resource: Ray Train would wait forever."""
+    if cfg.trainer_resource and ray_session.started_here():
+        raise UserError(f"--trainer-resource {cfg.trainer_resource}: a private Ray has no trainer nodes; "
+                        f"use it with --address")
 
 
 def trainer_resources(cfg: TrainConfig) -> dict:
