@@ -2,8 +2,9 @@
 
 Runs on the head node, joins the running cluster (`--address auto`) and runs the same
 training as local mode: `python -m trainer --address auto train <train args>`, with
-`--solver-resource solver_node` unless the arguments name another resource, so that
-solver actors land only on the solver node type of deploy/cluster.yaml.
+`--solver-resource solver_node` and `--trainer-resource trainer_node` unless the
+arguments name other resources, so that solver actors land only on the solver node type
+of deploy/cluster.yaml and trainer workers only on the trainer type.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import sys
 
 SOLVER_RESOURCE = "solver_node"  # advertised by the `solver` node type of deploy/cluster.yaml
+TRAINER_RESOURCE = "trainer_node"  # advertised by the `trainer` node type
 TOKEN_PATH = "~/.trseg/ray_auth_token"  # file_mounts of deploy/cluster.yaml put it there
 
 
@@ -32,9 +34,9 @@ def build_argv(args: list[str], address: str = "auto") -> list[str]:
         args = args[1:]
     if args[:1] == ["train"]:  # tolerate `... submit.py -- train --data ...`
         args = args[1:]
-    has_resource = any(a == "--solver-resource" or a.startswith("--solver-resource=") for a in args)
-    if not has_resource:
-        args += ["--solver-resource", SOLVER_RESOURCE]
+    for option, resource in (("--solver-resource", SOLVER_RESOURCE), ("--trainer-resource", TRAINER_RESOURCE)):
+        if not any(a == option or a.startswith(option + "=") for a in args):
+            args += [option, resource]
     return ["--address", address, "train", *args]
 
 

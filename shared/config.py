@@ -97,6 +97,7 @@ class TrainConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     # the trainer
     num_workers: int = 1  # Ray Train workers (DDP ranks)
+    trainer_resource: str | None = None  # custom resource that trainer nodes advertise
     max_failures: int = 3  # trainer-worker losses Ray Train recovers from (last checkpoint) per run
     # data-loading processes per trainer worker (each asks for one more CPU); None: 0 on CPU,
     # on GPU what the GPU nodes' CPUs allow (trainer.driver.default_loader_workers)

@@ -8,7 +8,9 @@ resource that only solver nodes advertise.
 
 Failures, all bounded: Ray restarts a dead actor and retries its part up to
 `Pool.retries` times (a killed process or a lost node costs time, no image); past that
-the round ends with an error naming the parts left. A pool that cannot place its
+the round ends with an error naming the parts left, unless that pass wrote proposals
+for other parts: then a new pass solves the rest (a node lost without notice can use up
+the retries before the autoscaler replaces it). A pool that cannot place its
 first actor within `Pool.wait_s` ends it with an error naming what each actor asks
 for. Bad input (`UserError`) fails the same way every time: no retry. The `Farm`
 thread reports its own death to the trainer (a marker in the store) and to the
@@ -184,6 +186,13 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
             raise
         except Exception as e:  # Ray gave up on a part: its solver died more than pool.retries times
             left = sorted(store.unsolved(r))
+            if len([k for k in left if k in todo]) < len(todo):
+                # A node lost without notice uses up a part's retries while its actor cannot
+                # restart (no node for it until the autoscaler adds one): while passes solve
+                # parts, a new pass (a new actor pool, on the nodes alive then) solves the rest.
+                # A part that kills every solver fails a pass that solves nothing, and ends it.
+                warn(f"stage A round {r}: {type(e).__name__} with {len(left)} part(s) left; solving them again")
+                continue
             raise UserError(f"stage A round {r}: part(s) {left} still unsolved after {pool.retries} solver restarts "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"snapshots: {', '.join(todo[k] for k in left if k in todo)}") from None

@@ -60,35 +60,43 @@ def _resolved(argv: list[str]) -> dict:
     return tomllib.loads(result.output)
 
 
-def test_solver_resource_is_what_solver_nodes_advertise_and_the_cli_lacks(config):
-    """The CLI's own default names no resource (solver actors would land anywhere, the
-    trainer node included), so submit.py must add the one only the solver node type of
-    cluster.yaml advertises; what the CLI then resolves is that resource."""
+def _only(types: dict, name: str) -> set:
+    """The resources that node type `name` advertises and no other type does."""
+    return set(types[name]["resources"]).difference(
+        {"CPU", "GPU", "memory"}, *(t["resources"] for other, t in types.items() if other != name))
+
+
+def test_node_resources_are_what_only_their_node_types_advertise_and_the_cli_lacks(config):
+    """The CLI's own defaults name no resource (solver actors and trainer workers would
+    land anywhere), so submit.py must add the ones only the solver and trainer node types
+    of cluster.yaml advertise; what the CLI then resolves is those resources."""
     types = config["available_node_types"]
-    only_solver = set(types["solver"]["resources"]).difference(
-        {"CPU", "GPU", "memory"}, *(t["resources"] for name, t in types.items() if name != "solver"))
-    assert only_solver == {submit.SOLVER_RESOURCE}
+    assert _only(types, "solver") == {submit.SOLVER_RESOURCE}
+    assert _only(types, "trainer") == {submit.TRAINER_RESOURCE}
     args = ["--data", "/data/voc", "--method", "grid-tr"]
-    assert _resolved(["train", *args]).get("solver_resource") is None
-    assert _resolved(submit.build_argv(args))["solver_resource"] == submit.SOLVER_RESOURCE
+    plain, submitted = _resolved(["train", *args]), _resolved(submit.build_argv(args))
+    assert plain.get("solver_resource") is None and plain.get("trainer_resource") is None
+    assert (submitted["solver_resource"], submitted["trainer_resource"]) == (submit.SOLVER_RESOURCE, submit.TRAINER_RESOURCE)
 
 
-def test_build_argv_defaults_solver_resource():
+DEFAULTS = ["--solver-resource", "solver_node", "--trainer-resource", "trainer_node"]
+
+
+def test_build_argv_defaults_the_node_type_resources():
     args = ["--data", "/data/voc", "--method", "grid-tr", "--solvers", "4:64", "--shards", "s3://b/p"]
-    assert submit.build_argv(args) == ["--address", "auto", "train", *args, "--solver-resource", "solver_node"]
+    assert submit.build_argv(args) == ["--address", "auto", "train", *args, *DEFAULTS]
 
 
 @pytest.mark.parametrize("given", [["--solver-resource", "big_solver"], ["--solver-resource=big_solver"]])
 def test_build_argv_keeps_a_given_solver_resource(given):
     args = ["--data", "d", *given]
     argv = submit.build_argv(args)
-    assert argv == ["--address", "auto", "train", *args]
+    assert argv == ["--address", "auto", "train", *args, "--trainer-resource", "trainer_node"]
     assert "solver_node" not in argv
 
 
 def test_build_argv_tolerates_separator_and_subcommand():
-    assert submit.build_argv(["--", "train", "--data", "d"]) == [
-        "--address", "auto", "train", "--data", "d", "--solver-resource", "solver_node"]
+    assert submit.build_argv(["--", "train", "--data", "d"]) == ["--address", "auto", "train", "--data", "d", *DEFAULTS]
 
 
 def test_build_argv_parses_with_the_trainer_cli():
@@ -101,6 +109,7 @@ def test_build_argv_parses_with_the_trainer_cli():
     sub = cli.get_command(ctx, "train")
     sub_ctx = sub.make_context("train", argv[3:], parent=ctx, resilient_parsing=True)
     assert sub_ctx.params["solver_resource"] == "solver_node"
+    assert sub_ctx.params["trainer_resource"] == "trainer_node"
     assert sub_ctx.params["solvers"] == "2:8"
     assert sub_ctx.params["shards"] == "s3://b/p"
 

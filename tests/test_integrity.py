@@ -221,6 +221,15 @@ def test_local_capacity_is_checked_before_starting(ray_local):
         check_capacity(TrainConfig(data="x", method="full", loader_workers=0), use_gpu=True)
 
 
+def test_a_private_ray_refuses_a_trainer_resource(ray_local):
+    from trainer.driver import check_trainer_resource, trainer_resources
+
+    check_trainer_resource(TrainConfig(data="x"))
+    with pytest.raises(UserError, match=r"--trainer-resource trainer_node: a private Ray has no trainer nodes"):
+        check_trainer_resource(TrainConfig(data="x", trainer_resource="trainer_node"))
+    assert trainer_resources(TrainConfig(data="x", trainer_resource="t", loader_workers=2)) == {"CPU": 3, "t": 1}
+
+
 def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_path, capsys):
     """Round 0's part 1 is truncated: the farm solves what it can, warns once, and goes
     on to round 1 instead of waiting on round 0 forever; failures reach on_error."""

@@ -117,6 +117,7 @@ def _train_options(f):
                      help="With --address: local --out and --shards paths are on a filesystem every node mounts."),
         click.option("--shard-size", type=int, default=None),
         click.option("--workers", "num_workers", type=int, default=None, help="Trainer workers (DDP ranks)."),
+        click.option("--trainer-resource", default=None, help="Custom resource that trainer nodes advertise."),
         click.option("--max-failures", type=int, default=None,
                      help="Trainer-worker losses recovered from the last checkpoint before the run ends [3]."),
         click.option("--loader-workers", type=int, default=None,

@@ -159,6 +159,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     t0 = time.perf_counter()
     farm = None
     use_gpu = cfg.use_gpu
+    check_trainer_resource(cfg)
     if cfg.sync_bn and not use_gpu:
         raise UserError("--sync-bn: needs GPU trainer workers (torch's SyncBatchNorm runs on CUDA only)")
     if ray_session.started_here():
@@ -180,7 +181,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         train_loop_per_worker,
         torch_config=torch_config(cfg.num_workers, one_machine=ray_session.started_here()),
         train_loop_config={**to_dict(cfg), "progress": False, "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1 + cfg.loader_workers}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=trainer_resources(cfg)),
         run_config=RunConfig(
             name="ray_train",
             storage_path=ray_train_storage(cfg.out, run_id),
@@ -336,6 +337,19 @@ def check_cluster_paths(cfg: TrainConfig) -> None:
             if lacking:
                 raise UserError(f"{option} {path}: not on cluster node(s) {', '.join(sorted(set(lacking)))}; "
                                 f"copy it to every node (file_mounts in deploy/cluster.yaml) or use a URI")
+
+
+def check_trainer_resource(cfg: TrainConfig) -> None:
+    """No node of a private Ray advertises a custom resource: Ray Train would wait forever."""
+    if cfg.trainer_resource and ray_session.started_here():
+        raise UserError(f"--trainer-resource {cfg.trainer_resource}: a private Ray has no trainer nodes; "
+                        f"use it with --address")
+
+
+def trainer_resources(cfg: TrainConfig) -> dict:
+    """What one trainer worker asks for besides its GPU: a CPU for itself and each loader
+    process, and one of the resource that only trainer nodes advertise, if given."""
+    return {"CPU": 1 + cfg.loader_workers, **({cfg.trainer_resource: 1} if cfg.trainer_resource else {})}
 
 
 # Ray Train's wait for a worker group to be placed before it counts a controller failure
