@@ -180,7 +180,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=torch_config(cfg.num_workers, one_machine=ray_session.started_here()),
-        train_loop_config={**to_dict(cfg), "progress": False, "run_id": run_id},
+        train_loop_config={**to_dict(cfg), "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=trainer_resources(cfg)),
         run_config=RunConfig(
             name="ray_train",

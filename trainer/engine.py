@@ -71,7 +71,7 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs, progress=None,
+def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs,
                 batch_average=False, log_every=LOG_EVERY, seed_loss="ce"):
     """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
     or an `OutlierModel` whose ε is read at every step (learned with the network).
@@ -98,8 +98,6 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
             outliers.average_gradients()
         optimizer.step()
         step, n = step + 1, n + 1
-        if progress is not None:
-            progress.update(len(batch["index"]))
         if n % log_every == 0:
             _read_losses(total, method, first, step)
     return _read_losses(total, method, first, step) / n if n else float("nan"), step
@@ -137,7 +135,7 @@ def _same_size_batches(dataset, indices, batch_size: int):
 
 
 @torch.no_grad()
-def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS, progress=None,
+def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS,
                batch_size=EVAL_BATCH):
     """The val confusion matrix and the per-band-width trimap confusions, summed (CPU
     tensors). Consecutive images of one size share a forward; the counts are summed on
@@ -154,8 +152,6 @@ def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_
             pred = model(images).argmax(1)
         conf += confusion_counts(pred, masks, num_classes)
         trimap += trimap_counts(pred, masks, num_classes, widths)
-        if progress is not None:
-            progress.update(len(items))
     return conf.cpu(), trimap.cpu()
 
 

@@ -21,7 +21,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.experimental import tqdm_ray
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -59,16 +58,6 @@ def train_split(cfg: TrainConfig):
     """Full supervision needs the masks, every other method the scribbles."""
     full = cfg.method == "full"
     return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
-
-
-def progress_bar(enabled: bool, desc: str, total: int, unit: str = "img"):
-    """A bar that Ray draws in the driver's terminal; None when the driver has none."""
-    return tqdm_ray.tqdm(desc=desc, total=total, unit=unit) if enabled else None
-
-
-def close(bar) -> None:
-    if bar is not None:
-        bar.close()
 
 
 def train_loader(trainset, cfg: TrainConfig, rank: int, world: int, pin_memory: bool = False) -> DataLoader:
@@ -124,12 +113,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Alg. 1: PCE pretraining, then per epoch (stage A's proposals when the method
     needs them,) one epoch of stage B, evaluation, checkpoint and metrics."""
     config = dict(config)
-    show = config.pop("progress", False)
     run_id = config.pop("run_id", "")
     cfg = from_dict(TrainConfig, config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    show = show and rank == 0
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
     if cfg.deterministic:
@@ -172,8 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         steps_per_epoch = max(1, len(loader))
         step = start * steps_per_epoch
         if METHODS[method].needs_proposals:
-            stage_a = StageA(cfg, run_id, train_samples, train_eval, K, device, rank, world,
-                             progress=lambda desc, total: progress_bar(show, desc, total))
+            stage_a = StageA(cfg, run_id, train_samples, train_eval, K, device, rank, world)
             if same_phase and resume.get("stage_a"):
                 stage_a.restore(resume["stage_a"])
         final = phase == len(plan) - 1
@@ -186,13 +172,11 @@ def train_loop_per_worker(config: dict) -> None:
             trainset.set_epoch(global_epoch)
             set_loader_epoch(loader, global_epoch)
             t0 = time.perf_counter()
-            bar = progress_bar(show, f"epoch {global_epoch + 1} [{method}]", len(loader) * loader.batch_size)
             loss, step = engine.train_epoch(
                 model, loader, optimizer, method=method, eps=outliers, nu=cfg.nu, device=device,
-                step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs, progress=bar,
+                step=step, total_steps=epochs * steps_per_epoch, base_lrs=base_lrs,
                 batch_average=cfg.batch_average, seed_loss=cfg.seed_loss,
             )
-            close(bar)
             stage_b_s += time.perf_counter() - t0
             record.update(loss=loss, lr=optimizer.param_groups[0]["lr"], stage_b_s=time.perf_counter() - t0)
             if device.type == "cuda":  # the training step's peak, for the GPU benchmark (benchmarks/gpu_voc.py)
@@ -200,9 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
             global_epoch += 1
             last = epoch == epochs - 1
             if last or global_epoch % cfg.eval_every == 0:
-                bar = progress_bar(show, "evaluation", len(range(rank, len(valset), world)))
-                record.update(_evaluate(model, valset, K, device, rank, world, bar))
-                close(bar)
+                record.update(_evaluate(model, valset, K, device, rank, world))
                 if rank == 0:
                     write_panels(log, net, {"val": valset, "train": train_eval}, trainset.proposals, device, global_epoch, classes)
             state = {
@@ -261,11 +243,11 @@ def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None, 
     return optimizer, base_lrs
 
 
-def _evaluate(model, valset, K, device, rank, world, progress=None) -> dict:
+def _evaluate(model, valset, K, device, rank, world) -> dict:
     """Val confusions on this rank's share, summed over ranks. A DDP `model` is evaluated
     as its plain network (see `engine.confusions`: a rank may have no val image)."""
     net = model.module if isinstance(model, DistributedDataParallel) else model
-    conf, trimap = engine.confusions(net, valset, K, device, indices=range(rank, len(valset), world), progress=progress)
+    conf, trimap = engine.confusions(net, valset, K, device, indices=range(rank, len(valset), world))
     if world > 1:
         conf, trimap = conf.to(device), trimap.to(device)
         dist.all_reduce(conf)

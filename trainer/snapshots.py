@@ -49,7 +49,7 @@ def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]
 
 
 def write_snapshot_round(model, dataset, samples, *, store: ShardStore, r, parts, restrict_labels, device,
-                         rank=0, world=1, only=None, progress=None):
+                         rank=0, world=1, only=None):
     """Write this rank's parts of snapshot round r (those in `only`, if given); returns
     the number of images written."""
     model.eval()
@@ -75,6 +75,4 @@ def write_snapshot_round(model, dataset, samples, *, store: ShardStore, r, parts
             )
         store.write_snapshots(r, k, rows)
         written += len(rows)
-        if progress is not None:
-            progress.update(len(rows))
     return written

@@ -41,9 +41,9 @@ def rank0_decides(flag: bool | None, world: int) -> bool:
 
 class StageA:
     def __init__(self, cfg: TrainConfig, run_id: str, samples, train_eval, num_classes: int, device, rank: int,
-                 world: int, progress=lambda desc, total: None):
+                 world: int):
         self.cfg, self.samples, self.train_eval = cfg, samples, train_eval
-        self.device, self.rank, self.world, self.progress = device, rank, world, progress
+        self.device, self.rank, self.world = device, rank, world
         self.store = ShardStore(cfg.shard_base(), run_id)
         self.parts = parts_of(len(samples), cfg.shard_size)
         self.feed = ProposalFeed(
@@ -71,10 +71,7 @@ class StageA:
         if (first or verify) and rank0_decides(not self._snapshot_ok(r, verify) if self.rank == 0 else None,
                                                self.world):
             t0 = time.perf_counter()
-            bar = self.progress(f"snapshot round {r}", len(self.samples))
-            record["snapshot_images"] = self._write(net, r, progress=bar)
-            if bar is not None:
-                bar.close()
+            record["snapshot_images"] = self._write(net, r)
             if self.world > 1:
                 dist.barrier()
             self._commit(r)
@@ -89,11 +86,11 @@ class StageA:
         record.update(self.feed.diagnostics())
         return record
 
-    def _write(self, net, r: int, only=None, progress=None) -> int:
+    def _write(self, net, r: int, only=None) -> int:
         return write_snapshot_round(
             net, self.train_eval, self.samples, store=self.store, r=r, parts=self.parts,
             restrict_labels=self.cfg.solver.restrict_labels, device=self.device, rank=self.rank,
-            world=self.world, only=only, progress=progress,
+            world=self.world, only=only,
         )
 
     def _commit(self, r: int) -> None:
