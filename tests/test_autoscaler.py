@@ -90,7 +90,8 @@ class FakeCluster:
     def __init__(self, tmp: str, home: str):
         self.tmp, self.token = tmp, os.path.join(home, ".trseg", "ray_auth_token")
         os.makedirs(os.path.dirname(self.token))
-        with open(self.token, "w") as f:
+        # created 0600, as the deploy steps do: submit.py refuses a token others can read
+        with open(os.open(self.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(os.urandom(32).hex())
         self.address = f"127.0.0.1:{_free_port()}"
         config = os.path.join(tmp, "autoscaler.json")
