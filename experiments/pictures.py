@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import tomllib
 
 import numpy as np
@@ -39,6 +40,16 @@ def read_metrics(run: str) -> list[dict]:
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def epochs_before(run: str) -> int:
+    """The epochs of the run that `run` starts from (the run folder of its --init), after
+    which its curve is drawn; 0 for a run from scratch or without a config.toml."""
+    try:
+        init = read_config(run).init
+    except FileNotFoundError:
+        return 0
+    return len(read_metrics(posixpath.dirname(posixpath.dirname(init)))) if init else 0
 
 
 def image_iou(pred: np.ndarray, mask: np.ndarray, num_classes: int) -> float:

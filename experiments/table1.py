@@ -54,6 +54,7 @@ from shared.config import TrainConfig, set_option
 from shared.labels import scribble_suffix
 from trainer.methods import METHODS as REGISTRY
 from experiments.presets import apply_preset, preset_values
+from experiments.pictures import curves, epochs_before, read_metrics
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
 METHODS = tuple(REGISTRY)  # the rows of the paper's Table 1, in the registry's order
@@ -249,6 +250,18 @@ def write_outputs(out: str, results: dict, preset: str | None = None) -> None:
     storage.write_bytes(storage.join(out, "table1.md"), markdown(table, results, preset).encode())
     plot_fig5(storage.join(out, "fig5_miou_vs_length.png"), table)
     plot_fig6(storage.join(out, "fig6_trimap.png"), results)
+    write_curves(out, results)
+
+
+def write_curves(out: str, results: dict) -> None:
+    """curves-LENGTH.png: val mIoU per epoch of every cell at that scribble length that has
+    trained (the fine-tuned cells drawn after the PCE-GD epochs they start from)."""
+    for length in LENGTHS:
+        runs = {m: cell_dir(out, m, length) for m in results if length in results[m]}
+        runs = {m: run for m, run in runs.items() if read_metrics(run)}
+        if runs:
+            storage.write_bytes(storage.join(out, f"curves-{length}.png"),
+                                curves({m: (run, epochs_before(run)) for m, run in runs.items()}))
 
 
 def write_csv(uri: str, table: dict) -> None:
