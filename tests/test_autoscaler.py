@@ -296,5 +296,9 @@ def test_autoscaler_brings_solver_nodes_up_for_stage_a_and_stops_them(fake_clust
     stopped = [n for n in solver_nodes if n["id"] != lost]
     assert stopped, "no solver node was left to stop"
     for n in stopped:  # the autoscaler's doing: one idle timeout after the node's last actor ended
-        last_used = max([a["end"] for a in placed if a["node"] == n["id"] and a["end"]], default=n["start"])
-        assert n["end"] - last_used >= 0.9 * IDLE_TIMEOUT_MIN * 60, (n, last_used)
+        assert n["death"] == "Terminated by autoscaler.", n
+        ends = [a["end"] for a in placed if a["node"] == n["id"] and a["end"]]
+        # (a node that ran nothing: the autoscaler counts its idle time from its own launch,
+        # which Ray's node table does not record, so only the cause is checked)
+        if ends:
+            assert n["end"] - max(ends) >= 0.9 * IDLE_TIMEOUT_MIN * 60, (n, max(ends))

@@ -55,7 +55,12 @@ def _resolved(argv: list[str]) -> dict:
     from click.testing import CliRunner
     from trainer.cli import cli
 
-    result = CliRunner().invoke(cli, [*argv, "--print-config"], catch_exceptions=False)
+    saved = dict(os.environ)  # the CLI sets Ray's environment (auth mode, token path) for this process
+    try:
+        result = CliRunner().invoke(cli, [*argv, "--print-config"], catch_exceptions=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert result.exit_code == 0, result.output
     return tomllib.loads(result.output)
 
@@ -156,8 +161,9 @@ def test_ray_token_files_are_private(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # set, then deleted: teardown restores what was there
+        monkeypatch.setenv(name, "")                    # (private_token sets the path in os.environ)
+        monkeypatch.delenv(name)
     private_token(local=True)
     made = tmp_path / ".trseg" / "ray_auth_token"
     assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(made)
