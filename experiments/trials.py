@@ -198,8 +198,13 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
     """Run the Tune experiment at `path`, or finish it (Tune's restore), and return its
     results; failed trials are an error naming their runs. `total`: the trials the
     experiment will have."""
+    from trainer.driver import resolve_devices
+
     for cfg in runs.values():  # a bad option is one line here, not a traceback from every trial
         copy.deepcopy(cfg).validate()
+        # devices decided here, by the Ray this driver started or joined: a trial runs in an
+        # actor, which did not start Ray and would take a private Ray for a cluster
+        resolve_devices(cfg)
     base = {name: to_dict(cfg) for name, cfg in runs.items()}
     trainable = tune.with_resources(tune.with_parameters(
         train_trial, base=base, dataset=dataset, per_trial_folders=per_trial_folders), TRIAL_RESOURCES)
