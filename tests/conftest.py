@@ -9,6 +9,14 @@ from tests.helpers import AWS_ENV, BUCKET, s3_uri
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One token for every Ray this process starts, as the CLI would use: Ray caches the token
+# it first reads, so a test that starts Ray with the mode unset (Ray then turns token mode
+# on and writes ~/.ray/auth_token) would leave a later `connect()`, which names
+# ~/.trseg/ray_auth_token, with a driver and a GCS holding different tokens.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+from shared.ray_session import private_token  # noqa: E402 (after the environment above)
+
+private_token(local=True)
 
 
 @pytest.fixture(scope="session")
