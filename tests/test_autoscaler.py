@@ -99,7 +99,9 @@ class FakeCluster:
             fake = fake_cluster_config(self.address)
             head_cpus = fake["available_node_types"][FAKE_HEAD_TYPE]["resources"]["CPU"]
             json.dump(fake, f)
-        self.env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # without the test process's own token (tests/conftest.py): this cluster has its own
+        outside = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+        self.env = {**outside, "RAY_TMPDIR": tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
         head_env = {**self.env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token}
