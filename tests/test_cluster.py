@@ -240,3 +240,35 @@ def test_table_cells_train_side_by_side_on_two_nodes(cluster, synthetic_set, tmp
     assert trials.most_at_once(results) == 2 and "2 trials, at most 2 at once" in lines[-1]
     assert {r.config["run"] for r in results} == set(runs)
     assert all(os.path.exists(tmp_path / name / "summary.json") for name in runs)
+
+
+def test_trainer_workers_a_cluster_can_never_place_end_the_run_in_one_line(synthetic_set, tmp_path, monkeypatch):
+    """`--gpu` on a cluster without GPUs (one node on 127.0.0.1, joined with --address, where
+    nothing checks capacity up front: a GPU node may yet come): Ray Train retries placing
+    the trainer workers, a controller failure every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    (1 s here), and `controller_failure_limit` (--solver-wait ÷ that) ends the run with one
+    line naming what a worker asks for, instead of waiting forever."""
+    from ray.cluster_utils import Cluster
+
+    from tests.helpers import run_cli
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    c = Cluster(initialize_head=True, head_node_args=_node_args(num_cpus=1))
+    try:
+        t0 = time.monotonic()
+        proc = run_cli("--address", c.address, "train", "--data", synthetic_set(4, 2, 32), "--method", "pce",
+                       "--epochs", 1, "--batch-size", 4, "--crop-size", 0, "--gpu", "--loader-workers", 0,
+                       "--solver-wait", 3, "--out", tmp_path / "out",
+                       env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1"}, timeout=240)
+        took = time.monotonic() - t0
+    finally:
+        c.shutdown()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    print(f"ended after {took:.0f}s: {errors}")
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: --workers 1: the trainer workers (1 CPU and 1 GPU each) could not be placed "
+                                "within --solver-wait 3s; free: ")
+    # the CLI's own lines: its error last, no traceback (Ray Train's controller logs its retries,
+    # tracebacks included, through Ray's `(TrainController pid=…)` prefix: Ray's processes')
+    own = [line for line in proc.stderr.splitlines() if not line.startswith("\x1b[36m(")]
+    assert own[-1] == errors[0] and not [line for line in own if "Traceback" in line], own[-20:]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import end_session, popen_cli, read_metrics, solver_processes
+from tests.helpers import end_session, popen_cli, read_metrics, session_processes, solver_processes
 
 pytestmark = pytest.mark.faults
 
@@ -23,13 +23,13 @@ def big_data(synthetic_set):
     return synthetic_set(8, 2, 160)
 
 
-def _round_in_progress(base):
+def _round_in_progress(base, n_parts=4):
     """(r, parts done) of a snapshot round whose proposals are being computed, else None."""
 
     for r in ShardStore(base).rounds("snapshots"):
         snaps = ShardStore(base).parts("snapshots", r)
         done = ShardStore(base).parts("proposals", r)
-        if len(snaps) == 4 and len(done) < 4:
+        if len(snaps) == n_parts and len(done) < n_parts:
             return r, len(done)
     return None
 
@@ -267,6 +267,47 @@ def test_a_diverged_network_ends_the_run_at_once_with_its_own_line(synthetic_set
     assert output.count("Moving model to device") == 1  # one trainer attempt: no retry
     # once: Ray Train's own logs of it (the worker's traceback, the controller's) are dropped
     assert output.count("non-finite network output") == 1, output[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_run_within_seconds_in_one_line_and_leaves_no_ray_behind(big_data, tmp_path):
+    """SIGINT (Ctrl-C) to `python -m trainer --local train` mid-round (the trainer waits in
+    `sync` for a stage-A round of several seconds that the farm is solving): the run ends
+    within seconds, not after the farm has solved what is left (up to --max-stall, 300 s
+    here), with one line after the signal (Ray Train's "Received SIGINT" line, no
+    traceback), a non-zero status, its checkpoints kept and no process of its private Ray
+    left. (≈ 60-100 s on 2 busy cores: most of it Ray's start and the first epoch.)"""
+    out = str(tmp_path / "out")
+    base, log_path = os.path.join(out, "shards"), str(tmp_path / "train.log")
+    proc = popen_cli("--local", "train", "--data", big_data, "--method", "grid-tr", "--epochs", 20,
+                     "--pretrain-epochs", 1, "--schedule", "sync", "--shard-size", 1, "--solvers", 1,
+                     "--batch-size", 4, "--crop-size", 64, "--max-stall", 300, "--out", out, log_path=log_path)
+    try:
+        deadline = time.monotonic() + 300
+        while _round_in_progress(base, 8) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        state = _round_in_progress(base, 8)
+        assert proc.poll() is None and state, open(log_path).read()[-3000:]
+        before = len(open(log_path).read().splitlines())
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+        took = time.monotonic() - sent
+        deadline = time.monotonic() + 15  # Ray's agents leave with their raylet
+        while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        end_session(proc)
+    lines = open(log_path).read().splitlines()
+    # an epoch or a round may end meanwhile; Ray's C++ log lines (`[date … E pid tid] file.cc:…`)
+    # and its workers' (`(Name pid=…)`) are its processes', not the CLI's
+    after = [line for line in lines[before:] if not line.startswith(("epoch ", "stage A round ", "[20", "\x1b[36m("))]
+    print(f"SIGINT at round {state[0]} with {state[1]} of 8 parts solved; ended {took:.1f}s after it, rc {rc}: {after}")
+    assert took < 30, f"{took:.0f}s after SIGINT: {after}"
+    assert rc != 0 and len(after) == 1 and "Received SIGINT" in after[0], lines[before - 3:]
+    assert not left, f"processes of the run's Ray left: {left}"
+    assert os.path.exists(os.path.join(out, "checkpoints", "last.pt"))
+    assert ShardStore(base).failure() is None  # a resumed run would read a failure marker
 
 
 def test_user_cause_finds_a_workers_user_error_inside_ray_trains_errors():

@@ -162,3 +162,43 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
     assert all(c["metrics"][CHECKPOINT_SCORE] >= latest["metrics"][CHECKPOINT_SCORE] for c in kept)
     state = load_checkpoint(os.path.join(out, "ray_train", latest["checkpoint_dir_name"], CHECKPOINT_FILE))
     assert state["global_epoch"] == 5 and state["stage_a"]["stall_s"] == pytest.approx(summary["trainer_stall_s"])
+
+
+@pytest.mark.slow
+def test_best_pt_comes_after_the_checkpoints_and_a_restart_never_writes_a_worse_one(synthetic_set, tmp_path,
+                                                                                    monkeypatch):
+    """best.pt is written after last.pt and Ray Train's checkpoint of its epoch; a worker
+    restarted from a checkpoint compares against the best that checkpoint records, and
+    completes best.pt when the checkpoint is itself the best (the worker was lost between
+    reporting it and writing best.pt). tests/besthook.py scripts val mIoU 0.5, 0.7, 0.6 and
+    kills the trainer worker once, right after epoch 2's report: best.pt must end as epoch 2.
+    best.pt written before the report shows at epoch 1's report; a restart comparing against
+    another best than its checkpoint's would write epoch 3 (0.6); one that does not complete
+    best.pt leaves epoch 1. (≈ 60-100 s on 2 busy cores: a real run with a worker restart.)"""
+    import ray
+
+    from shared.config import TrainConfig
+    from tests.besthook import FOLDER, KILLED
+    from tests.helpers import ROOT
+    from trainer.driver import run_train
+    from trainer.runlog import load_checkpoint
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Ray Train's controller polls its workers that often
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "tests.besthook.install",
+                          "env_vars": {"PYTHONPATH": ROOT, FOLDER: str(tmp_path)}})
+    try:
+        summary = run_train(TrainConfig(data=synthetic_set(4, 2, 32), method="pce", epochs=3, batch_size=4,
+                                        crop_size=0, out=str(out), use_gpu=False, loader_workers=0))
+    finally:
+        ray.shutdown()
+    seen = [json.loads(line) for line in open(tmp_path / "seen")]
+    assert os.path.exists(tmp_path / KILLED)
+    # the restart went on from epoch 2's checkpoint (Ray Train had it): each epoch reported once
+    assert [s["epoch"] for s in seen] == [1, 2, 3], seen
+    assert seen[0] == {"epoch": 1, "best": None, "last": True}  # at epoch 1's report: last.pt, no best.pt yet
+    assert [s["best"] for s in seen[1:]] == [[1, 0.5], [2, 0.7]]  # completed by the restarted worker
+    best = load_checkpoint(str(out / "checkpoints" / "best.pt"))
+    assert [best["global_epoch"], best["val_miou"]] == [2, 0.7]
+    assert summary["val_miou"] == 0.6 and load_checkpoint(str(out / "checkpoints" / "last.pt"))["best_miou"] == 0.7

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -364,6 +365,49 @@ def test_feed_keeps_a_part_that_storage_cannot_deliver(flaky, monkeypatch, capsy
     assert storage.exists(uri)
     feed.refresh(0, wait=False)
     assert (feed.labels["a"] == 1).all()
+
+
+def test_feed_waits_out_a_storage_outage_then_gives_up_after_its_patience(flaky, monkeypatch, capsys):
+    """The trainer's proposal feed, waiting for a round (sync), rides out 503s on every
+    proposals request (past the storage layer's own retries) with backoff and takes the
+    part once storage answers; an outage past --storage-patience, of the round's manifest
+    or of a part, ends the wait in one line naming the URI and the option."""
+    from shared import shards, storage
+    from trainer.proposals import ProposalFeed
+
+    monkeypatch.setattr(storage, "ATTEMPTS", 1)  # the storage layer's own retries: the test above
+    proxy, base = flaky
+    p = shards.Proposal(image_id="a", round=0, labels=np.full((5, 6), 1, np.uint8), energy=1.0, unary_energy=0.5,
+                        smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t:1")
+    ShardStore(base, "r").write_proposals(0, 0, [p])
+    ShardStore(base, "r").commit("proposals", 0, {0: ["a"]})
+
+    def feed(patience):
+        return ProposalFeed(ShardStore(base, "r"), [["a"]], sync=True, max_staleness=0, poll_s=0.05,
+                            storage_patience_s=patience)
+
+    capsys.readouterr()
+    proxy.fail, proxy.match = 10**6, "proposals"
+    waiting, out = feed(600), ""
+    refresh = threading.Thread(target=waiting.refresh, args=(0, True))  # until two tries failed, then storage answers
+    refresh.start()
+    deadline = time.monotonic() + 120
+    while out.count("warning: proposals: storage error") < 2 and refresh.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        out += capsys.readouterr().out
+    proxy.fail = 0
+    refresh.join(120)
+    assert not refresh.is_alive() and waiting.current == {0: 0} and (waiting.labels["a"] == 1).all()
+    assert out.count("warning: proposals: storage error") >= 2 and "HTTP status 503" in out, out
+    for match, uri in (("proposals", ShardStore(base).manifest_uri("proposals", 0)),
+                       ("part-0", ShardStore(base).part_uri("proposals", 0, 0))):
+        proxy.fail, proxy.match = 10**6, match
+        with pytest.raises(UserError) as e:
+            feed(1).refresh(0, wait=True)
+        proxy.fail = 0
+        message = str(e.value)
+        assert message.startswith(f"{uri}: storage failing for over 1s (--storage-patience)") and "\n" not in message
+    assert not proxy.fail and storage.exists(ShardStore(base).part_uri("proposals", 0, 0))  # nothing deleted
 
 
 def test_a_run_folder_on_s3_resumes_from_its_config_and_checkpoint(base, s3_endpoint):

@@ -473,6 +473,9 @@ def main(argv=None) -> None:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Ray Train's SIGINT handler exits), or an exit
+        _quiet_ray_teardown()
+        raise
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -488,6 +491,17 @@ def main(argv=None) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _quiet_ray_teardown() -> None:
+    """Ray's log lines from here on are not shown (errors included): after Ctrl-C the
+    farm's Ray Data threads are still at work when Ray shuts down, and they log its
+    teardown (a traceback of their stats thread, a Ray they cannot reach) under the one
+    line that says the run was interrupted."""
+    import logging
+
+    for name in ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def _user_cause(e: BaseException):

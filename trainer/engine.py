@@ -7,9 +7,13 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from shared.labels import UNLABELLED
 
 from trainer.metrics import confusion_counts, miou, trimap_counts
-from trainer.methods import method_loss
+from trainer.methods import LABEL_COUNT, METHODS, method_loss
 from trainer.outliers import OutlierModel
 
 TRIMAP_WIDTHS = (1, 2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40)
@@ -79,15 +83,20 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
     the end (`_read_losses`), the step's only host syncs (the lattice of Dense-GD aside,
     whose size is data-dependent). A non-finite loss makes the sum non-finite and ends the
     epoch at the next read, naming the steps it lies in; the weights it reached are never
-    checkpointed."""
+    checkpointed. Under DDP each step's loss is normalised by the supervised pixels of the
+    global batch (`labelled_count`), so its averaged gradient is the one-rank gradient of
+    the global batch; the mean loss returned is this rank's share times the world size."""
     model.train()
     outliers = eps if isinstance(eps, OutlierModel) else None
+    group = model.process_group if isinstance(model, DistributedDataParallel) else None
     total = torch.zeros((), device=device)
     first, n = step, 0
     for batch in loader:
         batch = to_device(batch, device)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = poly_lr(base, step, total_steps)
+        if group is not None:
+            batch[LABEL_COUNT] = labelled_count(batch[METHODS[method].labels], group)
+        for param_group, base in zip(optimizer.param_groups, base_lrs):
+            param_group["lr"] = poly_lr(base, step, total_steps)
         with autocast(device):
             logits = model(batch["image"])
         loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average, seed_loss)
@@ -101,6 +110,19 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
         if n % log_every == 0:
             _read_losses(total, method, first, step)
     return _read_losses(total, method, first, step) / n if n else float("nan"), step
+
+
+def labelled_count(labels: torch.Tensor, group=None) -> torch.Tensor:
+    """A DDP rank's normaliser of a loss over labelled pixels (SPEC §2's seed count):
+    max(1, labelled pixels of the global batch) / world size. DDP averages the ranks'
+    gradients, so Σ_rank (this rank's sum / normaliser) / world = Σ over all ranks / count
+    over all ranks: the step of one rank on the global batch, however the scribbles fall
+    across the ranks (with each rank's own count, a rank with few seeds would weigh its
+    pixels more). One all-reduce of one number per step, queued on the device (no host sync);
+    every rank calls it at every step, as DDP's backward does."""
+    count = (labels != UNLABELLED).sum()
+    dist.all_reduce(count, group=group)
+    return count.clamp(min=1).float() / dist.get_world_size(group)
 
 
 def _read_losses(total: torch.Tensor, method: str, first: int, step: int) -> float:

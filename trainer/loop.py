@@ -146,6 +146,10 @@ def train_loop_per_worker(config: dict) -> None:
     stage_a = None
     stage_b_s = resume.get("stage_b_s", 0.0) if resume else 0.0
     best = resume["best_miou"] if resume else -1.0
+    if resume and rank == 0 and resume.get("val_miou") is not None and resume["val_miou"] == best:
+        # the checkpoint is the best so far: a worker lost between reporting it and writing
+        # best.pt (written last, below) left best.pt an older model
+        log.save_checkpoint("best.pt", checkpoint_bytes(resume))
     global_epoch = resume["global_epoch"] if resume else 0
     plan = phases(cfg)
     for phase, (method, epochs) in enumerate(plan):

@@ -64,11 +64,22 @@ def _label_log_prob(logq: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return torch.where(mask, picked, torch.zeros_like(picked)), mask
 
 
-def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = False) -> torch.Tensor:
+def _seed_normaliser(mask: torch.Tensor, seed_count: torch.Tensor | float | None) -> torch.Tensor | float:
+    """What a seed loss divides its sum by: max(1, seeded pixels of this batch), or the
+    caller's ``seed_count``. A data-parallel rank passes max(1, seeded pixels of the
+    global batch) / world size (`trainer.engine.labelled_count`): DDP averages the ranks'
+    gradients, so the step is then the one-rank step on the global batch, Σ / count over
+    all ranks, however the scribbles fall across the ranks."""
+    return mask.sum().clamp(min=1) if seed_count is None else seed_count
+
+
+def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = False,
+               seed_count: torch.Tensor | float | None = None) -> torch.Tensor:
     """Partial cross-entropy, eq. (6) / SPEC §3 PCE: mean of −log q_i(y_i) over seeds.
 
     ``seeds`` N×H×W long, 255 = unlabeled.  The mean is over all seeded pixels of
-    the batch, divided by N as well with ``batch_average`` (the reference's scale,
+    the batch (``seed_count``: a data-parallel rank's normaliser, `_seed_normaliser`),
+    divided by N as well with ``batch_average`` (the reference's scale,
     SPEC §2).  Returns a float32 zero that still carries a gradient (of zeros) when
     the batch has no seed.
     """
@@ -77,10 +88,11 @@ def partial_ce(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = 
         logq = F.log_softmax(logits.float(), dim=1)
         lp, mask = _label_log_prob(logq, seeds)
         # no seed: lp is all zeros, a zero loss with zero gradients
-        return -lp.sum() / mask.sum().clamp(min=1) / (logits.shape[0] if batch_average else 1)
+        return -lp.sum() / _seed_normaliser(mask, seed_count) / (logits.shape[0] if batch_average else 1)
 
 
-def partial_l2(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = False) -> torch.Tensor:
+def partial_l2(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = False,
+               seed_count: torch.Tensor | float | None = None) -> torch.Tensor:
     """The seed term of the authors' Grid-GD script (its ``--loss-type l2`` default; the
     paper's eq. 8 has partial cross-entropy, :func:`partial_ce`, there):
 
@@ -88,6 +100,7 @@ def partial_l2(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = 
 
     ``batch_average`` is accepted and ignored: the reference's L2 loss is not divided by
     the batch size (its ``LxLoss``). A float32 zero with a gradient when nothing is seeded.
+    ``seed_count``: a data-parallel rank's normaliser (`_seed_normaliser`).
     """
     _check(logits, seeds, "seeds")
     with _no_autocast(logits.device):
@@ -97,11 +110,12 @@ def partial_l2(logits: torch.Tensor, seeds: torch.Tensor, batch_average: bool = 
         if int(n) == 0:
             return q.sum() * 0.0
         onehot = F.one_hot(torch.where(mask, seeds, 0).long(), q.shape[1]).permute(0, 3, 1, 2).float()
-        return (((onehot - q) ** 2).sum(1) * mask).sum() / n
+        return (((onehot - q) ** 2).sum(1) * mask).sum() / (n if seed_count is None else seed_count)
 
 
 def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor,
-              eps: float | torch.Tensor, batch_average: bool = False) -> torch.Tensor:
+              eps: float | torch.Tensor, batch_average: bool = False,
+              seed_count: torch.Tensor | float | None = None) -> torch.Tensor:
     """Stage-B robust loss L_B, SPEC §2 (eq. 17, 18, 22, 24, 25).
 
     With K classes, a = ε/(K−1), b = 1 − K·a:
@@ -118,6 +132,8 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
     ``batch_average`` divides by N as well (the reference's scale, SPEC §2).
     ``eps`` may be a tensor with a gradient (a learned outlier model,
     `trainer.outliers`): a scalar, or K values, one per proposal label.
+    ``seed_count`` replaces the batch's seed count: a data-parallel rank's normaliser
+    (`_seed_normaliser`).
     """
     _check(logits, seeds, "seeds")
     _check(logits, proposals, "proposals")
@@ -146,7 +162,7 @@ def robust_ce(logits: torch.Tensor, proposals: torch.Tensor, seeds: torch.Tensor
             robust = prop_lp
         robust = torch.where(prop_mask, robust, torch.zeros_like(robust))
         total = -(seed_lp.sum() + robust.sum())
-        return total / seed_mask.sum().clamp(min=1) / (logits.shape[0] if batch_average else 1)
+        return total / _seed_normaliser(seed_mask, seed_count) / (logits.shape[0] if batch_average else 1)
 
 
 def grid_pairs(images: torch.Tensor, roi: torch.Tensor | None = None):

@@ -22,6 +22,10 @@ from trainer.permutohedral import krahenbuhl_factor
 Loss = Callable[[torch.Tensor, dict, float, float, bool, str], torch.Tensor]
 # Grid-GD's seed term: "ce" the paper's eq. 8 (PCE), "l2" the authors' script's (--loss-type l2)
 SEED_LOSSES = {"ce": partial_ce, "l2": partial_l2}
+# the batch key of a data-parallel rank's normaliser of the supervised pixels (the seeds', or
+# the masks' for full supervision; `Method.labels`): max(1, their count over the global
+# batch) / world size, set by `trainer.engine.train_epoch`; absent: this batch's count
+LABEL_COUNT = "label_count"
 
 
 @dataclass(frozen=True)
@@ -33,22 +37,27 @@ class Method:
     needs_proposals: bool = False
     default_nu: float | None = None  # regulariser weight; --nu overrides it
     paper: dict = field(default_factory=dict)  # the reference's recipe (SPEC §4) beyond the common one
+    labels: str = "seeds"  # the batch's label map whose labelled pixels normalise the loss (LABEL_COUNT)
 
 
 def _full(logits, batch, eps, nu, batch_average, seed_loss):
-    """Cross-entropy on the full masks."""
-    return F.cross_entropy(logits.float(), batch["mask"], ignore_index=255) / (len(logits) if batch_average else 1)
+    """Cross-entropy on the full masks: the mean over their labelled pixels."""
+    mask = batch["mask"]
+    count = batch.get(LABEL_COUNT)
+    total = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum")
+    count = (mask != 255).sum().clamp(min=1) if count is None else count
+    return total / count / (len(logits) if batch_average else 1)
 
 
 def _pce(logits, batch, eps, nu, batch_average, seed_loss):
     """Partial cross-entropy on the seeds (eq. 6)."""
-    return partial_ce(logits, batch["seeds"], batch_average)
+    return partial_ce(logits, batch["seeds"], batch_average, batch.get(LABEL_COUNT))
 
 
 def _grid_gd(logits, batch, eps, nu, batch_average, seed_loss):
     """PCE (or the authors' script's L2 seed term) + ν · relaxed grid Potts (eq. 7, 8)."""
     q = torch.softmax(logits.float(), 1)
-    seeds = SEED_LOSSES[seed_loss](logits, batch["seeds"], batch_average)
+    seeds = SEED_LOSSES[seed_loss](logits, batch["seeds"], batch_average, batch.get(LABEL_COUNT))
     return seeds + nu * grid_potts(q, batch["image"], batch.get("roi"))
 
 
@@ -60,7 +69,7 @@ def _dense_gd(logits, batch, eps, nu, batch_average, seed_loss):
 
 def _grid_tr(logits, batch, eps, nu, batch_average, seed_loss):
     """Robust cross-entropy to the proposals, exact on the seeds (eq. 17, 18, 24)."""
-    return robust_ce(logits, batch["proposal"], batch["seeds"], eps, batch_average)
+    return robust_ce(logits, batch["proposal"], batch["seeds"], eps, batch_average, batch.get(LABEL_COUNT))
 
 
 # The reference's weights are in its own units (SPEC §3): its Grid-GD weight is ν on a
@@ -94,7 +103,7 @@ def dense_nu_for_crop(nu: float, crop: int, reference_crop: int = 513, sigma_xy:
 PAPER_GRID_NU = 100.0
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("full", "full supervision", _full, paper={"lr": 0.007}),
+    Method("full", "full supervision", _full, paper={"lr": 0.007}, labels="mask"),
     Method("pce", "PCE-GD", _pce, paper={"lr": 0.007}),
     # SPEC §3's ν, sized for VOC images: on 96 px images it barely acts (docs/)
     Method("dense-gd", "Dense-GD", _dense_gd, starts_from_pce=True, default_nu=2e-9,

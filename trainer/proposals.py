@@ -13,6 +13,12 @@ the parts missing. Polls back off from `poll_s` to MAX_POLL_S. A part of another
 is ignored, a corrupt one deleted with its round's manifest so that the farm solves it
 again, and one that storage could not deliver is tried again at
 the next poll (nothing is deleted on a transient error).
+
+Storage errors (an S3 outage, a lost mount: what `shared.storage` still raises after its
+own retries) are ridden out as stage A's farm does: a wait tries again with backoff (up
+to MAX_STORAGE_WAIT_S between tries), a refresh that need not wait goes on with the
+proposals it holds, and storage failing for over `storage_patience_s` (--storage-patience)
+in a row ends the run with one line naming the URI.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from shared.errors import CorruptShardError, ForeignShardError, UserError
 from trainer.metrics import confusion_matrix, miou
 
 MAX_POLL_S = 1.0  # a long wait polls storage at most this often
+MAX_STORAGE_WAIT_S = 30.0  # the longest wait between tries while storage fails (as stage A's)
 MaskReader = Callable[[str], "np.ndarray | None"]
 
 
@@ -36,12 +43,15 @@ class ProposalFeed:
 
     def __init__(self, store: ShardStore, parts: list[list[str]], *, sync: bool, max_staleness: int,
                  max_stall_s: float = float("inf"), poll_s: float = 0.2, num_classes: int = 0,
-                 mask_of: MaskReader | None = None):
+                 mask_of: MaskReader | None = None, storage_patience_s: float = 300.0):
         self.store = store
         self.parts = parts  # image ids of every part
         self.min_lag = 0 if sync else max_staleness
         self.max_stall_s = max_stall_s
         self.poll_s = poll_s
+        self.storage_patience_s = storage_patience_s
+        self._failing_since: float | None = None  # monotonic time storage began failing, None: it answers
+        self._failed = False  # a storage error in this pass of refresh
         self._warned: set[str] = set()
         self.current: dict[int, int] = {}  # part -> proposal round in use
         self.labels: dict[str, np.ndarray] = {}
@@ -55,24 +65,45 @@ class ProposalFeed:
         """Load newer proposals for round r; wait (stall) while the bound is not met,
         calling `on_wait(parts missing)` now and then (the trainer repairs snapshots)."""
         start = progress = time.perf_counter()
-        poll_s = self.poll_s
+        poll_s, storage_wait = self.poll_s, self.poll_s
         while True:
+            self._failed = False
             held = min(self.current.get(k, -1) for k in range(len(self.parts)))  # every part has this round
-            for k, (p, uri) in self.store.newest_proposals(r, len(self.parts), since=held).items():
+            asked = time.monotonic()
+            try:
+                newest = self.store.newest_proposals(r, len(self.parts), since=held)
+            except OSError as e:
+                self._storage_failed(self.store.manifest_uri("proposals", r), e, asked)
+                newest = {}
+            for k, (p, uri) in newest.items():
                 if p > self.current.get(k, -1) and self._load(k, p, uri):
                     progress = time.perf_counter()
             lags = [r - self.current.get(k, -1) for k in range(len(self.parts))]
             if not wait or max(lags) <= self.min_lag:
                 break
-            why = self.store.failure()
+            asked = time.monotonic()
+            try:
+                why = self.store.failure()
+            except OSError as e:  # the farm's failure marker, under the shard base
+                self._storage_failed(self.store.base, e, asked)
+                why = None
             if why is not None:
                 raise UserError(f"stage A failed, no proposals for round {r}: {why}")
             missing = [k for k, lag in enumerate(lags) if lag > self.min_lag]
             if time.perf_counter() - progress > self.max_stall_s:
                 raise UserError(self._stall_error(r, missing))
+            if not self._failed:
+                self._failing_since, storage_wait = None, self.poll_s
             on_wait(missing)
+            if self._failed:  # back off while storage fails, within --storage-patience
+                left = self.storage_patience_s - (time.monotonic() - self._failing_since)
+                storage_wait = min(2 * storage_wait, MAX_STORAGE_WAIT_S, max(left, 0.0))
+                time.sleep(storage_wait)
+                continue
             time.sleep(poll_s)
             poll_s = min(2 * poll_s, max(self.poll_s, MAX_POLL_S))
+        if not self._failed:
+            self._failing_since = None
         stall = time.perf_counter() - start if wait else 0.0
         self.stall_s += stall
         per_image = [lag for k, lag in enumerate(lags) for _ in self.parts[k]]
@@ -88,6 +119,22 @@ class ProposalFeed:
         return (f"no new proposals for {self.max_stall_s:g}s (--max-stall): round {r} needs proposal round ≥ {oldest} "
                 f"for {len(missing)} part(s): {names}; are the solver actors placed and alive?")
 
+    def _storage_failed(self, uri: str, e: OSError, asked: float) -> None:
+        """A storage error reading `uri` (a call made at monotonic time `asked`, which the
+        storage layer retried before it gave up): a warning while storage has failed for
+        less than --storage-patience in a row, then the run's end in one line naming the URI."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = asked
+        self._failed = True
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        left = self.storage_patience_s - (now - self._failing_since)
+        if left <= 0:
+            raise UserError(f"{uri}: storage failing for over {self.storage_patience_s:g}s (--storage-patience) "
+                            f"while reading proposals: {cause}")
+        print(f"warning: proposals: storage error on {uri} ({cause}); trying again "
+              f"({left:.0f}s of --storage-patience left)", flush=True)
+
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
@@ -95,6 +142,7 @@ class ProposalFeed:
 
     def _load(self, k: int, p: int, uri: str) -> bool:
         """Take part k's proposals of round p; False if they cannot be used (yet)."""
+        asked = time.monotonic()
         try:
             rows = shards.read_proposals(uri, self.store.run_id)
         except FileNotFoundError:  # replaced or deleted since the listing
@@ -107,8 +155,8 @@ class ProposalFeed:
             storage.delete(uri)
             self.store.uncommit("proposals", p)
             return False
-        except OSError as e:  # storage kept failing: try again at the next poll
-            self._warn_once(f"{uri}: {e}; trying again")
+        except OSError as e:  # storage kept failing: try again at the next poll, within --storage-patience
+            self._storage_failed(uri, e, asked)
             return False
         if [row.image_id for row in rows] != self.parts[k]:
             raise UserError(f"{uri}: answers images {[row.image_id for row in rows][:3]}…, but part {k} "

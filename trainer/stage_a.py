@@ -50,6 +50,7 @@ class StageA:
             self.store, [[samples[i].image_id for i in part] for part in self.parts],
             sync=cfg.schedule == "sync", max_staleness=cfg.max_staleness, max_stall_s=cfg.max_stall,
             num_classes=num_classes, mask_of=mask_reader(samples, num_classes),
+            storage_patience_s=cfg.storage_patience,
         )
         self._checked = 0.0
         self.staleness: list[float] = []
