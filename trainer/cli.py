@@ -10,7 +10,7 @@ import click
 
 from shared import storage
 from shared.config import AUGMENTATIONS, EPS_MODELS, SEED_LOSSES, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
-from shared.errors import UserError
+from shared.errors import UserError, user_cause
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
 from trainer.methods import METHODS
@@ -479,7 +479,7 @@ def main(argv=None) -> None:
     except UserError as e:
         _fail(str(e), debug, 2)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
-        cause = _user_cause(e)
+        cause = user_cause(e)
         if cause is not None:
             _fail(str(cause), debug, 2)
         _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (--debug shows the traceback)", debug, 1)
@@ -488,23 +488,6 @@ def main(argv=None) -> None:
 
         if ray.is_initialized():
             ray.shutdown()
-
-
-def _user_cause(e: BaseException):
-    """A UserError raised inside a Ray worker arrives wrapped: find it (Ray Train holds
-    it in a ControllerError's controller_failure or a WorkerGroupError's worker_failures)."""
-    seen = set()
-    todo = [e]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
-                 *(getattr(e, "worker_failures", None) or {}).values()]
-    return None
 
 
 def _fail(message: str, debug: bool, code: int) -> None:
