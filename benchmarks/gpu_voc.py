@@ -74,8 +74,8 @@ def _run_stats(out: str, n_train: int) -> dict:
 
 
 def measure_voc_epochs(quick: bool, workdir: str) -> dict:
-    from experiments.presets import apply_preset
-    from shared.config import TrainConfig
+    from trainer.presets import apply_preset
+    from trainer.config import TrainConfig
     from shared.ray_session import connect
     from trainer.driver import run_train
     from trainer.synthetic import make_synthetic

@@ -198,7 +198,7 @@ def _epoch_stats(out: str) -> dict:
 
 
 def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from experiments.default_job import synthetic_dataset
     from trainer.driver import run_train
 
@@ -257,7 +257,7 @@ def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
 
 def measure_requests(workdir: str, per_round: int = 2, rounds: int = 2) -> dict:
     from benchmarks.s3_counter import local_s3
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from experiments.default_job import synthetic_dataset
     from trainer.driver import run_train
 

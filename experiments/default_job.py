@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import SolverConfig, TrainConfig
+from shared.config import SolverConfig
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from trainer.driver import run_train
 from trainer.synthetic import VERSION, make_synthetic

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from shared import storage
-from shared.config import SolverConfig, TrainConfig, from_dict
+from shared.config import SolverConfig, from_dict
+from trainer.config import TrainConfig
 from solver_service.alpha_expansion import solve
 from trainer.architectures import build_model
 from trainer.data import EvalSet, load_split, read_classes

@@ -11,7 +11,8 @@ import copy
 import math
 
 from shared import storage
-from shared.config import TrainConfig, default_eps, to_dict
+from shared.config import to_dict
+from trainer.config import TrainConfig, default_eps
 from trainer.imagenet import IMAGENET
 from trainer.methods import METHODS
 from trainer.tomlio import dumps

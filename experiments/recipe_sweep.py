@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from trainer import engine
 from trainer.architectures import build_model
 from trainer.data import EvalSet, TrainSet, load_split, read_classes

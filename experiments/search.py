@@ -26,7 +26,8 @@ import dataclasses
 import os
 
 from shared import storage
-from shared.config import SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, set_option, to_dict
+from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option, to_dict
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from trainer.methods import METHODS
 

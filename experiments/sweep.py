@@ -22,8 +22,8 @@ import os
 from shared import storage
 from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
-from shared.config import TrainConfig
-from experiments.presets import apply_preset
+from trainer.config import TrainConfig
+from trainer.presets import apply_preset
 from trainer.architectures import resolve_arch
 from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, save_figure
 

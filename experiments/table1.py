@@ -50,10 +50,11 @@ import tomllib
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import TrainConfig, set_option
+from shared.config import set_option
+from trainer.config import TrainConfig
 from shared.labels import scribble_suffix
 from trainer.methods import METHODS as REGISTRY
-from experiments.presets import apply_preset, preset_values
+from trainer.presets import apply_preset, preset_values
 from experiments.pictures import curves, epochs_before, read_metrics
 
 LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix

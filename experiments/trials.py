@@ -37,7 +37,8 @@ import time
 from ray import tune
 
 from shared import storage
-from shared.config import TrainConfig, from_dict, to_dict
+from shared.config import from_dict, to_dict
+from trainer.config import TrainConfig
 from shared.errors import UserError, user_cause
 from trainer.methods import METHODS
 

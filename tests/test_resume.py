@@ -17,7 +17,7 @@ pytestmark = pytest.mark.faults
 
 def test_optimizer_state_survives_a_checkpoint(tmp_path):
     """make_optimizer loads the momentum buffers that last.pt holds (weights_only load)."""
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from trainer.loop import make_optimizer
     from trainer.model import DeepLabV3Plus
     from trainer.runlog import RunLog, load_checkpoint

@@ -9,13 +9,13 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import AUGMENTATIONS, EPS_MODELS, SEED_LOSSES, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
+from shared.config import to_dict
 from shared.errors import UserError, user_cause
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
+from trainer.config import AUGMENTATIONS, EPS_MODELS, LAYOUTS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, resolve_train_config
 from trainer.methods import METHODS
-from trainer.data import LAYOUTS
-from experiments.presets import PRESETS
+from trainer.presets import PRESETS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,47 +138,6 @@ def _train_options(f):
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def resolve_train_config(params: dict) -> TrainConfig:
-    """Defaults ← --preset ← --resume DIR's config.toml ← --config FILE ← flags given."""
-    from trainer.tomlio import read_toml
-
-    values: dict = {}
-    resume_dir = params.pop("resume_dir")
-    config_file = params.pop("config_file")
-    preset = params.pop("preset", None)
-    if resume_dir:
-        values.update(read_toml(storage.join(resume_dir, "config.toml"), "--resume"))
-    if config_file:
-        values.update(read_toml(config_file))
-    solver = values.pop("solver", {})
-    if not isinstance(solver, dict):  # a TOML `solver = 5`: the stage-A options are a [solver] table
-        source = f"--config {config_file}" if config_file else f"--resume {storage.join(resume_dir, 'config.toml')}"
-        raise UserError(f"{source}: key 'solver': expected a [solver] table, got {type(solver).__name__} {solver!r}")
-    solver = dict(solver)
-    for key, value in params.items():
-        if value is None:
-            continue
-        if key in SOLVER_FIELDS:
-            solver[key] = value
-        else:
-            values[key] = value
-    for key in list(values):
-        if key.replace("-", "_") in SOLVER_FIELDS:
-            solver[key.replace("-", "_")] = values.pop(key)
-    cfg = from_dict(TrainConfig, values)
-    cfg.solver = from_dict(SolverConfig, solver)
-    if preset:  # the preset fills only what nothing above set (experiments/presets.py)
-        from experiments.presets import apply_preset, check_start
-
-        apply_preset(cfg, preset, explicit=[*values, *solver])
-        check_start(preset, cfg.backbone_weights, cfg.init, takes_init=True)
-    if resume_dir:
-        cfg.out, cfg.resume = resume_dir, True
-    if not cfg.data:
-        raise UserError("--data: required (a data set root)")
-    return cfg
 
 
 @cli.command()
@@ -317,7 +276,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 
     Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
     from shared.ray_session import connect
-    from experiments.presets import check_start
+    from trainer.presets import check_start
     from experiments.table1 import run_table1
 
     _check_data_folder(data)
@@ -391,7 +350,7 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
                         use_gpu, backbone_weights, plan_only):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
-    from experiments.presets import check_start
+    from trainer.presets import check_start
     from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)

@@ -38,15 +38,10 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from shared.errors import UserError
 from shared.image_io import read_image, read_label
-from shared.config import AUGMENTATIONS
 from shared.labels import UNLABELLED, check_scribbles
+from trainer.config import AUGMENTATIONS, LAYOUTS
 from trainer.model import IMAGENET_MEAN
 
-VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-]
 SPLITS = ("train", "val")
 REFERENCE_SHORT_SIDE = (256, 1026)  # the authors' VOC rescaling range (SPEC §4)
 
@@ -61,32 +56,7 @@ class Sample:
     mask_path: str | None = None
 
 
-# --------------------------------------------------------------------------- layouts
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a data format keeps its files (SPEC §5), relative to the data root.
-    `{split}` and `{suffix}` (the scribble length suffix) are filled in."""
-
-    split_file: str
-    image_dir: str
-    image_exts: tuple[str, ...]
-    scribble_dir: str
-    mask_dirs: dict[str, tuple[str, ...]]  # split -> folders to look in, first found wins
-    classes: tuple[str, ...] | None = None  # fixed class names; None: ROOT/classes.txt
-
-
-_FOLDER = Layout("{split}.txt", "images", (".png", ".jpg", ".jpeg"), "scribbles{suffix}",
-                 {"train": ("masks",), "val": ("masks",)})
-LAYOUTS: dict[str, Layout] = {
-    "voc": Layout("ImageSets/SegmentationAug/{split}.txt", "JPEGImages", (".jpg", ".jpeg", ".png"),
-                  "pascal_2012_scribble{suffix}",
-                  {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")},
-                  classes=tuple(VOC_CLASSES)),
-    "folder": _FOLDER,
-    "synthetic": _FOLDER,  # written by trainer.synthetic.make_synthetic
-}
+# --------------------------------------------------------------------------- layouts (trainer.config.LAYOUTS)
 
 
 def _check_root(root: str, fmt: str) -> None:

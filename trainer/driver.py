@@ -24,7 +24,8 @@ from ray.train.torch import TorchTrainer
 
 from shared import ray_session, storage
 from shared.shard_store import ShardStore, parts_of
-from shared.config import TrainConfig, check_eps, to_dict
+from shared.config import to_dict
+from trainer.config import TrainConfig, check_eps
 from shared.errors import UserError
 from solver_service.farm import Farm, Pool, _free, solver_memory, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch

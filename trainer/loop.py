@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from shared import storage
-from shared.config import TrainConfig, default_eps, from_dict
+from shared.config import from_dict
+from trainer.config import TrainConfig, default_eps
 from trainer import engine
 from trainer.architectures import build_model
 from trainer.data import EvalSet, TrainSet, load_split, read_classes

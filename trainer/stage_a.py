@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch.distributed as dist
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from shared.shard_store import ShardStore, parts_of
 from shared.image_io import read_label
 from trainer.proposals import ProposalFeed
