@@ -13,6 +13,8 @@ from shared.config import to_dict
 from shared.errors import UserError, user_cause
 from shared.labels import check_scribbles
 from trainer.architectures import ARCHITECTURES
+from trainer.data import check_data_folder
+from trainer.imagenet import backbone_weights_path
 from trainer.config import AUGMENTATIONS, EPS_MODELS, LAYOUTS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, resolve_train_config
 from trainer.methods import METHODS
 from trainer.presets import PRESETS
@@ -279,11 +281,11 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     from trainer.presets import check_start
     from experiments.table1 import run_table1
 
-    _check_data_folder(data)
+    check_data_folder(data)
     check_start(preset, backbone_weights)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
                                    ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu),
-                                   ("backbone_weights", _weights(backbone_weights))) if v is not None}
+                                   ("backbone_weights", backbone_weights_path(backbone_weights))) if v is not None}
     columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
                for x in lengths.split(",")]
     if not plan_only:
@@ -354,13 +356,13 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
     from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)
-    _check_data_folder(data)
+    check_data_folder(data)
     check_start(preset, backbone_weights)
     if not plan_only:
         connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent,
-              use_gpu=use_gpu, backbone_weights=_weights(backbone_weights), plan_only=plan_only)
+              use_gpu=use_gpu, backbone_weights=backbone_weights_path(backbone_weights), plan_only=plan_only)
     if plan_only:
         return
     click.echo(storage.read_bytes(storage.join(out, "sweep.csv")).decode().rstrip())
@@ -384,46 +386,13 @@ def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, plan_only,
     """Search configuration keys (λ, β, ε, ν, LR, …) on the val split: Ray Tune with ASHA
     on val mIoU. Writes OUT/best.toml (for train --config), OUT/trials.csv and .md."""
     from shared.ray_session import connect
-    from experiments.search import default_space, read_space, run_search
-    from experiments.table1 import QUICK, FULL, prepare
+    from experiments.search import prepare_search, run_search
 
-    if params["resume_dir"]:
-        raise UserError("--resume: not an option of tune; the same tune command again finishes an interrupted search")
-    if not params["method"]:
-        raise UserError("--method: required (the method whose options are searched)")
-    if not params["out"]:
-        raise UserError("--out: required (the search's folder)")
-    space = space or default_space(params["method"])
-    read_space(space)  # a bad space fails before Ray starts
-    _check_data_folder(params["data"])
-    if not params["data"]:  # the built-in synthetic set, as table1's
-        size = QUICK if quick else FULL
-        _, params["data"], params["format"] = prepare(params["out"], None, "synthetic", size)
-    if quick:
-        for key, value in (("epochs", 2), ("pretrain_epochs", 1), ("epochs_per_round", 1), ("batch_size", 4), ("crop_size", 0)):
-            params[key] = value if params[key] is None else params[key]
-    out = params.pop("out")
-    cfg = resolve_train_config(params)
-    cfg.backbone_weights = _weights(cfg.backbone_weights)
+    cfg, space, out = prepare_search(params, space, quick)  # every check before Ray starts
     if not plan_only:
         connect(ctx.obj["address"])
     run_search(cfg, space, trials, out, max_concurrent=max_concurrent, grace_period=grace_period,
                log=lambda m: click.echo(m), plan_only=plan_only)
-
-
-def _weights(value: str | None) -> str | None:
-    """--backbone-weights, checked before Ray starts (the ImageNet file fetched into torch's
-    cache if need be); a local file as an absolute path, for the cells' workers."""
-    from trainer.imagenet import IMAGENET, check_backbone_weights
-
-    check_backbone_weights(value)
-    return value if not value or value == IMAGENET or storage.is_remote(value) else os.path.abspath(value)
-
-
-def _check_data_folder(data: str | None) -> None:
-    """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
-    if data and not os.path.isdir(data):
-        raise UserError(f"--data: no such data set folder: {data!r}")
 
 
 def main(argv=None) -> None:

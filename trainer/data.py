@@ -59,6 +59,12 @@ class Sample:
 # --------------------------------------------------------------------------- layouts (trainer.config.LAYOUTS)
 
 
+def check_data_folder(data: str | None) -> None:
+    """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
+    if data and not os.path.isdir(data):
+        raise UserError(f"--data: no such data set folder: {data!r}")
+
+
 def _check_root(root: str, fmt: str) -> None:
     if fmt not in LAYOUTS:
         raise UserError(f"--format: must be one of {tuple(LAYOUTS)}, got {fmt!r}")
