@@ -52,12 +52,12 @@ from dataclasses import dataclass
 from shared import storage
 from shared.config import set_option
 from trainer.config import TrainConfig
-from shared.labels import scribble_suffix
+from shared.labels import SCRIBBLE_LENGTHS, scribble_suffix
 from trainer.methods import METHODS as REGISTRY
 from trainer.presets import apply_preset, preset_values
 from experiments.pictures import curves, epochs_before, read_metrics
 
-LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
+LENGTHS = SCRIBBLE_LENGTHS  # table columns; '1' is the '' scribble suffix
 METHODS = tuple(REGISTRY)  # the rows of the paper's Table 1, in the registry's order
 FINE_TUNED = tuple(m for m in METHODS if REGISTRY[m].starts_from_pce)
 CONTROL = "pce-continued"  # PCE-GD, fine-tuned like FINE_TUNED: same epochs, same start

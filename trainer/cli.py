@@ -11,7 +11,7 @@ import click
 from shared import storage
 from shared.config import to_dict
 from shared.errors import UserError, user_cause
-from shared.labels import check_scribbles
+from shared.labels import SCRIBBLE_LENGTHS, check_scribbles, length_name
 from trainer.architectures import ARCHITECTURES
 from trainer.data import check_data_folder
 from trainer.imagenet import backbone_weights_path
@@ -55,7 +55,7 @@ def cli(ctx, local, address, out, quick, overwrite, seed, debug):
         run_default_job(out, quick=quick, overwrite=overwrite, seed=seed)
 
 
-SCRIBBLES_HELP = "Scribble length: 1 (full, also ''), 0.8, 0.5, 0.3, 0 (clicks)."
+SCRIBBLES_HELP = f"Scribble length: 1 (full, also ''), {', '.join(SCRIBBLE_LENGTHS[-2:0:-1])}, 0 (clicks)."
 
 
 def _scribbles(ctx, param, value):
@@ -256,7 +256,7 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--epochs", type=int, default=None, help="Epochs of the GD/TR cells and the PCE control, after the PCE model.")
 @click.option("--pretrain-epochs", type=int, default=None, help="Epochs of the PCE cells.")
 @click.option("--solvers", default=None, help="Solver actors of the Grid-TR cells: N or MIN:MAX.")
-@click.option("--lengths", default="0,0.3,0.5,0.8,1", help="Scribble lengths (columns) to train.")
+@click.option("--lengths", default=",".join(SCRIBBLE_LENGTHS), help="Scribble lengths (columns) to train.")
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True,
@@ -286,8 +286,7 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
                                    ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu),
                                    ("backbone_weights", backbone_weights_path(backbone_weights))) if v is not None}
-    columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
-               for x in lengths.split(",")]
+    columns = [length_name(x, "--lengths") for x in lengths.split(",")]
     if not plan_only:
         connect(ctx.obj["address"])
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,

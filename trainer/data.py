@@ -108,8 +108,8 @@ def read_classes(root: str, fmt: str) -> list[str]:
         raise UserError(f"{path}: cannot read classes file ({exc})") from None
     if len(names) < 2:
         raise UserError(f"{path}: needs at least 2 classes (background first), found {len(names)}")
-    if len(names) > 255:
-        raise UserError(f"{path}: at most 255 classes (255 is 'unlabelled'), found {len(names)}")
+    if len(names) > UNLABELLED:
+        raise UserError(f"{path}: at most {UNLABELLED} classes ({UNLABELLED} is 'unlabelled'), found {len(names)}")
     return names
 
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from trainer.metrics import confusion_counts, miou, trimap_counts
+from trainer.metrics import confusion_counts, miou, trimap_counts, trimap_miou
 from trainer.methods import method_loss
 from trainer.outliers import OutlierModel
 
@@ -161,5 +161,5 @@ def scores(conf, trimap, widths=TRIMAP_WIDTHS) -> dict:
     return {
         "val_miou": float(m),
         "per_class_iou": [None if (v is None or np.isnan(v)) else float(v) for v in per_class],
-        "trimap": {str(w): float(miou(t.numpy())[0]) for w, t in zip(widths, trimap)},
+        "trimap": {str(w): float(v) for w, v in zip(widths, trimap_miou(trimap.numpy()))},
     }

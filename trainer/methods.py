@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from shared.labels import UNLABELLED
 from trainer.losses import dense_crf, grid_potts, partial_ce, partial_l2, robust_ce
 from trainer.permutohedral import krahenbuhl_factor
 
@@ -37,7 +38,7 @@ class Method:
 
 def _full(logits, batch, eps, nu, batch_average, seed_loss):
     """Cross-entropy on the full masks."""
-    return F.cross_entropy(logits.float(), batch["mask"], ignore_index=255) / (len(logits) if batch_average else 1)
+    return F.cross_entropy(logits.float(), batch["mask"], ignore_index=UNLABELLED) / (len(logits) if batch_average else 1)
 
 
 def _pce(logits, batch, eps, nu, batch_average, seed_loss):

@@ -56,10 +56,6 @@ class RunLog:
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
 
-    def write_json(self, name: str, obj: dict) -> None:
-        if self.enabled:
-            storage.write_bytes(storage.join(self.out, name), (json.dumps(obj, indent=2) + "\n").encode())
-
     def save_checkpoint(self, name: str, state: dict | bytes) -> None:
         """checkpoints/NAME: `state`, or its `checkpoint_bytes` (serialised once for several files)."""
         if self.enabled:

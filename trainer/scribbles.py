@@ -121,7 +121,7 @@ def shorten_folder(src: str, out: str, ratio: float) -> int:
         raise UserError(f"{src}: no PNG files")
     os.makedirs(out, exist_ok=True)
     for name in names:
-        seeds = read_label(os.path.join(src, name), 255)
+        seeds = read_label(os.path.join(src, name), UNLABELLED)
         write_label(os.path.join(out, name), shorten_scribble(seeds, ratio))
     return len(names)
 
