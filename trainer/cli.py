@@ -370,7 +370,7 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
 @cli.command("tune")
 @_train_options
 @click.option("--search", "space", default=None,
-              help="Search space TOML [experiments/search_spaces/METHOD.toml]; README: the format.")
+              help="Search space TOML [experiments/search_spaces/METHOD.toml]; docs/experiments.md: the format.")
 @click.option("--trials", type=click.IntRange(min=1), default=8, help="Configurations sampled [8].")
 @click.option("--grace-period", type=click.IntRange(min=1), default=1,
               help="Epochs every trial trains before ASHA may stop it [1].")
