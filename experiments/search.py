@@ -29,7 +29,6 @@ from shared import storage
 from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option, to_dict
 from trainer.config import TrainConfig
 from shared.errors import UserError
-from trainer.methods import METHODS
 
 SPACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_spaces")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -129,7 +128,6 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from experiments import trials as runs_as_trials
-    from trainer.architectures import resolve_arch
     from trainer.tomlio import dumps
 
     sampled, fixed = read_space(space_path)
@@ -140,11 +138,10 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     base.validate()
     dataset = os.path.basename(base.data.rstrip("/"))
     pce = None
-    if METHODS[base.method].starts_from_pce and not base.init and base.pretrain_epochs > 0:
+    if base.pretrains():
         pce = from_dict(TrainConfig, to_dict(base))
         pce.method, pce.epochs, pce.out = "pce", base.pretrain_epochs, storage.join(out, "pce")
-        base.arch = resolve_arch(base.arch, None, base.backbone_weights)  # the PCE-GD model's network
-        base.init, base.backbone_weights = storage.join(out, "pce", "checkpoints", "last.pt"), None
+        base.fine_tune_from(pce)
     base.out = storage.join(out, "trials")
     if plan_only:
         from experiments.plan import write_plan

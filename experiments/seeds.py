@@ -15,6 +15,7 @@ import statistics
 
 from shared import storage
 from shared.errors import UserError
+from trainer.run_folder import RunFolder
 from experiments.table1 import CONTROL, LABELS, LENGTHS, ROWS, cell_name
 
 
@@ -24,7 +25,7 @@ def read_run(out: str) -> dict:
     cells, proposals, seed, dataset = {}, {}, None, None
     for method in ROWS:
         for length in (("1",) if method == "full" else LENGTHS):
-            raw = storage.read_if_exists(storage.join(out, cell_name(method, length), "summary.json"))
+            raw = storage.read_if_exists(RunFolder(storage.join(out, cell_name(method, length))).summary)
             if raw is None:
                 continue
             s = json.loads(raw)
@@ -41,7 +42,7 @@ def proposal_quality_per_round(run: str) -> list[tuple[float | None, float]]:
     """(mIoU against the masks or None, share of unseeded pixels changed) of each stage-A
     round's proposals: the values that the last epoch of round r trained on are round
     r's (under `overlapped` they appear an epoch into the round)."""
-    raw = storage.read_if_exists(storage.join(run, "metrics.jsonl"))
+    raw = storage.read_if_exists(RunFolder(run).metrics)
     last = {}
     for line in (raw or b"").decode().splitlines():
         record = json.loads(line)

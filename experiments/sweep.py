@@ -24,7 +24,7 @@ from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
 from trainer.config import TrainConfig
 from trainer.presets import apply_preset
-from trainer.architectures import resolve_arch
+from trainer.run_folder import RunFolder
 from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, save_figure
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
@@ -65,8 +65,7 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
     if method == "pce":
         cfg.epochs, cfg.out = cfg.pretrain_epochs, storage.join(out, "pce")
     else:
-        cfg.arch = resolve_arch(cfg.arch, None, backbone_weights)  # the PCE-GD model's network
-        cfg.init, cfg.backbone_weights = storage.join(out, "pce", "checkpoints", "last.pt"), None
+        cfg.fine_tune_from(_config(out, "pce", data, fmt, size, scribbles, preset, backbone_weights=backbone_weights))
         cfg.out = run_dir(out, lam)
         cfg.solver.tr_weight = lam
         if potts_weight is not None:
@@ -110,7 +109,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     rows = []
     for v in values:
         s = summaries[run_name(float(v))]
-        rounds = len(ShardStore(storage.join(run_dir(out, float(v)), "shards")).rounds("proposals"))
+        rounds = len(ShardStore(RunFolder(run_dir(out, float(v))).shards).rounds("proposals"))
         rows.append({"tr_weight": float(v), "val_miou": s["val_miou"], "stage_a_rounds": rounds,
                      "stage_a_images": s["stage_a_images"], "wall_s": s["wall_s"], "epochs": s["epochs"]})
     write_outputs(out, rows, summaries["pce"], sfx)

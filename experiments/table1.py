@@ -55,6 +55,7 @@ from trainer.config import TrainConfig
 from shared.labels import SCRIBBLE_LENGTHS, scribble_suffix
 from trainer.methods import METHODS as REGISTRY
 from trainer.presets import apply_preset, preset_values
+from trainer.run_folder import RunFolder
 from experiments.pictures import curves, epochs_before, read_metrics
 
 LENGTHS = SCRIBBLE_LENGTHS  # table columns; '1' is the '' scribble suffix
@@ -152,8 +153,7 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     elif from_backbone(method, preset):
         cfg.pretrain_epochs = 0
     else:
-        cfg.init = storage.join(cell_dir(out, "pce", length), "checkpoints", "last.pt")
-        cfg.backbone_weights = None  # the PCE-GD model has them
+        cfg.fine_tune_from(cell_config(out, "pce", length, data, fmt, size, preset, overrides))
     return cfg
 
 
@@ -177,17 +177,11 @@ def table1_configs(out: str, data: str, fmt: str, size: Table1Size, preset: str 
                    lengths) -> tuple[dict, dict]:
     """({cell: (method, length)}, {cell: TrainConfig}) of a table. A quick table with a
     preset keeps the preset's recipe on the quick budget."""
-    from trainer.architectures import resolve_arch
-
     if preset and size is QUICK:
         overrides = {"epochs": size.epochs, "pretrain_epochs": size.pretrain_epochs, "batch_size": size.batch_size,
                      "epochs_per_round": size.epochs_per_round, "crop_size": QUICK_PRESET_CROP, **overrides}
     cells = {cell_name(m, L): (m, L) for m, L in plan(lengths, control=not preset)}
     configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides) for name, (m, L) in cells.items()}
-    for name, (_, length) in cells.items():  # a cell from PCE-GD's model has its network (as --init says)
-        if configs[name].init:
-            pce = configs[cell_name("pce", length)]
-            configs[name].arch = resolve_arch(pce.arch, None, pce.backbone_weights)
     return cells, configs
 
 
@@ -299,7 +293,7 @@ def read_results(out: str) -> dict:
     (their summary.json), whatever the run's lengths and preset were."""
     results: dict = {m: {} for m in ROWS}
     for method, length in plan(LENGTHS):
-        raw = storage.read_if_exists(storage.join(cell_dir(out, method, length), "summary.json"))
+        raw = storage.read_if_exists(RunFolder(cell_dir(out, method, length)).summary)
         if raw is not None:
             results[method][length] = json.loads(raw)
     return results
@@ -313,7 +307,7 @@ def compare(out: str) -> str:
     if not any(results.values()):
         raise UserError(f"{out}: no finished Table 1 cell (no */summary.json of a table1 run)")
     # a preset's table trains Dense-GD from the backbone, the synthetic one from PCE-GD's model
-    dense = [storage.read_if_exists(storage.join(cell_dir(out, "dense-gd", L), "config.toml")) for L in LENGTHS]
+    dense = [storage.read_if_exists(RunFolder(cell_dir(out, "dense-gd", L)).config) for L in LENGTHS]
     preset = any(raw is not None and "init" not in tomllib.loads(raw.decode()) for raw in dense)
     return markdown(miou_table(results), results, "paper" if preset else None)
 

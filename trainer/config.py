@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shared import storage
 from shared.config import SOLVER_FIELDS, SolverConfig, check_option, from_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
@@ -142,10 +141,23 @@ class TrainConfig:
 
         return METHODS[self.method].starts_from_pce and not self.init and self.pretrain_epochs > 0
 
-    def shard_base(self) -> str:
-        from shared.storage import join
+    def fine_tune_from(self, pce: "TrainConfig") -> "TrainConfig":
+        """PCE-GD, then fine-tune (Alg. 1 line 2 as a run of its own): start from the model
+        that the run `pce` trains, its checkpoints/last.pt as --init, with its network; the
+        backbone weights are in that model already. Every experiment that trains PCE-GD
+        first calls this for the runs that continue from it. Returns self."""
+        from trainer.architectures import resolve_arch
+        from trainer.run_folder import RunFolder
 
-        return self.shards or join(self.out, "shards")
+        self.init = RunFolder(pce.out).last
+        self.arch = resolve_arch(pce.arch, None, pce.backbone_weights)
+        self.backbone_weights = None
+        return self
+
+    def shard_base(self) -> str:
+        from trainer.run_folder import RunFolder
+
+        return self.shards or RunFolder(self.out).shards
 
     def validate(self) -> None:
         from trainer.architectures import ARCHITECTURES
@@ -200,6 +212,7 @@ def resolve_train_config(params: dict) -> TrainConfig:
     value}, None where not given; `resume_dir`, `config_file`, `preset`): defaults ←
     --preset ← --resume DIR's config.toml ← --config FILE ← flags given."""
     from trainer.presets import apply_preset, check_start
+    from trainer.run_folder import RunFolder
     from trainer.tomlio import read_toml
 
     values: dict = {}
@@ -207,12 +220,12 @@ def resolve_train_config(params: dict) -> TrainConfig:
     config_file = params.pop("config_file")
     preset = params.pop("preset", None)
     if resume_dir:
-        values.update(read_toml(storage.join(resume_dir, "config.toml"), "--resume"))
+        values.update(read_toml(RunFolder(resume_dir).config, "--resume"))
     if config_file:
         values.update(read_toml(config_file))
     solver = values.pop("solver", {})
     if not isinstance(solver, dict):  # a TOML `solver = 5`: the stage-A options are a [solver] table
-        source = f"--config {config_file}" if config_file else f"--resume {storage.join(resume_dir, 'config.toml')}"
+        source = f"--config {config_file}" if config_file else f"--resume {RunFolder(resume_dir).config}"
         raise UserError(f"{source}: key 'solver': expected a [solver] table, got {type(solver).__name__} {solver!r}")
     solver = dict(solver)
     for key, value in params.items():

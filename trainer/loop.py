@@ -33,6 +33,7 @@ from trainer.data import EvalSet, TrainSet, load_split, read_classes
 from trainer.methods import METHODS
 from trainer.outliers import OutlierModel
 from trainer.model import load_backbone_weights
+from trainer.run_folder import RunFolder
 from trainer.runlog import RunLog, checkpoint_bytes, load_checkpoint
 from trainer.stage_a import NO_STAGE_A, StageA
 from trainer.visualize import write_panels
@@ -91,7 +92,7 @@ def last_checkpoint(cfg: TrainConfig, run_id: str) -> dict | None:
             state = load_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
         if state.get("run_id") == run_id:
             return state
-    uri = storage.join(cfg.out, "checkpoints", "last.pt")
+    uri = RunFolder(cfg.out).last
     if not storage.exists(uri):
         return None
     state = load_checkpoint(uri)
