@@ -24,7 +24,6 @@ from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
 from trainer.config import TrainConfig
 from trainer.presets import apply_preset
-from trainer.run_folder import RunFolder
 from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, save_figure
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
@@ -109,7 +108,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     rows = []
     for v in values:
         s = summaries[run_name(float(v))]
-        rounds = len(ShardStore(RunFolder(run_dir(out, float(v))).shards).rounds("proposals"))
+        rounds = len(ShardStore(tr[run_name(float(v))].shard_base()).rounds("proposals"))
         rows.append({"tr_weight": float(v), "val_miou": s["val_miou"], "stage_a_rounds": rounds,
                      "stage_a_images": s["stage_a_images"], "wall_s": s["wall_s"], "epochs": s["epochs"]})
     write_outputs(out, rows, summaries["pce"], sfx)
