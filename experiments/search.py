@@ -29,6 +29,7 @@ from shared import storage
 from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option, to_dict
 from trainer.config import TrainConfig
 from shared.errors import UserError
+from trainer.methods import METHODS
 
 SPACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_spaces")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -140,7 +141,8 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     pce = None
     if base.pretrains():
         pce = from_dict(TrainConfig, to_dict(base))
-        pce.method, pce.epochs, pce.out = "pce", base.pretrain_epochs, storage.join(out, "pce")
+        pce.method, pce.epochs = METHODS[base.method].pretrain, base.pretrain_epochs
+        pce.out = storage.join(out, pce.method)
         base.fine_tune_from(pce)
     base.out = storage.join(out, "trials")
     if plan_only:

@@ -144,7 +144,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     check_cluster_paths(cfg)
     run_id = claim_run_folder(cfg)
     storage.write_bytes(RunFolder(cfg.out).config, dumps(to_dict(cfg)).encode())
-    unscribbled = [] if cfg.method == "full" else images_without_scribbles(train_split(cfg), K)
+    unscribbled = [] if METHODS[cfg.method].uses_masks else images_without_scribbles(train_split(cfg), K)
     if unscribbled:
         print(f"{len(unscribbled)} training image(s) without any scribble, trained on without seeds "
               f"(stage A over all labels): {', '.join(unscribbled[:10])}{' …' if len(unscribbled) > 10 else ''}", flush=True)

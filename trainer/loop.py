@@ -52,13 +52,13 @@ def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
     """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model, or
     --pretrain-epochs 0 starts the method from the backbone (Dense-GD in the paper)."""
     if cfg.pretrains():
-        return [("pce", cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
+        return [(METHODS[cfg.method].pretrain, cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
     return [(cfg.method, cfg.epochs)]
 
 
 def train_split(cfg: TrainConfig):
     """Full supervision needs the masks, every other method the scribbles."""
-    full = cfg.method == "full"
+    full = METHODS[cfg.method].uses_masks
     return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
 
 
