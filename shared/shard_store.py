@@ -189,6 +189,14 @@ class ShardStore:
         """Snapshot round r (its manifest) has every part's proposal committed."""
         return self.round_complete("proposals", r, len(snapshots.parts))
 
+    def round_intact(self, kind: str, r: int, n_parts: int) -> dict[int, CorruptShardError] | None:
+        """Round r checked part by part, every row read: None while fewer than n_parts
+        parts are there, else the parts that do not read or are another run's ({}: the
+        round is whole)."""
+        if len(self.parts(kind, r)) < n_parts:
+            return None
+        return self.unreadable(kind, r, read_rows=True)
+
     def unreadable(self, kind: str, r: int, read_rows: bool = False, only=None) -> dict[int, CorruptShardError]:
         """The parts of a round that do not read (footer and schema, or every row) or
         belong to another run. A part that vanished meanwhile is not listed; storage that

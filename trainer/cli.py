@@ -9,13 +9,13 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import to_dict
 from shared.errors import UserError, user_cause
 from shared.labels import SCRIBBLE_LENGTHS, check_scribbles, length_name
 from trainer.architectures import ARCHITECTURES
 from trainer.data import check_data_folder
 from trainer.imagenet import backbone_weights_path
-from trainer.config import AUGMENTATIONS, EPS_MODELS, LAYOUTS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, resolve_train_config
+from trainer.config import (AUGMENTATIONS, EPS_MODELS, LAYOUTS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, config_toml,
+                            resolve_train_config)
 from trainer.methods import METHODS
 from trainer.presets import PRESETS
 
@@ -157,12 +157,7 @@ def train(ctx, **params):
     overwrite, print_config = params.pop("overwrite"), params.pop("print_config")
     cfg = resolve_train_config(params)
     if print_config:
-        from trainer.architectures import resolve_arch
-        from trainer.tomlio import dumps
-
-        cfg.validate()
-        cfg.arch = resolve_arch(cfg.arch, None, cfg.backbone_weights)  # --init's network is read at start
-        click.echo(dumps(to_dict(cfg)), nl=False)
+        click.echo(config_toml(cfg), nl=False)
         return
     check_inputs(cfg, overwrite)  # before Ray starts: bad input fails in a second
     connect(ctx.obj["address"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shared.config import SOLVER_FIELDS, SolverConfig, check_option, from_dict
+from shared.config import SOLVER_FIELDS, SolverConfig, check_option, from_dict, to_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
 
@@ -248,6 +248,17 @@ def resolve_train_config(params: dict) -> TrainConfig:
     if not cfg.data:
         raise UserError("--data: required (a data set root)")
     return cfg
+
+
+def config_toml(cfg: TrainConfig) -> str:
+    """What the run's config.toml would hold (`train --print-config`): `cfg` validated, its
+    network resolved (--init's network is read when the run starts)."""
+    from trainer.architectures import resolve_arch
+    from trainer.tomlio import dumps
+
+    cfg.validate()
+    cfg.arch = resolve_arch(cfg.arch, None, cfg.backbone_weights)
+    return dumps(to_dict(cfg))
 
 
 def check_eps(eps: float | None, num_classes: int) -> None:
