@@ -1,7 +1,7 @@
 """The training methods (Sec. 1.2, 4), one record each: the only place their names live.
 
 Adding a method is one `Method` record plus its loss function. Its fields drive the
-rest: `supervision` picks the labels it trains on (scribbles or full masks);
+rest: `labels` picks the label map it trains on (scribbles or full masks);
 `pretrain` names the method whose model it starts from, which a run without --init
 trains first (Alg. 1 line 2) and Table 1, the λ sweep and the search fine-tune it from
 (`trainer.config.TrainConfig.fine_tune_from`); `needs_proposals` starts the solver farm
@@ -35,7 +35,7 @@ class Method:
     name: str
     title: str  # its row in the paper's Table 1
     loss: Loss
-    supervision: str = "seeds"  # what it trains on: "seeds" (scribbles) or "masks" (full labels)
+    labels: str = "seeds"  # the batch's label map it trains on: "seeds" (scribbles) or "mask" (full labels)
     pretrain: str | None = None  # the method whose model it starts from (Alg. 1 line 2), if any
     needs_proposals: bool = False
     default_nu: float | None = None  # regulariser weight; --nu overrides it
@@ -46,7 +46,7 @@ class Method:
 
     @property
     def uses_masks(self) -> bool:
-        return self.supervision == "masks"
+        return self.labels == "mask"
 
     @property
     def starts_from_pce(self) -> bool:
@@ -121,7 +121,7 @@ def _row(*mious: float) -> dict:
 # The paper's Table 1 ("Results for ScribbleSup") is copied from its text (shared/paper.txt);
 # full supervision is a single number there (0.70), repeated in every column.
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("full", "full supervision", _full, supervision="masks", paper={"lr": 0.007},
+    Method("full", "full supervision", _full, labels="mask", paper={"lr": 0.007},
            paper_table1=_row(0.70, 0.70, 0.70, 0.70, 0.70)),
     Method("pce", "PCE-GD", _pce, paper={"lr": 0.007}, paper_table1=_row(0.50, 0.57, 0.59, 0.61, 0.61)),
     # SPEC §3's ν, sized for VOC images: on 96 px images it barely acts (docs/)
