@@ -45,6 +45,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from shared.labels import UNLABELLED  # noqa: E402
 from trainer import engine  # noqa: E402
 from trainer.architectures import build_model  # noqa: E402
 from trainer.losses import bilateral_filter  # noqa: E402
@@ -73,7 +74,7 @@ def make_batches(n: int, batch: int, side: int, labels: torch.dtype, pin: bool, 
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        seeds = torch.full((batch, side, side), 255, dtype=labels)
+        seeds = torch.full((batch, side, side), UNLABELLED, dtype=labels)
         seeds[:, ::16, ::16] = torch.randint(0, K, seeds[:, ::16, ::16].shape, generator=g).to(labels)
         b = {"image": torch.rand(batch, 3, side, side, generator=g) * 255, "seeds": seeds,
              "proposal": torch.randint(0, K, (batch, side, side), generator=g).to(labels),

@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from trainer.run_folder import RunFolder  # noqa: E402
+
 FULL = {"n_train": 48, "n_val": 2, "size": 500, "batch_size": 12, "crop_size": 513, "pce_epochs": 3,
         "epochs_per_round": 2, "tr_epochs": 4}
 QUICK = {"n_train": 4, "n_val": 2, "size": 96, "batch_size": 2, "crop_size": 64, "pce_epochs": 1,
@@ -57,7 +59,7 @@ def log(msg: str) -> None:
 def _run_stats(out: str, n_train: int) -> dict:
     """Per-epoch figures of a run from its metrics.jsonl, the first epoch left out of the
     rates when there are more."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+    with open(RunFolder(out).metrics) as f:
         records = [json.loads(line) for line in f if line.strip()]
     steady = records[1:] or records
     stage_b = statistics.median(r["stage_b_s"] for r in steady)
@@ -74,8 +76,8 @@ def _run_stats(out: str, n_train: int) -> dict:
 
 
 def measure_voc_epochs(quick: bool, workdir: str) -> dict:
-    from experiments.presets import apply_preset
-    from shared.config import TrainConfig
+    from trainer.presets import apply_preset
+    from trainer.config import TrainConfig
     from shared.ray_session import connect
     from trainer.driver import run_train
     from trainer.synthetic import make_synthetic
@@ -109,7 +111,7 @@ def measure_voc_epochs(quick: bool, workdir: str) -> dict:
         return cfg.out
 
     pce = run("pce", "pce", size["pce_epochs"])
-    run("grid_tr", "grid-tr", size["tr_epochs"], init=os.path.join(pce, "checkpoints", "last.pt"))
+    run("grid_tr", "grid-tr", size["tr_epochs"], init=RunFolder(pce).last)
     return result
 
 

@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from shared import shards  # noqa: E402
 from shared.shard_store import ShardStore, parts_of  # noqa: E402
+from trainer.run_folder import RunFolder  # noqa: E402
 
 PARTS = ("sizes", "solver", "epochs", "requests", "scaling")
 
@@ -181,7 +182,7 @@ def measure_sizes(n_images: int = SHARD_IMAGES, seed: int = 0, workdir: str | No
 
 
 def _epoch_stats(out: str) -> dict:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+    with open(RunFolder(out).metrics) as f:
         records = [json.loads(line) for line in f if line.strip()]
     stage_b = sum(r.get("stage_b_s", 0.0) for r in records)
     stall = sum(r.get("stall_s", 0.0) for r in records)
@@ -198,7 +199,7 @@ def _epoch_stats(out: str) -> dict:
 
 
 def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from experiments.default_job import synthetic_dataset
     from trainer.driver import run_train
 
@@ -225,7 +226,7 @@ def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
         return out
 
     pce_out = one("pce", method="pce", epochs=pce_epochs)
-    init = os.path.join(pce_out, "checkpoints", "last.pt")
+    init = RunFolder(pce_out).last
     one("tr-sync", method="grid-tr", epochs=tr_epochs, init=init, schedule="sync")
     one("tr-overlapped", method="grid-tr", epochs=tr_epochs, init=init, schedule="overlapped")
     pce, sync, ovl = runs["pce"], runs["tr-sync"], runs["tr-overlapped"]
@@ -257,7 +258,7 @@ def measure_epochs(quick: bool, workdir: str, per_round: int = 2) -> dict:
 
 def measure_requests(workdir: str, per_round: int = 2, rounds: int = 2) -> dict:
     from benchmarks.s3_counter import local_s3
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from experiments.default_job import synthetic_dataset
     from trainer.driver import run_train
 

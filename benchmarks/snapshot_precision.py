@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared import shards  # noqa: E402
+from shared.labels import UNLABELLED  # noqa: E402
 from solver_service import energy as E  # noqa: E402
 from solver_service.alpha_expansion import solve  # noqa: E402
 from trainer.synthetic import _make_image  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> None:
         codes = shards.quantize_neg_log_q((-torch.log_softmax(z, 1))[0].numpy()[labels])
         stored = np.zeros((K, *codes.shape[1:]), np.float32)
         stored[labels] = np.exp(-codes.astype(np.float32) * shards.NEG_LOG_Q_STEP)
-        free = seeds == 255
+        free = seeds == UNLABELLED
         want = solve(image, full, seeds).labels
         for name, probs in (("stored_log_space", stored), ("stored_prob_space", E.resize_bilinear(stored, H, W))):
             changed[name].append(float((solve(image, probs, seeds).labels != want)[free].mean()))

@@ -23,12 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _peak_growth(h: int, w: int, k: int, out) -> None:
     import numpy as np
 
+    from shared.labels import UNLABELLED
     from solver_service.alpha_expansion import solve
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     probs = rng.dirichlet(np.ones(k), size=(h // 8 + 1, w // 8 + 1)).transpose(2, 0, 1).astype(np.float32)
-    seeds = np.full((h, w), 255, np.uint8)
+    seeds = np.full((h, w), UNLABELLED, np.uint8)
     seeds[0, :k] = np.arange(k)  # every label present: L is all K labels
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     solve(image, probs, seeds, max_iter=1)

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import SolverConfig, TrainConfig
+from shared.config import SolverConfig
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from trainer.driver import run_train
 from trainer.synthetic import VERSION, make_synthetic
@@ -69,12 +70,13 @@ def run_default_job(out: str | None, quick: bool = False, overwrite: bool = Fals
     data = synthetic_dataset(size.n_train, size.n_val, size.size)
     print(f"data: {data}\nrun folder: {out}", flush=True)
     common = dict(data=data, format="synthetic", epochs_per_round=size.epochs_per_round, seed=seed)
-    pretrain = run_train(TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init"), "synthetic", overwrite)
-    init = f"{os.path.abspath(out)}/pce-init/checkpoints/last.pt"
-    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, init=init, lr=size.lr, out=f"{out}/pce"),
+    start = TrainConfig(**common, method="pce", epochs=size.pretrain_epochs, out=f"{out}/pce-init")
+    pretrain = run_train(start, "synthetic", overwrite)
+    pce = run_train(TrainConfig(**common, method="pce", epochs=size.epochs, lr=size.lr, out=f"{out}/pce").fine_tune_from(start),
                     "synthetic", overwrite)
-    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, init=init, lr=size.lr, eps=size.eps,
-                               solver=SolverConfig(tr_weight=size.tr_weight), schedule=size.schedule, out=f"{out}/grid-tr"), "synthetic", overwrite)
+    tr = run_train(TrainConfig(**common, method="grid-tr", epochs=size.epochs, lr=size.lr, eps=size.eps,
+                               solver=SolverConfig(tr_weight=size.tr_weight), schedule=size.schedule,
+                               out=f"{out}/grid-tr").fine_tune_from(start), "synthetic", overwrite)
     rows = {"pce-init": pretrain, "pce": pce, "grid-tr": tr}
     total = size.pretrain_epochs + size.epochs
     print(f"\n{'method':<10} {'epochs':>6} {'val mIoU':>9} {'wall s':>8} {'stall s':>8} {'stage A':>8}")

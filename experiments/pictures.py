@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from shared import storage
-from shared.config import SolverConfig, TrainConfig, from_dict
+from shared.config import SolverConfig, from_dict
+from trainer.config import TrainConfig
 from solver_service.alpha_expansion import solve
 from trainer.architectures import build_model
 from trainer.data import EvalSet, load_split, read_classes
 from trainer.engine import predict
 from trainer.metrics import confusion_matrix, miou
+from trainer.run_folder import RunFolder
 from trainer.runlog import load_checkpoint
 from trainer.snapshots import neg_log_probs
 from trainer.visualize import colorize, grid, png_bytes, with_scribbles
@@ -30,13 +32,13 @@ N_IMAGES = 4  # val images in comparison.png
 
 def read_config(run: str) -> TrainConfig:
     """A run folder's config.toml as the TrainConfig it was trained with."""
-    raw = tomllib.loads(storage.read_bytes(storage.join(run, "config.toml")).decode())
+    raw = tomllib.loads(storage.read_bytes(RunFolder(run).config).decode())
     return from_dict(TrainConfig, raw)
 
 
 def read_metrics(run: str) -> list[dict]:
     """A run folder's metrics.jsonl, one record per epoch ([] before its first epoch)."""
-    uri = storage.join(run, "metrics.jsonl")
+    uri = RunFolder(run).metrics
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
@@ -144,7 +146,7 @@ def write_job_pictures(out: str, cells: dict[str, str], pretrained: str | None =
     runs = {name: (run, 0 if name == pretrained else offset) for name, run in cells.items()}
     paths = {"curves": storage.join(out, "curves.png"), "comparison": storage.join(out, "comparison.png")}
     storage.write_bytes(paths["curves"], curves(runs))
-    methods = {name: storage.join(run, "checkpoints", "last.pt") for name, run in cells.items() if name != pretrained}
+    methods = {name: RunFolder(run).last for name, run in cells.items() if name != pretrained}
     cfg = read_config(cells[proposals_from or list(methods)[-1]])
     picture = comparison(cfg.data, cfg.format, cfg.scribbles, methods, cfg.solver, proposals_from or list(methods)[-1])
     storage.write_bytes(paths["comparison"], png_bytes(picture))

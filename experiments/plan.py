@@ -11,9 +11,11 @@ import copy
 import math
 
 from shared import storage
-from shared.config import TrainConfig, default_eps, to_dict
+from shared.config import to_dict
+from trainer.config import TrainConfig, default_eps
 from trainer.imagenet import IMAGENET
 from trainer.methods import METHODS
+from trainer.run_folder import RunFolder
 from trainer.tomlio import dumps
 
 # Stage A's cost, from the solver benchmark (benchmarks/README.md: 361 ms a 375×500 image
@@ -53,7 +55,7 @@ def write_plan(runs: dict[str, TrainConfig], log=print) -> dict[str, TrainConfig
     rows, done = [], {}
     for name, cfg in runs.items():
         r = done[name] = resolved(cfg)
-        storage.write_bytes(storage.join(r.out, "config.toml"), dumps(to_dict(r)).encode())
+        storage.write_bytes(RunFolder(r.out).config, dumps(to_dict(r)).encode())
         tr = METHODS[r.method].needs_proposals
         eps = (r.eps if r.eps is not None else default_eps(len(read_classes(r.data, r.format)))) if tr else None
         minutes = stage_a_core_minutes(r, pixels)

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from trainer import engine
 from trainer.architectures import build_model
 from trainer.data import EvalSet, TrainSet, load_split, read_classes
+from trainer.methods import FULL_SUPERVISION, METHODS, PCE
 
 # (arch, optimizer, lr, batch, crop, epochs); each trained with every method in METHODS
 GRID = [
@@ -46,7 +47,8 @@ def train_and_score(data: str, method: str, arch: str, optimizer: str, lr: float
     torch.manual_seed(seed)
     K = len(read_classes(data, "synthetic"))
     cfg = TrainConfig(data=data, method=method, augmentation=augmentation)
-    train = load_split(data, "synthetic", "train", scribbles, require_seeds=method != "full", require_masks=method == "full")
+    masks = METHODS[method].uses_masks
+    train = load_split(data, "synthetic", "train", scribbles, require_seeds=not masks, require_masks=masks)
     val = load_split(data, "synthetic", "val", scribbles)
     cfg.validate()  # resolves the synthetic format's default augmentation
     trainset = TrainSet(train, K, crop, augment=True, seed=seed, augmentation=cfg.augmentation)
@@ -122,7 +124,7 @@ def write_table(out: str) -> None:
              "| full | pce | full: objects found (fg mIoU) | full: their class right | full train loss | s per run |",
              "|" + " --- |" * 17]
     for key, by_method in table.items():
-        full, pce = by_method.get("full", {}), by_method.get("pce", {})
+        full, pce = by_method.get(FULL_SUPERVISION, {}), by_method.get(PCE, {})
         cell = lambda r, k, f: format(r[k], f) if k in r else "—"  # noqa: E731
         lines.append("| " + " | ".join(str(v) for v in key) + f" | {cell(full, 'val_miou', '.3f')} | "
                      f"{cell(pce, 'val_miou', '.3f')} | {cell(full, 'fg_miou', '.3f')} | {cell(full, 'class_acc', '.3f')} | "

@@ -10,6 +10,7 @@ import json
 
 from shared import storage
 from shared.errors import UserError
+from trainer.run_folder import RunFolder
 from experiments.pictures import read_config, read_metrics, write_job_pictures
 
 DEFAULT_JOB_CELLS = {"PCE-GD start": "pce-init", "PCE-GD": "pce", "Grid-TR": "grid-tr"}
@@ -20,7 +21,7 @@ def run_summary(run: str) -> list[str]:
     proposals' quality, and where the wall time went."""
     cfg = read_config(run)
     records = read_metrics(run)
-    summary_uri = storage.join(run, "summary.json")
+    summary_uri = RunFolder(run).summary
     summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
     total = cfg.epochs + (cfg.pretrain_epochs if cfg.pretrains() else 0)
     state = "finished" if summary else f"not finished: {len(records)} of {total} epochs in metrics.jsonl"
@@ -52,16 +53,16 @@ def run_summary(run: str) -> list[str]:
 def report(run_dir: str) -> list[str]:
     """The report's lines for RUN_DIR; comparison.png and curves.png written where missing."""
     job = {name: storage.join(run_dir, cell) for name, cell in DEFAULT_JOB_CELLS.items()}
-    if all(storage.exists(storage.join(run, "config.toml")) for run in job.values()):
+    if all(storage.exists(RunFolder(run).config) for run in job.values()):
         cells, pretrained, proposals_from = job, "PCE-GD start", "Grid-TR"
-    elif storage.exists(storage.join(run_dir, "config.toml")):
+    elif storage.exists(RunFolder(run_dir).config):
         method = read_config(run_dir).method
         cells, pretrained, proposals_from = {method: run_dir}, None, method
     else:
         raise UserError(f"{run_dir}: not a run folder (no config.toml) nor a default job's (no pce-init, pce, grid-tr)")
     lines = [line for run in cells.values() for line in run_summary(run)]
     pictures = {name: storage.join(run_dir, f"{name}.png") for name in ("comparison", "curves")}
-    have_weights = all(storage.exists(storage.join(run, "checkpoints", "last.pt")) for run in cells.values())
+    have_weights = all(storage.exists(RunFolder(run).last) for run in cells.values())
     if not all(storage.exists(p) for p in pictures.values()) and have_weights:
         write_job_pictures(run_dir, cells, pretrained=pretrained, proposals_from=proposals_from)
     lines += [f"pictures: {p}" for p in pictures.values() if storage.exists(p)]

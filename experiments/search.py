@@ -26,7 +26,8 @@ import dataclasses
 import os
 
 from shared import storage
-from shared.config import SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, set_option, to_dict
+from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option, to_dict
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from trainer.methods import METHODS
 
@@ -34,6 +35,8 @@ SPACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_spaces
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 # keys a search may not set: where the runs read and write, and how they are resumed
 NOT_SEARCHED = ("data", "format", "out", "resume", "init", "shards", "method", "solver")
+# `tune --quick`: what it trains unless an option says otherwise
+QUICK_BUDGET = {"epochs": 2, "pretrain_epochs": 1, "epochs_per_round": 1, "batch_size": 4, "crop_size": 0}
 
 
 def default_space(method: str) -> str:
@@ -86,6 +89,35 @@ def _checked(path: str, key: str, value):
         raise UserError(f"--search {path}: {e}") from None
 
 
+def prepare_search(params: dict, space: str | None, quick: bool) -> tuple[TrainConfig, str, str]:
+    """(base config, search space file, OUT) of `tune` from its options as the CLI parsed
+    them (the train options, None where not given): every check done before Ray starts.
+    Without --data, the built-in synthetic set (as table1's); `quick`: tiny budgets."""
+    from experiments.table1 import FULL, QUICK, prepare
+    from trainer.config import resolve_train_config
+    from trainer.data import check_data_folder
+    from trainer.imagenet import backbone_weights_path
+
+    if params["resume_dir"]:
+        raise UserError("--resume: not an option of tune; the same tune command again finishes an interrupted search")
+    if not params["method"]:
+        raise UserError("--method: required (the method whose options are searched)")
+    if not params["out"]:
+        raise UserError("--out: required (the search's folder)")
+    space = space or default_space(params["method"])
+    read_space(space)  # a bad space fails before Ray starts
+    check_data_folder(params["data"])
+    if not params["data"]:
+        _, params["data"], params["format"] = prepare(params["out"], None, "synthetic", QUICK if quick else FULL)
+    if quick:
+        for key, value in QUICK_BUDGET.items():
+            params[key] = value if params[key] is None else params[key]
+    out = params.pop("out")
+    cfg = resolve_train_config(params)
+    cfg.backbone_weights = backbone_weights_path(cfg.backbone_weights)
+    return cfg, space, out
+
+
 def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_concurrent: int | None = None,
                grace_period: int = 1, log=print, plan_only: bool = False) -> dict:
     """Sample `trials` configurations of `base` from the space, train them under ASHA,
@@ -97,7 +129,6 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from experiments import trials as runs_as_trials
-    from trainer.architectures import resolve_arch
     from trainer.tomlio import dumps
 
     sampled, fixed = read_space(space_path)
@@ -108,11 +139,11 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     base.validate()
     dataset = os.path.basename(base.data.rstrip("/"))
     pce = None
-    if METHODS[base.method].starts_from_pce and not base.init and base.pretrain_epochs > 0:
+    if base.pretrains():
         pce = from_dict(TrainConfig, to_dict(base))
-        pce.method, pce.epochs, pce.out = "pce", base.pretrain_epochs, storage.join(out, "pce")
-        base.arch = resolve_arch(base.arch, None, base.backbone_weights)  # the PCE-GD model's network
-        base.init, base.backbone_weights = storage.join(out, "pce", "checkpoints", "last.pt"), None
+        pce.method, pce.epochs = METHODS[base.method].pretrain, base.pretrain_epochs
+        pce.out = storage.join(out, pce.method)
+        base.fine_tune_from(pce)
     base.out = storage.join(out, "trials")
     if plan_only:
         from experiments.plan import write_plan

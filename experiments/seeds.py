@@ -15,6 +15,8 @@ import statistics
 
 from shared import storage
 from shared.errors import UserError
+from trainer.methods import FULL_SUPERVISION, PCE, TRUST_REGION
+from trainer.run_folder import RunFolder
 from experiments.table1 import CONTROL, LABELS, LENGTHS, ROWS, cell_name
 
 
@@ -23,14 +25,14 @@ def read_run(out: str) -> dict:
     of one table1 run folder (a path or URI)."""
     cells, proposals, seed, dataset = {}, {}, None, None
     for method in ROWS:
-        for length in (("1",) if method == "full" else LENGTHS):
-            raw = storage.read_if_exists(storage.join(out, cell_name(method, length), "summary.json"))
+        for length in (("1",) if method == FULL_SUPERVISION else LENGTHS):
+            raw = storage.read_if_exists(RunFolder(storage.join(out, cell_name(method, length))).summary)
             if raw is None:
                 continue
             s = json.loads(raw)
             cells[(method, length)] = s
             seed, dataset = s.get("seed", 0), s["dataset"]
-            if method == "grid-tr":
+            if method == TRUST_REGION:
                 proposals[length] = proposal_quality_per_round(storage.join(out, cell_name(method, length)))
     if not cells:
         raise UserError(f"{out}: no finished Table 1 cell (no */summary.json): not a `table1 --out` folder")
@@ -41,7 +43,7 @@ def proposal_quality_per_round(run: str) -> list[tuple[float | None, float]]:
     """(mIoU against the masks or None, share of unseeded pixels changed) of each stage-A
     round's proposals: the values that the last epoch of round r trained on are round
     r's (under `overlapped` they appear an epoch into the round)."""
-    raw = storage.read_if_exists(storage.join(run, "metrics.jsonl"))
+    raw = storage.read_if_exists(RunFolder(run).metrics)
     last = {}
     for line in (raw or b"").decode().splitlines():
         record = json.loads(line)
@@ -74,7 +76,7 @@ def summarize(runs: list[dict]) -> str:
                   "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- |"]
         means = {}
         for method in ROWS:
-            key = (method, "1" if method == "full" else length)
+            key = (method, "1" if method == FULL_SUPERVISION else length)
             values = [r["cells"][key]["val_miou"] for r in runs if key in r["cells"]]
             if len(values) < len(runs):
                 continue
@@ -82,10 +84,10 @@ def summarize(runs: list[dict]) -> str:
             label = "PCE-GD continued (same-budget control)" if method == CONTROL else LABELS[method]
             lines.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in values)
                          + f" | {100 * means[method]:.1f} | {100 * (max(values) - min(values)):.1f} |")
-        if {"full", "pce", "grid-tr"} <= set(means):
-            shares = [gap_share(r["cells"][("grid-tr", length)]["val_miou"], r["cells"][("pce", length)]["val_miou"],
-                                r["cells"][("full", "1")]["val_miou"]) for r in runs]
-            of_means = gap_share(means["grid-tr"], means["pce"], means["full"])
+        if {FULL_SUPERVISION, PCE, TRUST_REGION} <= set(means):
+            shares = [gap_share(r["cells"][(TRUST_REGION, length)]["val_miou"], r["cells"][(PCE, length)]["val_miou"],
+                                r["cells"][(FULL_SUPERVISION, "1")]["val_miou"]) for r in runs]
+            of_means = gap_share(means[TRUST_REGION], means[PCE], means[FULL_SUPERVISION])
             lines.append("| Grid-TR: share of the PCE-GD → full gap | "
                          + " | ".join("—" if s is None else f"{100 * s:.0f}%" for s in shares)
                          + f" | {'—' if of_means is None else f'{100 * of_means:.0f}%'} (of the means) | |")

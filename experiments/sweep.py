@@ -22,9 +22,9 @@ import os
 from shared import storage
 from shared.labels import scribble_suffix
 from shared.shard_store import ShardStore
-from shared.config import TrainConfig
-from experiments.presets import apply_preset
-from trainer.architectures import resolve_arch
+from trainer.config import TrainConfig
+from trainer.methods import PCE
+from trainer.presets import apply_preset
 from experiments.table1 import FULL, QUICK, Table1Size, _pyplot, prepare, save_figure
 
 DEFAULT_VALUES = (0.0, 0.01, 0.05, 0.1, 0.5)
@@ -62,11 +62,10 @@ def _config(out, method, data, fmt, size, scribbles, preset, lam=None, potts_wei
         apply_preset(cfg, preset)
     else:
         cfg.epochs, cfg.pretrain_epochs = size.epochs, size.pretrain_epochs
-    if method == "pce":
+    if method == PCE:
         cfg.epochs, cfg.out = cfg.pretrain_epochs, storage.join(out, "pce")
     else:
-        cfg.arch = resolve_arch(cfg.arch, None, backbone_weights)  # the PCE-GD model's network
-        cfg.init, cfg.backbone_weights = storage.join(out, "pce", "checkpoints", "last.pt"), None
+        cfg.fine_tune_from(_config(out, PCE, data, fmt, size, scribbles, preset, backbone_weights=backbone_weights))
         cfg.out = run_dir(out, lam)
         cfg.solver.tr_weight = lam
         if potts_weight is not None:
@@ -85,7 +84,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     size = QUICK_SWEEP if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size, variant)
     sfx = scribble_suffix(scribbles)
-    pce = {"pce": _config(out, "pce", data, fmt, size, sfx, preset, backbone_weights=backbone_weights)}
+    pce = {"pce": _config(out, PCE, data, fmt, size, sfx, preset, backbone_weights=backbone_weights)}
     tr = {run_name(float(v)): _config(out, "grid-tr", data, fmt, size, sfx, preset, float(v), potts_weight,
                                       backbone_weights) for v in values}
     for cfg in (*pce.values(), *tr.values()):
@@ -110,7 +109,7 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
     rows = []
     for v in values:
         s = summaries[run_name(float(v))]
-        rounds = len(ShardStore(storage.join(run_dir(out, float(v)), "shards")).rounds("proposals"))
+        rounds = len(ShardStore(tr[run_name(float(v))].shard_base()).rounds("proposals"))
         rows.append({"tr_weight": float(v), "val_miou": s["val_miou"], "stage_a_rounds": rounds,
                      "stage_a_images": s["stage_a_images"], "wall_s": s["wall_s"], "epochs": s["epochs"]})
     write_outputs(out, rows, summaries["pce"], sfx)

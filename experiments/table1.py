@@ -50,29 +50,25 @@ import tomllib
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import TrainConfig, set_option
-from shared.labels import scribble_suffix
+from shared.config import set_option
+from trainer.config import TrainConfig
+from shared.labels import SCRIBBLE_LENGTHS, scribble_suffix
+from trainer.methods import FULL_SUPERVISION, PCE
 from trainer.methods import METHODS as REGISTRY
-from experiments.presets import apply_preset, preset_values
+from trainer.presets import apply_preset, preset_values
+from trainer.run_folder import RunFolder
 from experiments.pictures import curves, epochs_before, read_metrics
 
-LENGTHS = ("0", "0.3", "0.5", "0.8", "1")  # table columns; '1' is the '' scribble suffix
+LENGTHS = SCRIBBLE_LENGTHS  # table columns; '1' is the '' scribble suffix
 METHODS = tuple(REGISTRY)  # the rows of the paper's Table 1, in the registry's order
 FINE_TUNED = tuple(m for m in METHODS if REGISTRY[m].starts_from_pce)
 CONTROL = "pce-continued"  # PCE-GD, fine-tuned like FINE_TUNED: same epochs, same start
 ROWS = (*METHODS, CONTROL)
 LABELS = {**{m: REGISTRY[m].title for m in METHODS}, CONTROL: "PCE-GD continued (same epochs as the three above)"}
 
-# Paper Table 1 ("Results for ScribbleSup", Pascal VOC 2012 val mIoU; DeepLabV3+ with
-# MobileNetV2), copied from the paper text (shared/paper.txt). Full supervision is a
-# single number there (0.70); it is repeated in every column, as in our table.
-PAPER_TABLE1 = {
-    "full": {"0": 0.70, "0.3": 0.70, "0.5": 0.70, "0.8": 0.70, "1": 0.70},
-    "pce": {"0": 0.50, "0.3": 0.57, "0.5": 0.59, "0.8": 0.61, "1": 0.61},
-    "dense-gd": {"0": 0.55, "0.3": 0.61, "0.5": 0.62, "0.8": 0.63, "1": 0.64},
-    "grid-gd": {"0": 0.54, "0.3": 0.60, "0.5": 0.62, "0.8": 0.64, "1": 0.64},
-    "grid-tr": {"0": 0.57, "0.3": 0.63, "0.5": 0.64, "0.8": 0.66, "1": 0.67},
-}
+# Paper Table 1 ("Results for ScribbleSup", Pascal VOC 2012 val mIoU): each method's row
+# is on its record (trainer.methods)
+PAPER_TABLE1 = {m: REGISTRY[m].paper_table1 for m in METHODS}
 
 
 @dataclass
@@ -107,9 +103,9 @@ def plan(lengths=LENGTHS, control: bool = True) -> list[tuple[str, str]]:
     """(method, length) in training order: full, then per length PCE before the cells
     that start from it; `control`: with the pce-continued cells (not a cell of the
     paper's table: a preset's table runs without them)."""
-    cells = [("full", "1")]
+    cells = [(FULL_SUPERVISION, "1")]
     for length in lengths:
-        cells.append(("pce", length))
+        cells.append((PCE, length))
         cells.extend((m, length) for m in (*FINE_TUNED, *((CONTROL,) if control else ())))
     return cells
 
@@ -132,8 +128,8 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     (`from_backbone`)."""
     overrides = dict(overrides or {})
     cfg = TrainConfig(
-        data=data, format=fmt, scribbles="" if method == "full" else scribble_suffix(length),
-        method="pce" if method == CONTROL else method,
+        data=data, format=fmt, scribbles="" if method == FULL_SUPERVISION else scribble_suffix(length),
+        method=PCE if method == CONTROL else method,
         batch_size=size.batch_size, crop_size=size.crop_size, epochs_per_round=size.epochs_per_round,
         out=cell_dir(out, method, length),
     )
@@ -144,21 +140,20 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     for key, value in overrides.items():
         set_option(cfg, key, value)
     pretrain, epochs = cfg.pretrain_epochs, cfg.epochs
-    if method == "pce":
+    if method == PCE:
         cfg.epochs = pretrain
-    elif method == "full":
+    elif method == FULL_SUPERVISION:
         cfg.epochs = epochs if preset else pretrain + epochs
     elif from_backbone(method, preset):
         cfg.pretrain_epochs = 0
     else:
-        cfg.init = storage.join(cell_dir(out, "pce", length), "checkpoints", "last.pt")
-        cfg.backbone_weights = None  # the PCE-GD model has them
+        cfg.fine_tune_from(cell_config(out, PCE, length, data, fmt, size, preset, overrides))
     return cfg
 
 
 def cell_name(method: str, length: str) -> str:
     """The cell's run folder under OUT, and its trial's name."""
-    return "full" if method == "full" else f"{method}-{length}"
+    return method if method == FULL_SUPERVISION else f"{method}-{length}"
 
 
 def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default") -> tuple[str, str, str]:
@@ -176,17 +171,11 @@ def table1_configs(out: str, data: str, fmt: str, size: Table1Size, preset: str 
                    lengths) -> tuple[dict, dict]:
     """({cell: (method, length)}, {cell: TrainConfig}) of a table. A quick table with a
     preset keeps the preset's recipe on the quick budget."""
-    from trainer.architectures import resolve_arch
-
     if preset and size is QUICK:
         overrides = {"epochs": size.epochs, "pretrain_epochs": size.pretrain_epochs, "batch_size": size.batch_size,
                      "epochs_per_round": size.epochs_per_round, "crop_size": QUICK_PRESET_CROP, **overrides}
     cells = {cell_name(m, L): (m, L) for m, L in plan(lengths, control=not preset)}
     configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides) for name, (m, L) in cells.items()}
-    for name, (_, length) in cells.items():  # a cell from PCE-GD's model has its network (as --init says)
-        if configs[name].init:
-            pce = configs[cell_name("pce", length)]
-            configs[name].arch = resolve_arch(pce.arch, None, pce.backbone_weights)
     return cells, configs
 
 
@@ -235,8 +224,8 @@ def miou_table(results: dict) -> dict:
     """{row: {length: mIoU or None}}; full supervision in every column."""
     table = {}
     for method in ROWS:
-        if method == "full":
-            s = results["full"].get("1")
+        if method == FULL_SUPERVISION:
+            s = results[method].get("1")
             table[method] = {L: (s["val_miou"] if s else None) for L in LENGTHS}
         else:
             table[method] = {L: (results[method][L]["val_miou"] if L in results[method] else None) for L in LENGTHS}
@@ -298,7 +287,7 @@ def read_results(out: str) -> dict:
     (their summary.json), whatever the run's lengths and preset were."""
     results: dict = {m: {} for m in ROWS}
     for method, length in plan(LENGTHS):
-        raw = storage.read_if_exists(storage.join(cell_dir(out, method, length), "summary.json"))
+        raw = storage.read_if_exists(RunFolder(cell_dir(out, method, length)).summary)
         if raw is not None:
             results[method][length] = json.loads(raw)
     return results
@@ -312,8 +301,10 @@ def compare(out: str) -> str:
     if not any(results.values()):
         raise UserError(f"{out}: no finished Table 1 cell (no */summary.json of a table1 run)")
     # a preset's table trains Dense-GD from the backbone, the synthetic one from PCE-GD's model
-    dense = [storage.read_if_exists(storage.join(cell_dir(out, "dense-gd", L), "config.toml")) for L in LENGTHS]
-    preset = any(raw is not None and "init" not in tomllib.loads(raw.decode()) for raw in dense)
+    from_backbone_with_preset = [m for m in FINE_TUNED if from_backbone(m, "paper")]
+    configs = [storage.read_if_exists(RunFolder(cell_dir(out, m, L)).config)
+               for m in from_backbone_with_preset for L in LENGTHS]
+    preset = any(raw is not None and "init" not in tomllib.loads(raw.decode()) for raw in configs)
     return markdown(miou_table(results), results, "paper" if preset else None)
 
 
@@ -383,7 +374,7 @@ def plot_fig5(uri: str, table: dict) -> None:
             pts = [(x, source[method][L]) for x, L in zip(xs, LENGTHS) if source[method][L] is not None]
             if not pts:
                 continue
-            style = {"full": "--", CONTROL: ":o"}.get(method, "-o")
+            style = {FULL_SUPERVISION: "--", CONTROL: ":o"}.get(method, "-o")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=LABELS[method])
         ax.set_title(title)
         ax.set_xlabel("scribble length")

@@ -37,8 +37,9 @@ import time
 from ray import tune
 
 from shared import storage
-from shared.config import TrainConfig, from_dict, to_dict
-from shared.errors import UserError
+from shared.config import from_dict, to_dict
+from trainer.config import TrainConfig
+from shared.errors import UserError, user_cause
 from trainer.methods import METHODS
 
 # What a trial reserves for itself: its driver waits on TorchTrainer.fit() and polls
@@ -256,10 +257,8 @@ def most_at_once(results) -> int:
 
 def _first_line(error: BaseException) -> str:
     """The user's error in a trial's failure, else its first line."""
-    from trainer.cli import _user_cause
-
     if isinstance(error, str):  # what Tune keeps of some failures
         return error.splitlines()[0] if error else "failed"
-    cause = _user_cause(error)
+    cause = user_cause(error)
     text = str(cause if cause is not None else error)
     return text.splitlines()[0] if text else type(error).__name__

@@ -1,4 +1,5 @@
-"""The exception types that the command lines turn into a one-line error."""
+"""The exception types that the command lines turn into a one-line error, and `user_cause`,
+which finds the user's error inside the wrappers Ray puts around it."""
 
 
 class UserError(Exception):
@@ -26,3 +27,20 @@ class ForeignShardError(CorruptShardError):
 
     def __reduce__(self):
         return ForeignShardError, (self.path, self.owner, self.run_id)
+
+
+def user_cause(e: BaseException):
+    """A UserError raised inside a Ray worker arrives wrapped: find it (Ray Train holds
+    it in a ControllerError's controller_failure or a WorkerGroupError's worker_failures)."""
+    seen = set()
+    todo = [e]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None

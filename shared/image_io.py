@@ -79,7 +79,7 @@ def read_label(uri: str, num_classes: int | None = None) -> np.ndarray:
         bad = (arr >= num_classes) & (arr != UNLABELLED)
         if bad.any():
             values = sorted(int(v) for v in np.unique(arr[bad]))[:5]
-            raise UserError(f"{uri}: label values {values} are ≥ the number of classes {num_classes} (and not 255)")
+            raise UserError(f"{uri}: label values {values} are ≥ the number of classes {num_classes} (and not {UNLABELLED})")
     return arr
 
 

@@ -5,6 +5,8 @@ UNLABELLED = 255  # seeds: no scribble; masks: ignore; proposals: none
 
 # scribble length suffixes of the data layouts (SPEC §5): '' is full length, '0' clicks
 SCRIBBLE_SUFFIXES = ("", "0.8", "0.5", "0.3", "0")
+# the same lengths by name, shortest first: the columns of the paper's Table 1 ('1': full)
+SCRIBBLE_LENGTHS = tuple(sorted((s or "1" for s in SCRIBBLE_SUFFIXES), key=float))
 
 
 def scribble_suffix(value) -> str:
@@ -28,6 +30,12 @@ def check_scribbles(value, option: str = "--scribbles") -> str:
     if suffix not in SCRIBBLE_SUFFIXES:
         raise UserError(f"{option}: must be one of 1 (full length), 0.8, 0.5, 0.3, 0 (clicks); got {value!r}")
     return suffix
+
+
+def length_name(value, option: str = "--scribbles") -> str:
+    """A user's scribble length as the tables name it (SCRIBBLE_LENGTHS): '1' for full
+    length, else its suffix; UserError naming the option if it is no length."""
+    return check_scribbles(value, option) or "1"
 
 
 def scribble_length(suffix: str) -> float:

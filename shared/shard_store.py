@@ -14,7 +14,7 @@ driver, the solver's command line and the benchmarks reach shards only through t
 class; the row formats themselves are `shared.shards`.
 
 Readers that poll (the farm waiting for a snapshot round, the trainer waiting for
-proposals) read one manifest per round (`shared.shards.Manifest`: the parts, their image
+proposals) read one manifest per round (`Manifest`, below: the parts, their image
 ids, the run) instead of listing folders: on an object store a listing is a billed,
 throttled request per poll. A round is visible to them once its manifest exists; the
 trainer commits a snapshot round when all its parts are written, the farm a proposal
@@ -28,7 +28,9 @@ read as this run's).
 """
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 
 from shared import shards, storage
 from shared.errors import CorruptShardError, UserError
@@ -38,11 +40,49 @@ _ROUND = re.compile(r"^round=(\d+)$")
 _MANIFEST = "manifest.json"
 _FAILED = "FARM_FAILED"
 _RUN = "RUN"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    """The commit record of one round of one kind (SPEC §6): its parts, their files and
+    image ids, and the run that wrote them. Written after every part it names, so a
+    reader that finds it reads one small object instead of listing the round."""
+
+    kind: str
+    round: int
+    run_id: str
+    parts: dict[int, tuple[str, list[str]]]  # k -> (file name in the round folder, image ids)
+
+    def image_ids(self) -> dict[int, list[str]]:
+        return {k: ids for k, (_, ids) in self.parts.items()}
+
+    def to_bytes(self) -> bytes:
+        parts = {str(k): {"file": f, "image_ids": ids} for k, (f, ids) in sorted(self.parts.items())}
+        return json.dumps({"version": MANIFEST_VERSION, "kind": self.kind, "round": self.round,
+                           "run_id": self.run_id, "parts": parts}).encode()
+
+    @staticmethod
+    def from_bytes(uri: str, data: bytes) -> "Manifest":
+        """CorruptShardError (naming `uri`) unless it is a manifest of this format."""
+        try:
+            m = json.loads(data)
+            if m["version"] != MANIFEST_VERSION or m["kind"] not in shards.KINDS:
+                raise ValueError(f"version {m['version']!r}, kind {m['kind']!r}")
+            parts = {int(k): (str(p["file"]), [str(i) for i in p["image_ids"]]) for k, p in m["parts"].items()}
+            return Manifest(m["kind"], int(m["round"]), str(m["run_id"]), parts)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptShardError(uri, f"not a round manifest: {e}") from None
 
 
 def parts_of(n_images: int, shard_size: int) -> list[range]:
     """Image indices of every part: part k holds chunk k of the sorted ids."""
     return [range(i, min(i + shard_size, n_images)) for i in range(0, n_images, shard_size)]
+
+
+def part_in(round_dir: str, k: int, fmt: str = "parquet") -> str:
+    """The URI of part k in a round folder."""
+    return storage.join(round_dir, f"part-{k}.{fmt}")
 
 
 def parts_in(round_dir: str) -> dict[int, str]:
@@ -95,7 +135,7 @@ class ShardStore:
         return storage.join(self.base, kind, f"round={r}")
 
     def part_uri(self, kind: str, r: int, k: int, fmt: str = "parquet") -> str:
-        return storage.join(self.round_dir(kind, r), f"part-{k}.{fmt}")
+        return part_in(self.round_dir(kind, r), k, fmt)
 
     def rounds(self, kind: str) -> list[int]:
         names = storage.list_dir(storage.join(self.base, kind))
@@ -108,19 +148,19 @@ class ShardStore:
     def manifest_uri(self, kind: str, r: int) -> str:
         return storage.join(self.round_dir(kind, r), _MANIFEST)
 
-    def manifest(self, kind: str, r: int) -> shards.Manifest | None:
+    def manifest(self, kind: str, r: int) -> Manifest | None:
         """Round r's commit record (one read); None if the round is not committed, or
         committed by another run."""
         uri = self.manifest_uri(kind, r)
         data = storage.read_if_exists(uri)
         if data is None:
             return None
-        m = shards.Manifest.from_bytes(uri, data)
+        m = Manifest.from_bytes(uri, data)
         return m if not self.run_id or m.run_id == self.run_id else None
 
     def commit(self, kind: str, r: int, image_ids: dict[int, list[str]], fmt: str = "parquet") -> None:
         """Commit round r: its parts (part index -> image ids), all written before."""
-        m = shards.Manifest(kind, r, self.run_id, {k: (f"part-{k}.{fmt}", ids) for k, ids in image_ids.items()})
+        m = Manifest(kind, r, self.run_id, {k: (f"part-{k}.{fmt}", ids) for k, ids in image_ids.items()})
         storage.write_bytes(self.manifest_uri(kind, r), m.to_bytes())
 
     def uncommit(self, kind: str, r: int) -> None:
@@ -144,6 +184,18 @@ class ShardStore:
         """Round r is committed with at least n_parts parts."""
         m = self.manifest(kind, r)
         return m is not None and len(m.parts) >= n_parts
+
+    def solved(self, r: int, snapshots: Manifest) -> bool:
+        """Snapshot round r (its manifest) has every part's proposal committed."""
+        return self.round_complete("proposals", r, len(snapshots.parts))
+
+    def round_intact(self, kind: str, r: int, n_parts: int) -> dict[int, CorruptShardError] | None:
+        """Round r checked part by part, every row read: None while fewer than n_parts
+        parts are there, else the parts that do not read or are another run's ({}: the
+        round is whole)."""
+        if len(self.parts(kind, r)) < n_parts:
+            return None
+        return self.unreadable(kind, r, read_rows=True)
 
     def unreadable(self, kind: str, r: int, read_rows: bool = False, only=None) -> dict[int, CorruptShardError]:
         """The parts of a round that do not read (footer and schema, or every row) or

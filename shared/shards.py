@@ -7,7 +7,6 @@ their shape in other columns: no pickle. Where the files live is `shared.shard_s
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,6 @@ FORMAT_VERSION = "2"
 NEG_LOG_Q_STEP = 1 / 12  # nats per code: 255 codes reach 21.25 > −log(1e-8), the solver's floor
 KINDS = ("snapshots", "proposals")
 RUN_ID_KEY = b"trseg.run_id"  # schema metadata: the run that wrote the shard (SPEC §6)
-MANIFEST_VERSION = 1
 
 SNAPSHOT_SCHEMA = pa.schema(
     [
@@ -272,35 +270,3 @@ def read_proposals(uri: str, run_id: str = "") -> list[Proposal]:
             )
         )
     return out
-
-
-@dataclass
-class Manifest:
-    """The commit record of one round of one kind (SPEC §6): its parts, their files and
-    image ids, and the run that wrote them. Written after every part it names, so a
-    reader that finds it reads one small object instead of listing the round."""
-
-    kind: str
-    round: int
-    run_id: str
-    parts: dict[int, tuple[str, list[str]]]  # k -> (file name in the round folder, image ids)
-
-    def image_ids(self) -> dict[int, list[str]]:
-        return {k: ids for k, (_, ids) in self.parts.items()}
-
-    def to_bytes(self) -> bytes:
-        parts = {str(k): {"file": f, "image_ids": ids} for k, (f, ids) in sorted(self.parts.items())}
-        return json.dumps({"version": MANIFEST_VERSION, "kind": self.kind, "round": self.round,
-                           "run_id": self.run_id, "parts": parts}).encode()
-
-    @staticmethod
-    def from_bytes(uri: str, data: bytes) -> "Manifest":
-        """CorruptShardError (naming `uri`) unless it is a manifest of this format."""
-        try:
-            m = json.loads(data)
-            if m["version"] != MANIFEST_VERSION or m["kind"] not in KINDS:
-                raise ValueError(f"version {m['version']!r}, kind {m['kind']!r}")
-            parts = {int(k): (str(p["file"]), [str(i) for i in p["image_ids"]]) for k, p in m["parts"].items()}
-            return Manifest(m["kind"], int(m["round"]), str(m["run_id"]), parts)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptShardError(uri, f"not a round manifest: {e}") from None

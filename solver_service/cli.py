@@ -10,7 +10,7 @@ import click
 from shared import shards, storage
 from shared.config import ALGORITHMS, SolverConfig
 from shared.errors import CorruptShardError, UserError
-from shared.shard_store import ShardStore, extension, parts_in
+from shared.shard_store import ShardStore, extension, part_in, parts_in
 
 
 @click.group()
@@ -72,7 +72,7 @@ def plan_folder(snapshot_dir: str, proposal_dir: str, init_dir: str | None) -> t
     items, done = [], 0
     for k, uri in sorted(parts.items()):
         shards.check_shard(uri, "snapshots")  # a corrupt part is named before any solver starts
-        target = storage.join(proposal_dir, f"part-{k}.{extension(uri)}")
+        target = part_in(proposal_dir, k, extension(uri))
         try:
             shards.check_shard(target, "proposals")
             done += 1

@@ -6,8 +6,9 @@
     w_ij = β · (H·W / |N8|) · exp(−‖I_i − I_j‖² / (2σ²)) / d_ij,
     σ²   = mean over N8 of ‖I_i − I_j‖²  (1 if that is 0),  d_ij ∈ {1, √2}.
 
-Everything here is vectorised (no Python loop over pixels or edges) and float64, so
-that `potts_energy` is the reference value every other part of the project reports.
+Everything here is vectorised (no Python loop over pixels or edges) and float64. The
+solver (`solver_service.alpha_expansion`) builds its problem from these pieces and
+reports E of its labeling; the tests' reference value is `tests/energy_oracle.py`.
 
 Edge order (used by `grid_edges_n8`, `contrast_weights` and the solver): horizontal
 pairs (i, i+1), vertical pairs (i, i+W), diagonal "\\" pairs (i, i+W+1), diagonal "/"
@@ -19,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 PROB_FLOOR = 1e-8  # SPEC §1: −log max(q, 1e-8)
-from shared.labels import UNLABELLED
 
 
 def num_n8_edges(height: int, width: int) -> int:
@@ -68,13 +68,6 @@ def _squared_differences(image: np.ndarray) -> np.ndarray:
             np.multiply(d, d, out=d)
             view += d
     return out
-
-
-def contrast_sigma2(image: np.ndarray) -> float:
-    """σ² = mean over N8 of ‖I_i − I_j‖² (σ² := 1 when it is 0 or N8 is empty)."""
-    d2 = _squared_differences(image)
-    s = float(d2.mean()) if d2.size else 0.0
-    return s if s > 0 else 1.0
 
 
 def contrast_weights(image: np.ndarray, potts_weight: float) -> np.ndarray:
@@ -131,50 +124,3 @@ def neg_log_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:
     logits give at a class transition far more closely than a blend of probabilities,
     which lets a confident neighbour's mass leak across the boundary."""
     return resize_bilinear(-np.log(np.maximum(np.asarray(probs, np.float64), PROB_FLOOR)), height, width)
-
-
-def unary_costs(probs: np.ndarray, seeds: np.ndarray, tr_weight: float) -> np.ndarray:
-    """λ · (−log max(q_i(k), 1e-8)) for every pixel and label, K×H×W float64.
-
-    Seeded pixels carry no unary term in SPEC §1 (their label is a hard constraint),
-    so their entries are 0; `probs` must already be at the image size.
-    """
-    u = -np.log(np.maximum(np.asarray(probs, np.float64), PROB_FLOOR))
-    u *= tr_weight
-    u[:, seeds != UNLABELLED] = 0.0
-    return u
-
-
-def seeds_satisfied(labels: np.ndarray, seeds: np.ndarray) -> bool:
-    """Whether a labeling meets the hard constraints s_i = y_i on seeded pixels."""
-    m = seeds != UNLABELLED
-    return bool(np.array_equal(labels[m], seeds[m]))
-
-
-def potts_energy(
-    labels: np.ndarray,
-    image: np.ndarray,
-    probs: np.ndarray,
-    seeds: np.ndarray,
-    tr_weight: float,
-    potts_weight: float,
-) -> tuple[float, float, float]:
-    """E(s) of SPEC §1 (paper eq. 16 / 26) as float64: (total, unary, smooth).
-
-    `labels` H×W class ids; `image` H×W×3 (0..255); `probs` K×h×w (resized to H×W in
-    log space when its size differs, like the solver does); `seeds` H×W, 255 = unlabeled.
-    The unary sum runs over unseeded pixels only. The hard constraint is not part of
-    the value: check it with `seeds_satisfied`.
-    """
-    labels = np.asarray(labels)
-    h, w = labels.shape
-    cost = neg_log_probs(probs, h, w)
-    free = np.asarray(seeds) == UNLABELLED
-    lab = labels.astype(np.intp)
-    rows, cols = np.nonzero(free)
-    unary = float(tr_weight * np.sum(cost[lab[rows, cols], rows, cols]))
-    s1, s2, _ = grid_edges_n8(h, w)
-    flat = lab.ravel()
-    cut = flat[s1] != flat[s2]
-    smooth = float(np.sum(contrast_weights(image, potts_weight)[cut]))
-    return unary + smooth, unary, smooth

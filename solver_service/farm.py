@@ -253,8 +253,7 @@ class Farm(threading.Thread):
                 snapshots = self.store.manifest("snapshots", r)
                 if snapshots is None:
                     return pending
-                solved = self.store.manifest("proposals", r)
-                if solved is not None and len(solved.parts) >= len(snapshots.parts):
+                if self.store.solved(r, snapshots):
                     self._finished.add(r)
                 else:
                     pending.append(r)

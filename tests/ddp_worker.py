@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 
 N_IMAGES, GLOBAL_BATCH, EPOCHS = 12, 4, 3
 

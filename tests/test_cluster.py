@@ -137,7 +137,7 @@ def _check_local_ray_is_private(c):
 def _check_cluster_paths(tmp_path):
     """On the same cluster (it is costly to start): a run joining a several-node cluster
     refuses local --out/--shards paths unless --shared-fs, and paths missing on a node."""
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from shared.errors import UserError
     from trainer.driver import check_cluster_paths
 
@@ -203,7 +203,7 @@ def test_table_cells_train_side_by_side_on_two_nodes(cluster, synthetic_set, tmp
     from ray._private import ray_constants
 
     from experiments import trials
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from tests.helpers import descendants
 
     c, trainer, solvers = cluster

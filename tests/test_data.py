@@ -8,8 +8,8 @@ from PIL import Image
 
 from shared.errors import UserError
 from shared.image_io import palette, read_image, read_label, write_label
+from trainer.config import VOC_CLASSES
 from trainer.data import (
-    VOC_CLASSES,
     EvalSet,
     Sample,
     TrainSet,

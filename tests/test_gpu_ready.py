@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from trainer import engine
 from trainer.metrics import confusion_counts, confusion_matrix, trimap_confusions, trimap_counts
@@ -215,7 +215,7 @@ def test_the_snapshot_pass_runs_without_tf32():
 
 
 def test_deterministic_option(monkeypatch):
-    from trainer.cli import resolve_train_config
+    from trainer.config import resolve_train_config
 
     cfg = resolve_train_config({"data": "x", "deterministic": True, "resume_dir": None, "config_file": None})
     assert cfg.deterministic and not TrainConfig().deterministic

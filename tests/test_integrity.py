@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from shared import shards
-from shared.config import SolverConfig, TrainConfig
+from shared.config import SolverConfig
+from trainer.config import TrainConfig
 from shared.errors import ForeignShardError, UserError
 from shared.shard_store import ShardStore
 from tests.test_faults import _solve_parts_locally, _truncate, _write_snapshot_parts

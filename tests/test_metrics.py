@@ -5,8 +5,22 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.metrics import (boundary_band, boundary_distance, confusion_matrix, miou,
-                             trimap_confusions, trimap_miou)
+from trainer.metrics import boundary_distance, confusion_matrix, miou, trimap_confusions, trimap_miou
+
+
+def boundary_band(gt, width: int):
+    """Pixels within ``width`` px (Chebyshev) of a ground-truth label boundary.
+
+    A pixel is in the band when its (2·width+1)² window contains two different
+    labels (255 counts as a label, so the band also surrounds VOC's void
+    outlines).  Returns a bool array/tensor of gt's shape and kind (numpy/torch).
+    """
+    if width < 1:
+        raise ValueError("width must be >= 1")
+    band = boundary_distance(gt, width) <= width
+    if isinstance(gt, torch.Tensor):
+        return band.to(gt.device)
+    return band.cpu().numpy()
 
 
 def test_confusion_matrix_hand_case_and_ignore():

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from trainer.tomlio import dumps
 
-from shared.config import TrainConfig, to_dict
+from shared.config import to_dict
 from trainer.architectures import build_model
+from trainer.config import TrainConfig
 from trainer.runlog import checkpoint_bytes
+from trainer.tomlio import dumps
 from trainer.visualize import TILE, column_boxes, tile_side
 from experiments.pictures import N_IMAGES
 from experiments.report import report

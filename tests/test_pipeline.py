@@ -59,7 +59,7 @@ def test_sync_run_writes_every_output(sync_run, data):
 
 
 def test_learned_eps_per_class_is_logged_every_epoch_and_trains(sync_run):
-    from shared.config import default_eps
+    from trainer.config import default_eps
 
     records = [json.loads(line) for line in open(os.path.join(sync_run, "metrics.jsonl"))]
     eps = [r["eps"] for r in records if r["phase"] == "grid-tr"]

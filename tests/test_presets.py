@@ -1,10 +1,9 @@
 """Presets (SPEC §4) and their place in the option order: defaults ← preset ← --config ← flags."""
 import pytest
 
-from shared.config import TrainConfig
 from shared.errors import UserError
-from trainer.cli import resolve_train_config
-from experiments.presets import PRESETS, apply_preset, preset_values
+from trainer.config import TrainConfig, resolve_train_config
+from trainer.presets import PRESETS, apply_preset, preset_values
 
 PAPER = {"": (0.944, 0.05), "0.8": (0.946, 0.075), "0.5": (0.9514, 0.1), "0.3": (0.9516, 0.1), "0": (0.9522, 0.1)}
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.faults
 
 def test_optimizer_state_survives_a_checkpoint(tmp_path):
     """make_optimizer loads the momentum buffers that last.pt holds (weights_only load)."""
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from trainer.loop import make_optimizer
     from trainer.model import DeepLabV3Plus
     from trainer.runlog import RunLog, load_checkpoint
@@ -177,7 +177,7 @@ def test_best_pt_comes_after_the_checkpoints_and_a_restart_never_writes_a_worse_
     best.pt leaves epoch 1. (≈ 60-100 s on 2 busy cores: a real run with a worker restart.)"""
     import ray
 
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
     from tests.besthook import FOLDER, KILLED
     from tests.helpers import ROOT
     from trainer.driver import run_train

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from shared.errors import UserError
 from tests.helpers import run_cli
 from trainer.driver import RUN_FILE, check_inputs, claim_run_folder

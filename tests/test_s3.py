@@ -414,7 +414,8 @@ def test_a_run_folder_on_s3_resumes_from_its_config_and_checkpoint(base, s3_endp
     """`--resume s3://…` reads the run's config.toml and checkpoint through the storage
     layer (not open()), and every call on one bucket shares one filesystem client."""
     from shared import storage
-    from shared.config import TrainConfig, to_dict
+    from shared.config import to_dict
+    from trainer.config import TrainConfig
     from trainer.runlog import RunLog, load_checkpoint
     from trainer.tomlio import dumps, read_toml
 

@@ -1,7 +1,7 @@
 """Learning rates: the poly schedule (SPEC §4) and the default rate per phase."""
 import pytest
 
-from shared.config import FINE_TUNE_LR, SCRATCH_LR, TrainConfig
+from trainer.config import FINE_TUNE_LR, SCRATCH_LR, TrainConfig
 from shared.errors import UserError
 from trainer.engine import poly_lr
 from trainer.loop import phases

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from solver_service import energy as E
+from tests.energy_oracle import potts_energy, seeds_satisfied
 from solver_service.alpha_expansion import SOLVERS, build_problem, solve
 from tests.test_energy import loop_energy
 
@@ -27,7 +28,7 @@ def brute_force(image, probs, seeds, lam, beta, labels):
         lab = base.copy()
         lab[free] = combo
         lab = lab.reshape(H, W)
-        e = E.potts_energy(lab, image, probs, seeds, lam, beta)[0]
+        e = potts_energy(lab, image, probs, seeds, lam, beta)[0]
         if best is None or e < best[0]:
             best = (e, lab)
     return best
@@ -75,7 +76,7 @@ def test_k_labels_against_brute_force(K, trial):
     for algorithm in sorted(SOLVERS):
         res = solve(image, probs, seeds, tr_weight=lam, potts_weight=beta, max_iter=20,
                     restrict_labels=False, algorithm=algorithm)
-        assert E.seeds_satisfied(res.gco_labels, seeds)
+        assert seeds_satisfied(res.gco_labels, seeds)
         assert res.energy >= e_star - tol
         cur = res.labels.ravel().astype(np.intp)
         if algorithm == "expansion":
@@ -113,9 +114,9 @@ def test_gco_itself_honours_the_seeds(algorithm):
     probs[:] = 1e-6
     probs[0] = 1.0
     res = solve(image, probs, seeds, tr_weight=10.0, potts_weight=500.0, algorithm=algorithm, restrict_labels=False)
-    assert E.seeds_satisfied(res.gco_labels, seeds)
+    assert seeds_satisfied(res.gco_labels, seeds)
     np.testing.assert_array_equal(res.gco_labels, res.labels)
-    spec = E.potts_energy(res.gco_labels, image, probs, seeds, 10.0, 500.0)[0]
+    spec = potts_energy(res.gco_labels, image, probs, seeds, 10.0, 500.0)[0]
     assert res.gco_energy == pytest.approx(spec, rel=1e-4)
     assert res.energy == pytest.approx(spec, rel=1e-10)
 
@@ -173,7 +174,7 @@ def test_warm_start_reaches_gco():
         assert not np.array_equal(cold.gco_labels, local)  # the test tells a cold start apart
         warm = solve(image, probs, seeds, init=local, max_iter=1, **kw)
         np.testing.assert_array_equal(warm.gco_labels, local)
-        e_init = E.potts_energy(local, image, probs, seeds, 0.1, 100.0)[0]
+        e_init = potts_energy(local, image, probs, seeds, 0.1, 100.0)[0]
         assert warm.gco_energy <= e_init * (1 + 1e-4)
         assert not warm.kept_init and warm.warm_start and warm.iterations == 1
 
@@ -199,9 +200,9 @@ def test_warm_start_never_above_init_and_keeps_the_seeds():
             fixed = init.copy()
             fixed[seeds != 255] = seeds[seeds != 255]
             if fixed.max() < 3:
-                e_init = E.potts_energy(fixed, image, probs, seeds, 0.1, 100.0)[0]
+                e_init = potts_energy(fixed, image, probs, seeds, 0.1, 100.0)[0]
                 assert warm.gco_energy <= e_init * (1 + 1e-4)
-            assert E.seeds_satisfied(warm.gco_labels, seeds) and warm.warm_start
+            assert seeds_satisfied(warm.gco_labels, seeds) and warm.warm_start
 
 
 def test_swap_and_expansion_agree_on_easy_problem():
@@ -269,7 +270,7 @@ def test_degenerate_sizes():
         image, probs, seeds = problem(rng, H, W, 2, seed_frac=0.0)
         res = solve(image, probs, seeds)
         assert res.labels.shape == (H, W)
-        assert res.energy == pytest.approx(E.potts_energy(res.labels, image, probs, seeds, 0.1, 100.0)[0])
+        assert res.energy == pytest.approx(potts_energy(res.labels, image, probs, seeds, 0.1, 100.0)[0])
 
 
 def test_changed_counts_unseeded_pixels_where_stage_a_overrides_the_network():

@@ -121,7 +121,7 @@ def test_what_one_run_holds_and_how_many_ran_at_once():
     from types import SimpleNamespace
 
     from experiments.trials import demand, most_at_once
-    from shared.config import TrainConfig
+    from trainer.config import TrainConfig
 
     assert demand(TrainConfig(method="pce", num_workers=2, loader_workers=1, use_gpu=False)) == {"CPU": 4, "GPU": 0}
     # first solvers + trainer
@@ -174,7 +174,8 @@ def test_trials_sharing_shards_get_folders_of_their_own():
     """A run claims its shard base and clears what another run left there: trials of one
     experiment (tune, table1, sweep-tr-weight) given one --shards must not share it."""
     from experiments.trials import trial_config
-    from shared.config import TrainConfig, to_dict
+    from shared.config import to_dict
+    from trainer.config import TrainConfig
 
     base = {name: to_dict(TrainConfig(method="grid-tr", out=f"/r/{name}", shards="s3://b/shards?x=1"))
             for name in ("tr-0.1", "tr-1")}

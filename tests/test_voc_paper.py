@@ -12,7 +12,7 @@ import ray
 import torch
 
 from experiments import table1
-from experiments.presets import check_start
+from trainer.presets import check_start
 from shared.errors import UserError
 from tests.helpers import run_cli
 from trainer import imagenet
@@ -247,7 +247,7 @@ def test_grid_gd_seed_loss_l2_is_the_reference_scripts():
     ce = method_loss("grid-gd", logits, batch, 0.0, 1.0, True, "ce")
     assert (l2 - ce).item() == pytest.approx(partial_l2(logits, seeds).item() - partial_ce(logits, seeds, True).item())
     with pytest.raises(UserError, match="--seed-loss"):
-        from shared.config import TrainConfig
+        from trainer.config import TrainConfig
         TrainConfig(data="d", seed_loss="l1").validate()
 
 

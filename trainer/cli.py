@@ -9,13 +9,15 @@ import traceback
 import click
 
 from shared import storage
-from shared.config import AUGMENTATIONS, EPS_MODELS, SEED_LOSSES, OPTIMIZERS, SCHEDULES, SOLVER_FIELDS, SolverConfig, TrainConfig, from_dict, to_dict
-from shared.errors import UserError
-from shared.labels import check_scribbles
+from shared.errors import UserError, user_cause
+from shared.labels import SCRIBBLE_LENGTHS, check_scribbles, length_name
 from trainer.architectures import ARCHITECTURES
+from trainer.data import check_data_folder
+from trainer.imagenet import backbone_weights_path
+from trainer.config import (AUGMENTATIONS, EPS_MODELS, LAYOUTS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, config_toml,
+                            resolve_train_config)
 from trainer.methods import METHODS
-from trainer.data import LAYOUTS
-from experiments.presets import PRESETS
+from trainer.presets import PRESETS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +55,7 @@ def cli(ctx, local, address, out, quick, overwrite, seed, debug):
         run_default_job(out, quick=quick, overwrite=overwrite, seed=seed)
 
 
-SCRIBBLES_HELP = "Scribble length: 1 (full, also ''), 0.8, 0.5, 0.3, 0 (clicks)."
+SCRIBBLES_HELP = f"Scribble length: 1 (full, also ''), {', '.join(SCRIBBLE_LENGTHS[-2:0:-1])}, 0 (clicks)."
 
 
 def _scribbles(ctx, param, value):
@@ -140,47 +142,6 @@ def _train_options(f):
     return f
 
 
-def resolve_train_config(params: dict) -> TrainConfig:
-    """Defaults ← --preset ← --resume DIR's config.toml ← --config FILE ← flags given."""
-    from trainer.tomlio import read_toml
-
-    values: dict = {}
-    resume_dir = params.pop("resume_dir")
-    config_file = params.pop("config_file")
-    preset = params.pop("preset", None)
-    if resume_dir:
-        values.update(read_toml(storage.join(resume_dir, "config.toml"), "--resume"))
-    if config_file:
-        values.update(read_toml(config_file))
-    solver = values.pop("solver", {})
-    if not isinstance(solver, dict):  # a TOML `solver = 5`: the stage-A options are a [solver] table
-        source = f"--config {config_file}" if config_file else f"--resume {storage.join(resume_dir, 'config.toml')}"
-        raise UserError(f"{source}: key 'solver': expected a [solver] table, got {type(solver).__name__} {solver!r}")
-    solver = dict(solver)
-    for key, value in params.items():
-        if value is None:
-            continue
-        if key in SOLVER_FIELDS:
-            solver[key] = value
-        else:
-            values[key] = value
-    for key in list(values):
-        if key.replace("-", "_") in SOLVER_FIELDS:
-            solver[key.replace("-", "_")] = values.pop(key)
-    cfg = from_dict(TrainConfig, values)
-    cfg.solver = from_dict(SolverConfig, solver)
-    if preset:  # the preset fills only what nothing above set (experiments/presets.py)
-        from experiments.presets import apply_preset, check_start
-
-        apply_preset(cfg, preset, explicit=[*values, *solver])
-        check_start(preset, cfg.backbone_weights, cfg.init, takes_init=True)
-    if resume_dir:
-        cfg.out, cfg.resume = resume_dir, True
-    if not cfg.data:
-        raise UserError("--data: required (a data set root)")
-    return cfg
-
-
 @cli.command()
 @_train_options
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -196,12 +157,7 @@ def train(ctx, **params):
     overwrite, print_config = params.pop("overwrite"), params.pop("print_config")
     cfg = resolve_train_config(params)
     if print_config:
-        from trainer.architectures import resolve_arch
-        from trainer.tomlio import dumps
-
-        cfg.validate()
-        cfg.arch = resolve_arch(cfg.arch, None, cfg.backbone_weights)  # --init's network is read at start
-        click.echo(dumps(to_dict(cfg)), nl=False)
+        click.echo(config_toml(cfg), nl=False)
         return
     check_inputs(cfg, overwrite)  # before Ray starts: bad input fails in a second
     connect(ctx.obj["address"])
@@ -295,7 +251,7 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--epochs", type=int, default=None, help="Epochs of the GD/TR cells and the PCE control, after the PCE model.")
 @click.option("--pretrain-epochs", type=int, default=None, help="Epochs of the PCE cells.")
 @click.option("--solvers", default=None, help="Solver actors of the Grid-TR cells: N or MIN:MAX.")
-@click.option("--lengths", default="0,0.3,0.5,0.8,1", help="Scribble lengths (columns) to train.")
+@click.option("--lengths", default=",".join(SCRIBBLE_LENGTHS), help="Scribble lengths (columns) to train.")
 @click.option("--variant", type=click.Choice(["default", "hard"]), default="default",
               help="The built-in synthetic set's variant (without --data).")
 @click.option("--out", required=True,
@@ -317,16 +273,15 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
 
     Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
     from shared.ray_session import connect
-    from experiments.presets import check_start
+    from trainer.presets import check_start
     from experiments.table1 import run_table1
 
-    _check_data_folder(data)
+    check_data_folder(data)
     check_start(preset, backbone_weights)
     overrides = {k: v for k, v in (("epochs", epochs), ("pretrain_epochs", pretrain_epochs), ("solvers", solvers),
                                    ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu),
-                                   ("backbone_weights", _weights(backbone_weights))) if v is not None}
-    columns = [("1" if check_scribbles(x, "--lengths") == "" else check_scribbles(x, "--lengths"))
-               for x in lengths.split(",")]
+                                   ("backbone_weights", backbone_weights_path(backbone_weights))) if v is not None}
+    columns = [length_name(x, "--lengths") for x in lengths.split(",")]
     if not plan_only:
         connect(ctx.obj["address"])
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
@@ -391,17 +346,17 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
                         use_gpu, backbone_weights, plan_only):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
     from shared.ray_session import connect
-    from experiments.presets import check_start
+    from trainer.presets import check_start
     from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)
-    _check_data_folder(data)
+    check_data_folder(data)
     check_start(preset, backbone_weights)
     if not plan_only:
         connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent,
-              use_gpu=use_gpu, backbone_weights=_weights(backbone_weights), plan_only=plan_only)
+              use_gpu=use_gpu, backbone_weights=backbone_weights_path(backbone_weights), plan_only=plan_only)
     if plan_only:
         return
     click.echo(storage.read_bytes(storage.join(out, "sweep.csv")).decode().rstrip())
@@ -410,7 +365,7 @@ def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_
 @cli.command("tune")
 @_train_options
 @click.option("--search", "space", default=None,
-              help="Search space TOML [experiments/search_spaces/METHOD.toml]; README: the format.")
+              help="Search space TOML [experiments/search_spaces/METHOD.toml]; docs/experiments.md: the format.")
 @click.option("--trials", type=click.IntRange(min=1), default=8, help="Configurations sampled [8].")
 @click.option("--grace-period", type=click.IntRange(min=1), default=1,
               help="Epochs every trial trains before ASHA may stop it [1].")
@@ -425,46 +380,13 @@ def tune_cmd(ctx, space, trials, grace_period, max_concurrent, quick, plan_only,
     """Search configuration keys (λ, β, ε, ν, LR, …) on the val split: Ray Tune with ASHA
     on val mIoU. Writes OUT/best.toml (for train --config), OUT/trials.csv and .md."""
     from shared.ray_session import connect
-    from experiments.search import default_space, read_space, run_search
-    from experiments.table1 import QUICK, FULL, prepare
+    from experiments.search import prepare_search, run_search
 
-    if params["resume_dir"]:
-        raise UserError("--resume: not an option of tune; the same tune command again finishes an interrupted search")
-    if not params["method"]:
-        raise UserError("--method: required (the method whose options are searched)")
-    if not params["out"]:
-        raise UserError("--out: required (the search's folder)")
-    space = space or default_space(params["method"])
-    read_space(space)  # a bad space fails before Ray starts
-    _check_data_folder(params["data"])
-    if not params["data"]:  # the built-in synthetic set, as table1's
-        size = QUICK if quick else FULL
-        _, params["data"], params["format"] = prepare(params["out"], None, "synthetic", size)
-    if quick:
-        for key, value in (("epochs", 2), ("pretrain_epochs", 1), ("epochs_per_round", 1), ("batch_size", 4), ("crop_size", 0)):
-            params[key] = value if params[key] is None else params[key]
-    out = params.pop("out")
-    cfg = resolve_train_config(params)
-    cfg.backbone_weights = _weights(cfg.backbone_weights)
+    cfg, space, out = prepare_search(params, space, quick)  # every check before Ray starts
     if not plan_only:
         connect(ctx.obj["address"])
     run_search(cfg, space, trials, out, max_concurrent=max_concurrent, grace_period=grace_period,
                log=lambda m: click.echo(m), plan_only=plan_only)
-
-
-def _weights(value: str | None) -> str | None:
-    """--backbone-weights, checked before Ray starts (the ImageNet file fetched into torch's
-    cache if need be); a local file as an absolute path, for the cells' workers."""
-    from trainer.imagenet import IMAGENET, check_backbone_weights
-
-    check_backbone_weights(value)
-    return value if not value or value == IMAGENET or storage.is_remote(value) else os.path.abspath(value)
-
-
-def _check_data_folder(data: str | None) -> None:
-    """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
-    if data and not os.path.isdir(data):
-        raise UserError(f"--data: no such data set folder: {data!r}")
 
 
 def main(argv=None) -> None:
@@ -482,7 +404,7 @@ def main(argv=None) -> None:
     except UserError as e:
         _fail(str(e), debug, 2)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
-        cause = _user_cause(e)
+        cause = user_cause(e)
         if cause is not None:
             _fail(str(cause), debug, 2)
         _fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (--debug shows the traceback)", debug, 1)
@@ -502,23 +424,6 @@ def _quiet_ray_teardown() -> None:
 
     for name in ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-
-
-def _user_cause(e: BaseException):
-    """A UserError raised inside a Ray worker arrives wrapped: find it (Ray Train holds
-    it in a ControllerError's controller_failure or a WorkerGroupError's worker_failures)."""
-    seen = set()
-    todo = [e]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
-                 *(getattr(e, "worker_failures", None) or {}).values()]
-    return None
 
 
 def _fail(message: str, debug: bool, code: int) -> None:

@@ -15,6 +15,7 @@ import threading
 from tqdm import tqdm
 
 from shared import storage
+from trainer.run_folder import RunFolder
 
 POLL_S = 1.0  # a local run folder: one small read a second
 POLL_REMOTE_S = 5.0  # an object store: one GET per 5 s
@@ -50,7 +51,7 @@ class EpochLines(threading.Thread):
 
     def __init__(self, out: str, total_epochs: int, tty: bool | None = None):
         super().__init__(daemon=True, name="trseg-epoch-lines")
-        self.uri = storage.join(out, "metrics.jsonl")
+        self.uri = RunFolder(out).metrics
         self.total = total_epochs
         self.interval = POLL_REMOTE_S if storage.is_remote(out) else POLL_S
         self.seen = {line for line, _ in self._records()}  # a resumed run's earlier epochs

@@ -38,15 +38,10 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from shared.errors import UserError
 from shared.image_io import read_image, read_label
-from shared.config import AUGMENTATIONS
 from shared.labels import UNLABELLED, check_scribbles
+from trainer.config import AUGMENTATIONS, LAYOUTS
 from trainer.model import IMAGENET_MEAN
 
-VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-]
 SPLITS = ("train", "val")
 REFERENCE_SHORT_SIDE = (256, 1026)  # the authors' VOC rescaling range (SPEC §4)
 
@@ -61,32 +56,13 @@ class Sample:
     mask_path: str | None = None
 
 
-# --------------------------------------------------------------------------- layouts
+# --------------------------------------------------------------------------- layouts (trainer.config.LAYOUTS)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a data format keeps its files (SPEC §5), relative to the data root.
-    `{split}` and `{suffix}` (the scribble length suffix) are filled in."""
-
-    split_file: str
-    image_dir: str
-    image_exts: tuple[str, ...]
-    scribble_dir: str
-    mask_dirs: dict[str, tuple[str, ...]]  # split -> folders to look in, first found wins
-    classes: tuple[str, ...] | None = None  # fixed class names; None: ROOT/classes.txt
-
-
-_FOLDER = Layout("{split}.txt", "images", (".png", ".jpg", ".jpeg"), "scribbles{suffix}",
-                 {"train": ("masks",), "val": ("masks",)})
-LAYOUTS: dict[str, Layout] = {
-    "voc": Layout("ImageSets/SegmentationAug/{split}.txt", "JPEGImages", (".jpg", ".jpeg", ".png"),
-                  "pascal_2012_scribble{suffix}",
-                  {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")},
-                  classes=tuple(VOC_CLASSES)),
-    "folder": _FOLDER,
-    "synthetic": _FOLDER,  # written by trainer.synthetic.make_synthetic
-}
+def check_data_folder(data: str | None) -> None:
+    """Before Ray starts: a missing --data folder is a typo, not a reason to wait."""
+    if data and not os.path.isdir(data):
+        raise UserError(f"--data: no such data set folder: {data!r}")
 
 
 def _check_root(root: str, fmt: str) -> None:
@@ -132,8 +108,8 @@ def read_classes(root: str, fmt: str) -> list[str]:
         raise UserError(f"{path}: cannot read classes file ({exc})") from None
     if len(names) < 2:
         raise UserError(f"{path}: needs at least 2 classes (background first), found {len(names)}")
-    if len(names) > 255:
-        raise UserError(f"{path}: at most 255 classes (255 is 'unlabelled'), found {len(names)}")
+    if len(names) > UNLABELLED:
+        raise UserError(f"{path}: at most {UNLABELLED} classes ({UNLABELLED} is 'unlabelled'), found {len(names)}")
     return names
 
 

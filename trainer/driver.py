@@ -24,7 +24,8 @@ from ray.train.torch import TorchTrainer
 
 from shared import ray_session, storage
 from shared.shard_store import ShardStore, parts_of
-from shared.config import TrainConfig, check_eps, to_dict
+from shared.config import to_dict
+from trainer.config import TrainConfig, check_eps
 from shared.errors import UserError
 from solver_service.farm import Farm, Pool, _free, solver_memory, solver_restarts
 from trainer.architectures import checkpoint_arch, resolve_arch
@@ -36,8 +37,10 @@ from trainer.imagenet import IMAGENET, check_backbone_weights
 from trainer.methods import METHODS
 from trainer.process_group import torch_config
 from trainer.loop import CHECKPOINT_SCORE, SUMMARY_KEY, phases, train_loop_per_worker, train_split
+from trainer.run_folder import RunFolder
 from trainer.runlog import load_checkpoint
 from trainer.tomlio import dumps
+
 
 class EndOnUserError(ray.train.UserCallback):
     """Ray Train retries every worker error as a lost worker (--max-failures); bad input
@@ -77,9 +80,9 @@ def check_inputs(cfg: TrainConfig, overwrite: bool = False) -> Inputs:
         init_arch = checkpoint_arch(state)
     cfg.arch = resolve_arch(cfg.arch, init_arch, cfg.backbone_weights)
     check_backbone_weights(cfg.backbone_weights)
-    if cfg.resume and not storage.exists(storage.join(cfg.out, "checkpoints", "last.pt")):
-        raise UserError(f"--resume: {storage.join(cfg.out, 'checkpoints', 'last.pt')} does not exist")
-    found = _outputs_in(cfg.out)
+    if cfg.resume and not storage.exists(RunFolder(cfg.out).last):
+        raise UserError(f"--resume: {RunFolder(cfg.out).last} does not exist")
+    found = RunFolder(cfg.out).outputs()
     if found and not (cfg.resume or overwrite):
         raise UserError(f"--out {cfg.out}: holds another run's outputs ({', '.join(found[:3])}); "
                         f"continue it with --resume {cfg.out} or replace it with --overwrite")
@@ -94,19 +97,12 @@ def images_without_scribbles(samples, num_classes: int) -> list[str]:
     return [s.image_id for s in samples if s.seeds_path and (read_label(s.seeds_path, num_classes) == UNLABELLED).all()]
 
 
-RUN_FILE = "run.json"
-# what a run writes into --out (SPEC §7); anything else in the folder is left alone
-RUN_OUTPUTS = (RUN_FILE, "config.toml", "summary.json", "trainer_summary.json", "metrics.jsonl",
-               "checkpoints", "tensorboard", "panels", "shards", "ray_train")
-
-
-def _outputs_in(out: str) -> list[str]:
-    return [name for name in storage.list_dir(out) if name in RUN_OUTPUTS]
+RUN_FILE = RunFolder.RUN_FILE
 
 
 def recorded_run_id(out: str) -> str:
     """The id in OUT/run.json ('' for a folder from before run ids)."""
-    uri = storage.join(out, RUN_FILE)
+    uri = RunFolder(out).run_file
     return json.loads(storage.read_bytes(uri))["run_id"] if storage.exists(uri) else ""
 
 
@@ -114,13 +110,13 @@ def claim_run_folder(cfg: TrainConfig) -> str:
     """A run folder belongs to one run (SPEC §7): returns this run's id. A folder holding
     another run's outputs is an error, unless --resume continues it or --overwrite
     clears them first."""
-    run_uri = storage.join(cfg.out, RUN_FILE)
+    run_uri = RunFolder(cfg.out).run_file
     if cfg.resume:
         if storage.exists(run_uri):
             return recorded_run_id(cfg.out)
         run_id = uuid.uuid4().hex[:12]  # a folder from before run ids: adopt it
     else:
-        for name in _outputs_in(cfg.out):  # check_inputs refused them unless overwrite
+        for name in RunFolder(cfg.out).outputs():  # check_inputs refused them unless overwrite
             storage.delete_tree(storage.join(cfg.out, name))
         run_id = uuid.uuid4().hex[:12]
     record = {"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": cfg.method}
@@ -147,8 +143,8 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         print(f"{cfg.out}: resuming this run from its last checkpoint", flush=True)
     check_cluster_paths(cfg)
     run_id = claim_run_folder(cfg)
-    storage.write_bytes(storage.join(cfg.out, "config.toml"), dumps(to_dict(cfg)).encode())
-    unscribbled = [] if cfg.method == "full" else images_without_scribbles(train_split(cfg), K)
+    storage.write_bytes(RunFolder(cfg.out).config, dumps(to_dict(cfg)).encode())
+    unscribbled = [] if METHODS[cfg.method].uses_masks else images_without_scribbles(train_split(cfg), K)
     if unscribbled:
         print(f"{len(unscribbled)} training image(s) without any scribble, trained on without seeds "
               f"(stage A over all labels): {', '.join(unscribbled[:10])}{' …' if len(unscribbled) > 10 else ''}", flush=True)
@@ -239,7 +235,7 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         "schedule": cfg.schedule if farm else None,
         "run_id": run_id,
     }
-    storage.write_bytes(storage.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    storage.write_bytes(RunFolder(cfg.out).summary, (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -293,9 +289,9 @@ def unfinished_run(cfg: TrainConfig) -> bool:
     before its last epoch: a checkpoints/last.pt short of it and no summary.json. A run
     whose last epoch is in last.pt but which wrote no summary trains again: --resume
     would have no epoch left to report from."""
-    raw = storage.read_if_exists(storage.join(cfg.out, "config.toml"))
-    last = storage.join(cfg.out, "checkpoints", "last.pt")
-    if raw is None or storage.exists(storage.join(cfg.out, "summary.json")) or not storage.exists(last):
+    folder = RunFolder(cfg.out)
+    raw, last = storage.read_if_exists(folder.config), folder.last
+    if raw is None or storage.exists(folder.summary) or not storage.exists(last):
         return False
     saved, wanted = tomllib.loads(raw.decode()), tomllib.loads(dumps(to_dict(cfg)))  # one writer: same text, same values
     saved.pop("resume", None)
@@ -411,7 +407,7 @@ def _report_round(r: int, rows: list[dict], seconds: float, cfg: TrainConfig) ->
 
 def _stage_b_seconds_per_round(cfg: TrainConfig) -> float | None:
     """Mean stage-B seconds of a Grid-TR epoch so far × epochs per round."""
-    uri = storage.join(cfg.out, "metrics.jsonl")
+    uri = RunFolder(cfg.out).metrics
     if not storage.exists(uri):
         return None
     lines = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]

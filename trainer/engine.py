@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shared.labels import UNLABELLED
 
-from trainer.metrics import confusion_counts, miou, trimap_counts
+from trainer.metrics import confusion_counts, miou, trimap_counts, trimap_miou
 from trainer.methods import LABEL_COUNT, METHODS, method_loss
 from trainer.outliers import OutlierModel
 
@@ -183,5 +183,5 @@ def scores(conf, trimap, widths=TRIMAP_WIDTHS) -> dict:
     return {
         "val_miou": float(m),
         "per_class_iou": [None if (v is None or np.isnan(v)) else float(v) for v in per_class],
-        "trimap": {str(w): float(miou(t.numpy())[0]) for w, t in zip(widths, trimap)},
+        "trimap": {str(w): float(v) for w, v in zip(widths, trimap_miou(trimap.numpy()))},
     }

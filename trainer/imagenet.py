@@ -44,3 +44,10 @@ def check_backbone_weights(value: str | None) -> None:
         imagenet_state_dict()
     elif value and not storage.is_remote(value) and not os.path.isfile(value):
         raise UserError(f"--backbone-weights: no such file: {value!r} (or give 'imagenet')")
+
+
+def backbone_weights_path(value: str | None) -> str | None:
+    """--backbone-weights, checked before Ray starts (the ImageNet file fetched into torch's
+    cache if need be); a local file as an absolute path, for the cells' workers."""
+    check_backbone_weights(value)
+    return value if not value or value == IMAGENET or storage.is_remote(value) else os.path.abspath(value)

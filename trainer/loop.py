@@ -25,13 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from shared import storage
-from shared.config import TrainConfig, default_eps, from_dict
+from shared.config import from_dict
+from trainer.config import TrainConfig, default_eps
 from trainer import engine
 from trainer.architectures import build_model
 from trainer.data import EvalSet, TrainSet, load_split, read_classes
 from trainer.methods import METHODS
 from trainer.outliers import OutlierModel
 from trainer.model import load_backbone_weights
+from trainer.run_folder import RunFolder
 from trainer.runlog import RunLog, checkpoint_bytes, load_checkpoint
 from trainer.stage_a import NO_STAGE_A, StageA
 from trainer.visualize import write_panels
@@ -50,13 +52,13 @@ def phases(cfg: TrainConfig) -> list[tuple[str, int]]:
     """PCE pretraining (Alg. 1 line 2) unless --init gives the pretrained model, or
     --pretrain-epochs 0 starts the method from the backbone (Dense-GD in the paper)."""
     if cfg.pretrains():
-        return [("pce", cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
+        return [(METHODS[cfg.method].pretrain, cfg.pretrain_epochs), (cfg.method, cfg.epochs)]
     return [(cfg.method, cfg.epochs)]
 
 
 def train_split(cfg: TrainConfig):
     """Full supervision needs the masks, every other method the scribbles."""
-    full = cfg.method == "full"
+    full = METHODS[cfg.method].uses_masks
     return load_split(cfg.data, cfg.format, "train", cfg.scribbles, require_seeds=not full, require_masks=full)
 
 
@@ -90,7 +92,7 @@ def last_checkpoint(cfg: TrainConfig, run_id: str) -> dict | None:
             state = load_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
         if state.get("run_id") == run_id:
             return state
-    uri = storage.join(cfg.out, "checkpoints", "last.pt")
+    uri = RunFolder(cfg.out).last
     if not storage.exists(uri):
         return None
     state = load_checkpoint(uri)

@@ -1,9 +1,14 @@
 """The training methods (Sec. 1.2, 4), one record each: the only place their names live.
 
-Adding a method is one `Method` record plus its loss function. Its flags drive the
-rest: `starts_from_pce` makes a run without --init pretrain with PCE first (Alg. 1
-line 2) and makes Table 1 fine-tune it from the PCE-GD cell; `needs_proposals` starts
-the solver farm and the trainer's stage-A side.
+Adding a method is one `Method` record plus its loss function. Its fields drive the
+rest: `labels` picks the label map it trains on (scribbles or full masks);
+`pretrain` names the method whose model it starts from, which a run without --init
+trains first (Alg. 1 line 2) and Table 1, the λ sweep and the search fine-tune it from
+(`trainer.config.TrainConfig.fine_tune_from`); `needs_proposals` starts the solver farm
+and the trainer's stage-A side; `paper` is its recipe of the authors' VOC runs (the
+`paper` preset) and `paper_table1` its row of the paper's Table 1. Elsewhere a method
+is compared by these fields or by the roles below (FULL_SUPERVISION, PCE, TRUST_REGION),
+never by a spelled-out name.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from shared.labels import SCRIBBLE_LENGTHS, UNLABELLED
 from trainer.losses import dense_crf, grid_potts, partial_ce, partial_l2, robust_ce
 from trainer.permutohedral import krahenbuhl_factor
 
@@ -33,19 +39,31 @@ class Method:
     name: str
     title: str  # its row in the paper's Table 1
     loss: Loss
-    starts_from_pce: bool = False
+    labels: str = "seeds"  # the batch's label map it trains on: "seeds" (scribbles) or "mask" (full labels)
+    pretrain: str | None = None  # the method whose model it starts from (Alg. 1 line 2), if any
     needs_proposals: bool = False
     default_nu: float | None = None  # regulariser weight; --nu overrides it
     paper: dict = field(default_factory=dict)  # the reference's recipe (SPEC §4) beyond the common one
-    labels: str = "seeds"  # the batch's label map whose labelled pixels normalise the loss (LABEL_COUNT)
+    # its row of the paper's Table 1 (ScribbleSup, VOC 2012 val mIoU, DeepLabV3+ / MobileNetV2):
+    # scribble length ('0' clicks … '1' full) -> mIoU
+    paper_table1: dict = field(default_factory=dict)
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.labels == "mask"
+
+    @property
+    def starts_from_pce(self) -> bool:
+        """It starts from a pretrained model: --init's, or `pretrain`'s trained first."""
+        return self.pretrain is not None
 
 
 def _full(logits, batch, eps, nu, batch_average, seed_loss):
     """Cross-entropy on the full masks: the mean over their labelled pixels."""
     mask = batch["mask"]
     count = batch.get(LABEL_COUNT)
-    total = F.cross_entropy(logits.float(), mask, ignore_index=255, reduction="sum")
-    count = (mask != 255).sum().clamp(min=1) if count is None else count
+    total = F.cross_entropy(logits.float(), mask, ignore_index=UNLABELLED, reduction="sum")
+    count = (mask != UNLABELLED).sum().clamp(min=1) if count is None else count
     return total / count / (len(logits) if batch_average else 1)
 
 
@@ -102,18 +120,33 @@ def dense_nu_for_crop(nu: float, crop: int, reference_crop: int = 513, sigma_xy:
     return nu * _kernel_mass(side(reference_crop), sigma) / _kernel_mass(side(crop), sigma)
 PAPER_GRID_NU = 100.0
 
+
+def _row(*mious: float) -> dict:
+    """A row of the paper's Table 1: one mIoU per scribble length, shortest first (its columns)."""
+    return dict(zip(SCRIBBLE_LENGTHS, mious, strict=True))
+
+
+# The paper's Table 1 ("Results for ScribbleSup") is copied from its text (shared/paper.txt);
+# full supervision is a single number there (0.70), repeated in every column.
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("full", "full supervision", _full, paper={"lr": 0.007}, labels="mask"),
-    Method("pce", "PCE-GD", _pce, paper={"lr": 0.007}),
+    Method("full", "full supervision", _full, labels="mask", paper={"lr": 0.007},
+           paper_table1=_row(0.70, 0.70, 0.70, 0.70, 0.70)),
+    Method("pce", "PCE-GD", _pce, paper={"lr": 0.007}, paper_table1=_row(0.50, 0.57, 0.59, 0.61, 0.61)),
     # SPEC §3's ν, sized for VOC images: on 96 px images it barely acts (docs/)
-    Method("dense-gd", "Dense-GD", _dense_gd, starts_from_pce=True, default_nu=2e-9,
-           paper={"lr": 0.007, "nu": PAPER_DENSE_NU, "pretrain_epochs": 0}),  # from the backbone
+    Method("dense-gd", "Dense-GD", _dense_gd, pretrain="pce", default_nu=2e-9,
+           paper={"lr": 0.007, "nu": PAPER_DENSE_NU, "pretrain_epochs": 0},  # from the backbone
+           paper_table1=_row(0.55, 0.61, 0.62, 0.63, 0.64)),
     # tuned on the synthetic val split (docs/table1-synthetic-v2, synthetic v2)
-    Method("grid-gd", "Grid-GD", _grid_gd, starts_from_pce=True, default_nu=3.0,
-           paper={"lr": 7e-7, "nu": PAPER_GRID_NU}),
-    Method("grid-tr", "Grid-TR (our)", _grid_tr, starts_from_pce=True, needs_proposals=True,
-           paper={"lr": 7e-4}),
+    Method("grid-gd", "Grid-GD", _grid_gd, pretrain="pce", default_nu=3.0,
+           paper={"lr": 7e-7, "nu": PAPER_GRID_NU}, paper_table1=_row(0.54, 0.60, 0.62, 0.64, 0.64)),
+    Method("grid-tr", "Grid-TR (our)", _grid_tr, pretrain="pce", needs_proposals=True,
+           paper={"lr": 7e-4}, paper_table1=_row(0.57, 0.63, 0.64, 0.66, 0.67)),
 )}
+# the roles the experiments compare: full supervision (the upper bound), the pretraining
+# method the others start from (PCE-GD), and this project's method (the one with stage A)
+FULL_SUPERVISION = next(m.name for m in METHODS.values() if m.uses_masks)
+PCE = next(m.pretrain for m in METHODS.values() if m.pretrain)
+TRUST_REGION = next(m.name for m in METHODS.values() if m.needs_proposals)
 
 
 def method_loss(name: str, logits: torch.Tensor, batch: dict, eps: float, nu: float | None,

@@ -3,8 +3,8 @@
 Confusion matrices are numpy int64 arrays C (K×K) with C[g, p] = number of pixels
 of ground-truth class g predicted as p; they add up, so a val set is evaluated by
 summing per-image (or per-batch) matrices.  Inputs may be numpy arrays or torch
-tensors (any device) of integer labels, of any matching shape; 255 (by default)
-in the ground truth marks pixels that are not evaluated.
+tensors (any device) of integer labels, of any matching shape; UNLABELLED (255, by
+default) in the ground truth marks pixels that are not evaluated.
 
 `confusion_counts` and `trimap_counts` are the same counts as torch tensors on the
 inputs' device, with no host read (no range check, no bincount, whose CUDA kernel
@@ -17,7 +17,9 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["confusion_matrix", "confusion_counts", "trimap_counts", "miou", "boundary_band", "boundary_distance",
+from shared.labels import UNLABELLED
+
+__all__ = ["confusion_matrix", "confusion_counts", "trimap_counts", "miou", "boundary_distance",
            "trimap_confusions", "trimap_miou"]
 
 
@@ -27,7 +29,7 @@ def _as_long_tensor(x) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x).astype(np.int64, copy=False))
 
 
-def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+def confusion_matrix(pred, gt, num_classes: int, ignore_index: int = UNLABELLED) -> np.ndarray:
     """K×K int64 confusion matrix (rows ground truth, columns prediction).
 
     Pixels whose ground truth is ``ignore_index`` (or outside [0, K)) are skipped;
@@ -53,7 +55,7 @@ def _counts(index: torch.Tensor, keep: torch.Tensor, bins: int) -> torch.Tensor:
     return counts[:bins]
 
 
-def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_counts(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, ignore_index: int = UNLABELLED) -> torch.Tensor:
     """`confusion_matrix` as an int64 K×K tensor on the inputs' device, with no host read;
     predictions must be in [0, K) (unchecked: an argmax over K classes is)."""
     K = int(num_classes)
@@ -95,7 +97,8 @@ def _dilate(m: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
 
 
 def boundary_distance(gt, max_width: int) -> torch.Tensor:
-    """Smallest w in 1..max_width with the pixel in ``boundary_band(gt, w)``, else max_width+1.
+    """Smallest w in 1..max_width such that the pixel's (2w+1)² window holds two labels
+    (it lies in the trimap band of width w), else max_width+1.
 
     gt: H×W or N×H×W labels (255 counts as a label here: VOC's void band marks
     object boundaries).  Computed with binary dilations (boolean shifts, i.e. a
@@ -139,26 +142,12 @@ def boundary_distance(gt, max_width: int) -> torch.Tensor:
     return dist[0] if squeeze else dist
 
 
-def boundary_band(gt, width: int):
-    """Pixels within ``width`` px (Chebyshev) of a ground-truth label boundary.
-
-    A pixel is in the band when its (2·width+1)² window contains two different
-    labels (255 counts as a label, so the band also surrounds VOC's void
-    outlines).  Returns a bool array/tensor of gt's shape and kind (numpy/torch).
-    """
-    if width < 1:
-        raise ValueError("width must be >= 1")
-    band = boundary_distance(gt, width) <= width
-    if isinstance(gt, torch.Tensor):
-        return band.to(gt.device)
-    return band.cpu().numpy()
-
-
-def trimap_confusions(pred, gt, num_classes: int, widths, ignore_index: int = 255) -> np.ndarray:
+def trimap_confusions(pred, gt, num_classes: int, widths, ignore_index: int = UNLABELLED) -> np.ndarray:
     """Confusion matrices restricted to the trimap band of each width.
 
     Returns an int64 array of shape (len(widths), K, K): entry t is
-    ``confusion_matrix`` over the pixels of ``boundary_band(gt, widths[t])``.
+    ``confusion_matrix`` over the pixels within widths[t] px of a boundary
+    (``boundary_distance(gt, ·) <= widths[t]``).
     Sum it over a val set and call :func:`trimap_miou` (paper Fig. 6: widths 1..40).
     One distance map and one bincount serve all widths.
     """
@@ -177,7 +166,7 @@ def trimap_confusions(pred, gt, num_classes: int, widths, ignore_index: int = 25
 
 
 def trimap_counts(pred: torch.Tensor, gt: torch.Tensor, num_classes: int, widths,
-                  ignore_index: int = 255) -> torch.Tensor:
+                  ignore_index: int = UNLABELLED) -> torch.Tensor:
     """`trimap_confusions` as an int64 (len(widths), K, K) tensor on the inputs' device,
     with no host read; pred and gt N×H×W (or H×W), predictions in [0, K) unchecked."""
     K = int(num_classes)

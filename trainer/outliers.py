@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shared.config import EPS_MODELS
+from trainer.config import EPS_MODELS
 
 
 

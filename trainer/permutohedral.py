@@ -67,7 +67,6 @@ import torch
 
 __all__ = [
     "PermutohedralLattice",
-    "permutohedral_filter",
     "bilateral_features",
     "bilateral_filter",
     "normalisation",
@@ -284,12 +283,6 @@ class _LatticeFilter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.lattice._apply(grad.contiguous(), reverse=True), None
-
-
-def permutohedral_filter(features: torch.Tensor, values: torch.Tensor,
-                         batch_index: torch.Tensor | None = None) -> torch.Tensor:
-    """One-shot ≈ Σ_j exp(−‖f_i − f_j‖²/2) values_j for (P, d) features and (P, C) values."""
-    return PermutohedralLattice(features, batch_index).filter(values)
 
 
 def bilateral_features(images: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:

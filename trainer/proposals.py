@@ -30,6 +30,7 @@ import numpy as np
 from shared import shards, storage
 from shared.shard_store import ShardStore
 from shared.errors import CorruptShardError, ForeignShardError, UserError
+from shared.labels import UNLABELLED
 from trainer.metrics import confusion_matrix, miou
 
 MAX_POLL_S = 1.0  # a long wait polls storage at most this often
@@ -170,7 +171,7 @@ class ProposalFeed:
             for row in rows:
                 mask = self.mask_of(row.image_id)
                 if mask is not None:
-                    conf += confusion_matrix(row.labels, np.where(row.labels == 255, 255, mask), self.num_classes)
+                    conf += confusion_matrix(row.labels, np.where(row.labels == UNLABELLED, UNLABELLED, mask), self.num_classes)
             self._confusion[k] = conf
         return True
 

@@ -17,13 +17,14 @@ import torch
 
 from shared import storage
 from shared.errors import UserError
+from trainer.run_folder import RunFolder
 
 
 class RunLog:
     def __init__(self, out: str, enabled: bool = True):
         self.out = out.rstrip("/")
         self.enabled = enabled
-        self.metrics_uri = storage.join(self.out, "metrics.jsonl")
+        self.metrics_uri = RunFolder(self.out).metrics
         self._lines = []
         self._tb = None
         self._tb_dir = None  # the local folder of TensorBoard's events for a remote --out
@@ -34,7 +35,7 @@ class RunLog:
 
             if storage.is_remote(out):
                 self._tb_dir = tempfile.mkdtemp(prefix="trseg-tensorboard-")
-            self._tb = SummaryWriter(self._tb_dir or storage.resolve(storage.join(self.out, "tensorboard"))[1])
+            self._tb = SummaryWriter(self._tb_dir or storage.resolve(RunFolder(self.out).tensorboard)[1])
 
     def log_epoch(self, record: dict, step: int) -> None:
         """Append one epoch's record to metrics.jsonl and its numbers to TensorBoard."""
@@ -56,15 +57,11 @@ class RunLog:
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
 
-    def write_json(self, name: str, obj: dict) -> None:
-        if self.enabled:
-            storage.write_bytes(storage.join(self.out, name), (json.dumps(obj, indent=2) + "\n").encode())
-
     def save_checkpoint(self, name: str, state: dict | bytes) -> None:
         """checkpoints/NAME: `state`, or its `checkpoint_bytes` (serialised once for several files)."""
         if self.enabled:
             blob = state if isinstance(state, bytes) else checkpoint_bytes(state)
-            storage.write_bytes(storage.join(self.out, "checkpoints", name), blob)
+            storage.write_bytes(RunFolder(self.out).checkpoint(name), blob)
 
     def _upload_events(self) -> None:
         """A remote --out: the event files written so far, each whole (a resumed run's
@@ -73,7 +70,7 @@ class RunLog:
             return
         for name in os.listdir(self._tb_dir):
             with open(os.path.join(self._tb_dir, name), "rb") as f:
-                storage.write_bytes(storage.join(self.out, "tensorboard", name), f.read())
+                storage.write_bytes(storage.join(RunFolder(self.out).tensorboard, name), f.read())
 
     def close(self) -> None:
         if self._tb is not None:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from shared.errors import UserError
 from shared.image_io import read_label, write_label
 from shared.labels import UNLABELLED
-from trainer.data import VOC_CLASSES
+from trainer.config import VOC_CLASSES
 
 CLICK_RADIUS = 2  # pixels: r = 0 gives a disk of this radius at each scribble's centre
 
@@ -121,7 +121,7 @@ def shorten_folder(src: str, out: str, ratio: float) -> int:
         raise UserError(f"{src}: no PNG files")
     os.makedirs(out, exist_ok=True)
     for name in names:
-        seeds = read_label(os.path.join(src, name), 255)
+        seeds = read_label(os.path.join(src, name), UNLABELLED)
         write_label(os.path.join(out, name), shorten_scribble(seeds, ratio))
     return len(names)
 

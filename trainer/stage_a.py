@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch.distributed as dist
 
-from shared.config import TrainConfig
+from trainer.config import TrainConfig
 from shared.shard_store import ShardStore, parts_of
 from shared.image_io import read_label
 from trainer.proposals import ProposalFeed
@@ -104,9 +104,9 @@ class StageA:
         and every row reads)."""
         if not verify:
             return self.store.round_complete("snapshots", r, len(self.parts))
-        if len(self.store.parts("snapshots", r)) < len(self.parts):
+        bad = self.store.round_intact("snapshots", r, len(self.parts))
+        if bad is None:
             return False
-        bad = self.store.unreadable("snapshots", r, read_rows=True)
         for e in bad.values():
             print(f"warning: {e}; writing snapshot round {r} again", flush=True)
         return not bad

@@ -52,11 +52,11 @@ from PIL import Image, ImageDraw
 
 from shared.errors import UserError
 from shared.image_io import write_label
-from shared.labels import UNLABELLED
+from shared.labels import SCRIBBLE_SUFFIXES, UNLABELLED, scribble_length
 from trainer.scribbles import shorten_scribble
 
 VERSION = 3  # bump when the generated images change: cached copies are keyed by it
-SUFFIXES = {"": 1.0, "0.8": 0.8, "0.5": 0.5, "0.3": 0.3, "0": 0.0}
+SUFFIXES = {sfx: scribble_length(sfx) for sfx in SCRIBBLE_SUFFIXES}  # suffix -> kept fraction
 
 
 # --------------------------------------------------------------------------- helpers
@@ -351,7 +351,7 @@ def make_synthetic(
     n_val, "classes": [...], "coverage": {suffix: fraction of labelled pixels in the
     train scribbles}}.
     """
-    from trainer.data import LAYOUTS, VOC_CLASSES
+    from trainer.config import LAYOUTS, VOC_CLASSES
 
     if layout not in ("folder", "voc"):
         raise UserError(f"--layout: must be folder or voc, got {layout!r}")

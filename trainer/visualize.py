@@ -16,6 +16,7 @@ from shared import storage
 from shared.image_io import palette
 from shared.labels import UNLABELLED
 from trainer.engine import predict
+from trainer.run_folder import RunFolder
 
 N_PANELS = 4
 TILE = 128  # the smallest tile side in pixels: small images are upscaled (nearest neighbour)
@@ -115,6 +116,6 @@ def write_panels(log, net, sets: dict, proposals: dict, device, epoch: int, clas
             proposal = proposals.get(item["image_id"], np.full(pred.shape, UNLABELLED, np.uint8))
             tile = panel(item["image"].permute(1, 2, 0).numpy(), item["seeds"].numpy(), proposal, pred,
                          item["mask"].numpy(), class_names)
-            storage.write_bytes(storage.join(log.out, "panels", f"epoch-{epoch:03d}", f"{split}-{item['image_id']}.png"),
+            storage.write_bytes(storage.join(RunFolder(log.out).panels, f"epoch-{epoch:03d}", f"{split}-{item['image_id']}.png"),
                                 png_bytes(tile))
             log.log_image(f"panels/{split}/{item['image_id']}", tile, epoch)

@@ -15,11 +15,11 @@ PCE-GD's LR.
 The defaults of TrainConfig / SolverConfig are *not* a preset: they suit the built-in
 synthetic set, and how they were chosen is recorded in docs/ (recipe-synthetic,
 table1-synthetic-v2, lambda-synthetic-v2). A preset only fills in what the user did not set:
-the CLI applies defaults ← preset ← --resume config ← --config file ← flags.
+`trainer.config.resolve_train_config` layers defaults ← preset ← --resume config ← --config file ← flags.
 """
 from __future__ import annotations
 
-from shared.config import TrainConfig, set_option
+from shared.config import set_option
 from shared.errors import UserError
 from shared.labels import scribble_suffix
 from trainer.methods import METHODS
@@ -85,9 +85,10 @@ def preset_values(name: str, scribbles: str = "", method: str = "pce") -> dict:
     return {**table[key], **METHODS[method].paper}
 
 
-def apply_preset(cfg: TrainConfig, name: str, explicit=()) -> TrainConfig:
-    """Set the preset's values on `cfg` (in place, also returned), for cfg.scribbles,
-    except the options named in `explicit` (the ones the user set: they win)."""
+def apply_preset(cfg, name: str, explicit=()):
+    """Set the preset's values on `cfg`, a trainer.config.TrainConfig (in place, also
+    returned), for cfg.scribbles, except the options named in `explicit` (the ones the
+    user set: they win)."""
     explicit = {k.replace("-", "_") for k in explicit}
     for key, value in preset_values(name, cfg.scribbles, cfg.method).items():
         if key not in explicit:
