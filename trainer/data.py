@@ -345,6 +345,10 @@ class TrainSet(_Base):
         self.epoch: int | None = None
         self.proposals: dict[str, np.ndarray] = {}
 
+    def use_proposals(self, labels: dict[str, np.ndarray]) -> None:
+        """Stage A's labels (image id -> proposal) for the items from now on."""
+        self.proposals = labels
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

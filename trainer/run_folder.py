@@ -57,6 +57,11 @@ class RunFolder:
         """checkpoints/best.pt: the epoch of the best val mIoU."""
         return self.checkpoint("best.pt")
 
+    def phase_end(self, method: str) -> str:
+        """checkpoints/METHOD.pt: the model a phase ended with, when another phase follows
+        (a pretraining phase's: the PCE-GD model)."""
+        return self.checkpoint(f"{method}.pt")
+
     @property
     def panels(self) -> str:
         return self.join("panels")

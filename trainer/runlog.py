@@ -58,10 +58,14 @@ class RunLog:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
 
     def save_checkpoint(self, name: str, state: dict | bytes) -> None:
-        """checkpoints/NAME: `state`, or its `checkpoint_bytes` (serialised once for several files)."""
+        """checkpoints/NAME: `state`, or its `checkpoint_bytes`."""
+        self.write_checkpoint(RunFolder(self.out).checkpoint(name), state)
+
+    def write_checkpoint(self, uri: str, state: dict | bytes) -> None:
+        """A checkpoint file of the run folder (`RunFolder.last`, `.best`, …): `state`, or
+        its `checkpoint_bytes` (serialised once for several files)."""
         if self.enabled:
-            blob = state if isinstance(state, bytes) else checkpoint_bytes(state)
-            storage.write_bytes(RunFolder(self.out).checkpoint(name), blob)
+            storage.write_bytes(uri, state if isinstance(state, bytes) else checkpoint_bytes(state))
 
     def _upload_events(self) -> None:
         """A remote --out: the event files written so far, each whole (a resumed run's

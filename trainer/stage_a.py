@@ -56,15 +56,11 @@ class StageA:
         self.staleness: list[float] = []
         self.max_staleness = 0
 
-    @property
-    def labels(self) -> dict[str, np.ndarray]:
-        """image id -> the proposal stage B trains on."""
-        return self.feed.labels
-
-    def before_epoch(self, net, epoch: int, verify: bool = False) -> dict:
-        """Snapshot at the start of each round, then the freshest proposals; the epoch's
-        stage-A figures. `verify` (the first epoch of a resumed run): the round's snapshot
-        is read back and written again if a part is unreadable (a truncated file, say)."""
+    def before_epoch(self, net, epoch: int, verify: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+        """Snapshot at the start of each round, then the freshest proposals: the labels
+        stage B trains on (image id -> proposal) and the epoch's stage-A figures. `verify`
+        (the first epoch of a resumed run): the round's snapshot is read back and written
+        again if a part is unreadable (a truncated file, say)."""
         r, first = divmod(epoch, self.cfg.epochs_per_round)[0], epoch % self.cfg.epochs_per_round == 0
         record = {"round": r}
         # rank 0 alone reads the storage and decides: ranks that disagreed (a part
@@ -85,7 +81,7 @@ class StageA:
         self.max_staleness = max(self.max_staleness, got["max_staleness"])
         record.update(got)
         record.update(self.feed.diagnostics())
-        return record
+        return self.feed.labels, record
 
     def _write(self, net, r: int, only=None) -> int:
         return write_snapshot_round(
@@ -135,12 +131,14 @@ class StageA:
         self.feed.stall_s, self.staleness, self.max_staleness = (
             state["stall_s"], list(state["staleness"]), state["max_staleness"])
 
-    def summary(self) -> dict:
-        return {
-            "stall_s": self.feed.stall_s,
-            "mean_staleness": float(np.mean(self.staleness)) if self.staleness else 0.0,
-            "max_staleness": self.max_staleness,
-        }
 
 
-NO_STAGE_A = {"stall_s": 0.0, "mean_staleness": 0.0, "max_staleness": 0}
+def summary(state: dict | None) -> dict:
+    """The run's stage-A figures for its summary, from `StageA.state()` (None: no stage A)."""
+    if state is None:
+        return {"stall_s": 0.0, "mean_staleness": 0.0, "max_staleness": 0}
+    return {
+        "stall_s": state["stall_s"],
+        "mean_staleness": float(np.mean(state["staleness"])) if state["staleness"] else 0.0,
+        "max_staleness": state["max_staleness"],
+    }
