@@ -74,8 +74,8 @@ def _to_item(image, seeds, proposal, mask, index, roi=None) -> dict:
 class TrainSet(_Base):
     """Training images with their seeds, proposals and masks, augmented jointly.
 
-    ``proposals`` (mutable: the trainer replaces entries between rounds) maps an image id
-    to its H×W uint8 proposal (255 = none); images without an entry get all-255.
+    ``proposals`` (replaced between rounds: ``set_proposals``, or the attribute itself) maps
+    an image id to its H×W uint8 proposal (255 = none); images without an entry get all-255.
     Images without a mask get an all-255 mask.
 
     Augmentation (``augment=True``), the same for image, seeds, proposal and mask: the

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-Maps = list  # of H×W uint8 label maps, transformed alike
+Maps = list[np.ndarray]  # H×W uint8 label maps, transformed alike
 
 
 def resize(image: np.ndarray, maps: Maps, height: int, width: int) -> tuple[np.ndarray, Maps]:
