@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer import engine  # noqa: E402
 from trainer.architectures import build_model  # noqa: E402
-from trainer.data import EvalSet, TrainSet, load_split  # noqa: E402
+from trainer.datasets import EvalSet, TrainSet  # noqa: E402
+from trainer.splits import load_split  # noqa: E402
 from trainer.outliers import OutlierModel  # noqa: E402
 from trainer.synthetic import make_synthetic  # noqa: E402
 

@@ -19,7 +19,8 @@ from shared.config import SolverConfig, from_dict
 from trainer.config import TrainConfig
 from solver_service.alpha_expansion import solve
 from trainer.architectures import build_model
-from trainer.data import EvalSet, load_split, read_classes
+from trainer.datasets import EvalSet
+from trainer.splits import load_split, read_classes
 from trainer.engine import predict
 from trainer.metrics import confusion_matrix, miou
 from trainer.run_folder import RunFolder

@@ -40,16 +40,17 @@ def stage_a_core_minutes(cfg: TrainConfig, pixels: dict) -> float | None:
         return None
     key = (cfg.data, cfg.format, cfg.scribbles)
     if key not in pixels:
-        from trainer.data import _image_size, load_split
+        from trainer.checks import image_size
+        from trainer.splits import load_split
 
-        pixels[key] = sum(math.prod(_image_size(s.image_path)) for s in load_split(cfg.data, cfg.format, "train", cfg.scribbles))
+        pixels[key] = sum(math.prod(image_size(s.image_path)) for s in load_split(cfg.data, cfg.format, "train", cfg.scribbles))
     return pixels[key] / 1e6 * STAGE_A_S_PER_MPIXEL / 60
 
 
 def write_plan(runs: dict[str, TrainConfig], log=print) -> dict[str, TrainConfig]:
     """Resolve every run, write OUT/config.toml of each, print the plan; returns the
     resolved configurations."""
-    from trainer.data import read_classes
+    from trainer.splits import read_classes
 
     pixels: dict = {}
     rows, done = [], {}

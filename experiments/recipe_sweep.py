@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from trainer.config import TrainConfig
 from trainer import engine
 from trainer.architectures import build_model
-from trainer.data import EvalSet, TrainSet, load_split, read_classes
+from trainer.datasets import EvalSet, TrainSet
+from trainer.splits import load_split, read_classes
 from trainer.methods import FULL_SUPERVISION, METHODS, PCE
 
 # (arch, optimizer, lr, batch, crop, epochs); each trained with every method in METHODS

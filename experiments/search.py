@@ -95,7 +95,7 @@ def prepare_search(params: dict, space: str | None, quick: bool) -> tuple[TrainC
     Without --data, the built-in synthetic set (as table1's); `quick`: tiny budgets."""
     from experiments.table1 import FULL, QUICK, prepare
     from trainer.config import resolve_train_config
-    from trainer.data import check_data_folder
+    from trainer.splits import check_data_folder
     from trainer.imagenet import backbone_weights_path
 
     if params["resume_dir"]:

@@ -81,7 +81,7 @@ assert len(SEEDS_PER_IMAGE) == GLOBAL_BATCH  # one step on the whole set
 
 
 class Scribbled(torch.utils.data.Dataset):
-    """Training items as `trainer.data.TrainSet` gives them: seeds, proposals on the rest
+    """Training items as `trainer.datasets.TrainSet` gives them: seeds, proposals on the rest
     (some missing), full masks (some ignored)."""
 
     def __init__(self, n=GLOBAL_BATCH, seeds=SEEDS_PER_IMAGE, size=16, salt=0):

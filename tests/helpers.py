@@ -217,7 +217,7 @@ def majority_class_miou(data: str, fmt: str, num_classes: int, scribbles: str = 
     import numpy as np
 
     from shared.image_io import read_label
-    from trainer.data import load_split
+    from trainer.splits import load_split
     from trainer.metrics import confusion_matrix, miou
 
     counts = np.zeros(256, np.int64)

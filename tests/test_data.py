@@ -8,15 +8,10 @@ from PIL import Image
 
 from shared.errors import UserError
 from shared.image_io import palette, read_image, read_label, write_label
-from trainer.config import VOC_CLASSES
-from trainer.data import (
-    EvalSet,
-    Sample,
-    TrainSet,
-    check_samples,
-    load_split,
-    read_classes,
-)
+from trainer.checks import check_samples
+from trainer.datasets import EvalSet, TrainSet
+from trainer.formats import VOC_CLASSES
+from trainer.splits import Sample, load_split, read_classes
 
 H, W, K = 50, 70, 3
 
@@ -277,7 +272,7 @@ def test_cached_after_first_read(folder):
 def test_reference_augmentation_rescales_pads_centred_with_the_mean_and_marks_the_roi(tmp_path):
     """SPEC §4's VOC recipe: short side to [256, 1026], centred padding to the crop with
     the mean RGB, the ROI False exactly on that padding, maps aligned with it."""
-    from trainer.data import REFERENCE_SHORT_SIDE
+    from trainer.augment import REFERENCE_SHORT_SIDE
     from trainer.model import IMAGENET_MEAN
 
     s, prop = _coord_sample(str(tmp_path))
@@ -305,3 +300,19 @@ def test_reference_augmentation_rescales_pads_centred_with_the_mean_and_marks_th
     assert padded > 0 and far_padding > 0
     with pytest.raises(ValueError, match="augmentation"):
         TrainSet([s], 250, crop, augmentation="nope")
+
+
+def test_each_format_has_its_default_augmentation():
+    """The format table names a format's augmentation; --augmentation overrides it."""
+    from trainer.config import AUGMENTATIONS, TrainConfig
+    from trainer.formats import LAYOUTS
+
+    assert {f: LAYOUTS[f].augmentation for f in LAYOUTS} == {"voc": "default", "folder": "default", "synthetic": "crop"}
+    assert all(layout.augmentation in AUGMENTATIONS for layout in LAYOUTS.values())
+    for fmt, layout in LAYOUTS.items():
+        cfg = TrainConfig(format=fmt)
+        cfg.validate()
+        assert cfg.augmentation == layout.augmentation
+    cfg = TrainConfig(format="synthetic", augmentation="default")
+    cfg.validate()
+    assert cfg.augmentation == "default"

@@ -271,7 +271,8 @@ def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_pa
 def test_trainer_writes_a_missing_answers_unreadable_snapshot_again(tmp_path, synthetic_set):
     """While it waits, the trainer writes its unreadable snapshot parts again (only those)."""
     from trainer.architectures import build_model
-    from trainer.data import EvalSet, load_split
+    from trainer.datasets import EvalSet
+    from trainer.splits import load_split
     from trainer.stage_a import StageA
 
     data = synthetic_set(6, 2, 32)

@@ -12,10 +12,11 @@ from shared import storage
 from shared.errors import UserError, user_cause
 from shared.labels import SCRIBBLE_LENGTHS, check_scribbles, length_name
 from trainer.architectures import ARCHITECTURES
-from trainer.data import check_data_folder
+from trainer.splits import check_data_folder
 from trainer.imagenet import backbone_weights_path
-from trainer.config import (AUGMENTATIONS, EPS_MODELS, LAYOUTS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, config_toml,
+from trainer.config import (AUGMENTATIONS, EPS_MODELS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, config_toml,
                             resolve_train_config)
+from trainer.formats import LAYOUTS
 from trainer.methods import METHODS
 from trainer.presets import PRESETS
 

@@ -1,5 +1,5 @@
 """The trainer's typed configuration: `TrainConfig` (one training run, SPEC §4, §8), the
-data formats' file layouts (SPEC §5) and the layering of a run's configuration from
+augmentation modes (the data formats are `trainer.formats`'s) and the layering of a run's configuration from
 defaults, a preset, a run's config.toml, a --config file and the flags given
 (`resolve_train_config`). The command line and TOML files map onto it.
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from shared.config import SOLVER_FIELDS, SolverConfig, check_option, from_dict, to_dict
 from shared.errors import UserError
 from shared.labels import check_scribbles
+from trainer.formats import LAYOUTS
 
 SCHEDULES = ("overlapped", "sync")
 OPTIMIZERS = ("sgd", "adamw")
@@ -21,39 +22,7 @@ SEED_LOSSES = ("ce", "l2")  # grid-gd's seed term (trainer/methods.py)
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
 SCRATCH_LR = 3e-3  # AdamW on the UNet from scratch (docs/recipe-synthetic)
 FINE_TUNE_LR = 3e-4  # a tenth of SCRATCH_LR, as the paper's Grid-TR rate is of PCE-GD's
-AUGMENTATIONS = ("default", "reference", "crop")  # trainer/data.py: ours, the authors' VOC one (SPEC §4), crop only
-
-VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a data format keeps its files (SPEC §5), relative to the data root.
-    `{split}` and `{suffix}` (the scribble length suffix) are filled in."""
-
-    split_file: str
-    image_dir: str
-    image_exts: tuple[str, ...]
-    scribble_dir: str
-    mask_dirs: dict[str, tuple[str, ...]]  # split -> folders to look in, first found wins
-    classes: tuple[str, ...] | None = None  # fixed class names; None: ROOT/classes.txt
-
-
-_FOLDER = Layout("{split}.txt", "images", (".png", ".jpg", ".jpeg"), "scribbles{suffix}",
-                 {"train": ("masks",), "val": ("masks",)})
-# --format: the data formats (trainer/data.py reads them)
-LAYOUTS: dict[str, Layout] = {
-    "voc": Layout("ImageSets/SegmentationAug/{split}.txt", "JPEGImages", (".jpg", ".jpeg", ".png"),
-                  "pascal_2012_scribble{suffix}",
-                  {"train": ("SegmentationClassAug",), "val": ("SegmentationClass", "SegmentationClassAug")},
-                  classes=tuple(VOC_CLASSES)),
-    "folder": _FOLDER,
-    "synthetic": _FOLDER,  # written by trainer.synthetic.make_synthetic
-}
+AUGMENTATIONS = ("default", "reference", "crop")  # trainer/augment.py: ours, the authors' VOC one (SPEC §4), crop only
 
 
 @dataclass
@@ -74,7 +43,7 @@ class TrainConfig:
     lr: float | None = None
     pretrain_lr: float | None = None  # of the PCE pretraining epochs; None: SCRATCH_LR
     # of the training crops: "default" (scale, crop, flip), "reference" (the authors' VOC recipe),
-    # "crop" (crop only); "": crop on the synthetic format, whose classes differ by stripe
+    # "crop" (crop only); "": the format's (trainer/formats.py): crop on the synthetic format, whose classes differ by stripe
     # orientation and period (a flip or a rescale turns one class's texture into another's)
     augmentation: str = ""
     eps_model: str = "const"  # const, learned, learned-per-class (trainer/outliers.py)
@@ -176,7 +145,7 @@ class TrainConfig:
         check_option(self.lr > 0, "--lr", f"must be > 0, got {self.lr}")
         check_option(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {OPTIMIZERS}")
         check_option(self.eps_model in EPS_MODELS, "--eps-model", f"must be one of {EPS_MODELS}")
-        self.augmentation = self.augmentation or ("crop" if self.format == "synthetic" else "default")
+        self.augmentation = self.augmentation or LAYOUTS[self.format].augmentation
         check_option(self.augmentation in AUGMENTATIONS, "--augmentation", f"must be one of {AUGMENTATIONS}")
         check_option(self.arch in ("", *ARCHITECTURES), "--arch", f"must be one of {tuple(ARCHITECTURES)}")
         check_option(self.pretrain_epochs >= 0, "--pretrain-epochs", "must be ≥ 0")

@@ -32,7 +32,8 @@ from shared.config import from_dict
 from trainer.config import TrainConfig, default_eps
 from trainer import engine
 from trainer.architectures import build_model
-from trainer.data import EvalSet, TrainSet, load_split, read_classes
+from trainer.datasets import EvalSet, TrainSet
+from trainer.splits import load_split, read_classes
 from trainer.methods import METHODS
 from trainer.outliers import OutlierModel
 from trainer.model import load_backbone_weights
@@ -77,7 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
             record = {"phase": method, "epoch": state.global_epoch + 1}
             if METHODS[method].needs_proposals:  # lines 5-7
                 labels, figures = stage_a.before_epoch(net, epoch, verify=resumed and epoch == start)
-                data.trainset.use_proposals(labels)
+                data.trainset.set_proposals(labels)
                 record.update(figures, eps=outliers.value())  # ε as this epoch starts
             record.update(stage_b.epoch(data.trainset, state.global_epoch))  # lines 8-13
             state.global_epoch += 1

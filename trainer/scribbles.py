@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from shared.errors import UserError
 from shared.image_io import read_label, write_label
 from shared.labels import UNLABELLED
-from trainer.config import VOC_CLASSES
+from trainer.formats import VOC_CLASSES
 
 CLICK_RADIUS = 2  # pixels: r = 0 gives a disk of this radius at each scribble's centre
 

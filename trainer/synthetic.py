@@ -351,7 +351,7 @@ def make_synthetic(
     n_val, "classes": [...], "coverage": {suffix: fraction of labelled pixels in the
     train scribbles}}.
     """
-    from trainer.config import LAYOUTS, VOC_CLASSES
+    from trainer.formats import LAYOUTS, VOC_CLASSES
 
     if layout not in ("folder", "voc"):
         raise UserError(f"--layout: must be folder or voc, got {layout!r}")
