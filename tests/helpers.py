@@ -228,3 +228,10 @@ def majority_class_miou(data: str, fmt: str, num_classes: int, scribbles: str = 
                for m in (read_label(s.mask_path) for s in load_split(data, fmt, "val", scribbles)))
     return miou(conf)[0]
 
+
+
+def core_processes(sid: int) -> list:
+    """A session's Ray processes but its dashboard and runtime-env agents, which leave on
+    their own a while after their raylet (tens of seconds on a loaded machine)."""
+    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
+    return [p for p in session_processes(sid) if not any(a in p.cmdline for a in agents)]

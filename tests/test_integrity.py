@@ -103,7 +103,7 @@ def test_max_stall_ends_the_wait_naming_round_and_parts(tmp_path, monkeypatch):
         sleeps.append(s)
         clock[0] += s
 
-    monkeypatch.setattr(proposals_module, "time", SimpleNamespace(perf_counter=lambda: clock[0], sleep=sleep))
+    monkeypatch.setattr(proposals_module, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], sleep=sleep))
     base = str(tmp_path)
     _props(base, "mine", 0, ["a"])
     feed = ProposalFeed(ShardStore(base, "mine"), [["a"], ["b", "c"]], sync=True, max_staleness=0,

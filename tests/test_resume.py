@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import descendants, end_session, popen_cli, read_metrics, session_processes
+from tests.helpers import core_processes, descendants, end_session, popen_cli, read_metrics
 
 pytestmark = pytest.mark.faults
 
@@ -94,11 +94,6 @@ def test_truncated_snapshot_part_is_reported(tmp_path):
     assert not store.round_complete("snapshots", 0, 3)  # a part missing
 
 
-def _core_processes(sid):
-    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
-    return [p for p in session_processes(sid) if not any(a in p.cmdline for a in agents)]
-
-
 def _truncate(path):
     with open(path, "rb") as f:
         data = f.read()
@@ -133,7 +128,7 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
         # the local Ray of that run dies with it: no GCS, raylet or worker left of its session.
         # (Ray's dashboard and runtime-env agents may outlive it a while: ended below.)
         deadline = time.monotonic() + 60
-        while (orphans := _core_processes(proc.pid)) and time.monotonic() < deadline:
+        while (orphans := core_processes(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         end_session(proc)
