@@ -141,7 +141,9 @@ def run_search(base: TrainConfig, space_path: str, trials: int, out: str, max_co
     pce = None
     if base.pretrains():
         pce = from_dict(TrainConfig, to_dict(base))
-        pce.method, pce.epochs = METHODS[base.method].pretrain, base.pretrain_epochs
+        # the PCE model trains as `train` pretrains: its epochs at --pretrain-lr (base.lr,
+        # resolved above, is the fine-tuning's)
+        pce.method, pce.epochs, pce.lr = METHODS[base.method].pretrain, base.pretrain_epochs, base.pretrain_lr
         pce.out = storage.join(out, pce.method)
         base.fine_tune_from(pce)
     base.out = storage.join(out, "trials")

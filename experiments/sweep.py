@@ -17,6 +17,7 @@ OUT/sweep.md and OUT/sweep.png (val mIoU against λ, the PCE start as a referenc
 """
 from __future__ import annotations
 
+import copy
 import os
 
 from shared import storage
@@ -79,8 +80,9 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
               quick: bool = False, scribbles: str = "1", preset: str | None = None, log=print,
               variant: str = "default", potts_weight: float | None = None,
               max_concurrent: int | None = None, use_gpu: bool | None = None, backbone_weights: str | None = None,
-              plan_only: bool = False) -> list[dict]:
-    """`plan_only`: write each run's config.toml, print the plan, train nothing."""
+              plan_only: bool = False, address: str | None = None) -> list[dict]:
+    """`plan_only`: write each run's config.toml, print the plan, train nothing. Ray
+    (`address`: shared.ray_session.connect's) starts only once every run's config is valid."""
     size = QUICK_SWEEP if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size, variant)
     sfx = scribble_suffix(scribbles)
@@ -89,11 +91,15 @@ def run_sweep(out: str, values=DEFAULT_VALUES, data: str | None = None, fmt: str
                                       backbone_weights) for v in values}
     for cfg in (*pce.values(), *tr.values()):
         cfg.use_gpu = use_gpu  # --gpu/--no-gpu, None: trainer.driver.resolve_use_gpu decides
+        copy.deepcopy(cfg).validate()  # a bad option is one line now, before Ray starts
     if plan_only:
         from experiments.plan import write_plan
 
         write_plan({**pce, **tr}, log)
         return []
+    from shared.ray_session import connect
+
+    connect(address)
     from ray import tune
 
     from experiments import trials

@@ -42,6 +42,7 @@ OUT/fig6_trimap.png, from the trials' results.
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -50,7 +51,8 @@ import tomllib
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import set_option
+from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option
+from shared.errors import UserError
 from trainer.config import TrainConfig
 from shared.labels import SCRIBBLE_LENGTHS, scribble_suffix
 from trainer.methods import FULL_SUPERVISION, PCE
@@ -120,12 +122,14 @@ def from_backbone(method: str, preset: str | None) -> bool:
     return not REGISTRY[method].starts_from_pce or recipe.get("pretrain_epochs") == 0
 
 
-def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, overrides=None) -> TrainConfig:
+def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, overrides=None,
+                settings=None) -> TrainConfig:
     """One cell. Without a preset (the synthetic table): PCE-GD trains `pretrain_epochs`,
     the other methods continue from it for `epochs`, full supervision trains both. With a
     preset, every cell trains as the authors ran it (SPEC §4): PCE-GD `pretrain_epochs`,
     the others `epochs`, from the backbone's ImageNet weights or from the PCE-GD model
-    (`from_backbone`)."""
+    (`from_backbone`). `settings`: {row: {key: value}} of one method's cells (`--set`),
+    over the overrides of every cell."""
     overrides = dict(overrides or {})
     cfg = TrainConfig(
         data=data, format=fmt, scribbles="" if method == FULL_SUPERVISION else scribble_suffix(length),
@@ -137,7 +141,7 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
         apply_preset(cfg, preset, explicit=overrides)
     else:
         cfg.epochs, cfg.pretrain_epochs = size.epochs, size.pretrain_epochs
-    for key, value in overrides.items():
+    for key, value in {**overrides, **(settings or {}).get(method, {})}.items():
         set_option(cfg, key, value)
     pretrain, epochs = cfg.pretrain_epochs, cfg.epochs
     if method == PCE:
@@ -147,7 +151,7 @@ def cell_config(out, method, length, data, fmt, size: Table1Size, preset=None, o
     elif from_backbone(method, preset):
         cfg.pretrain_epochs = 0
     else:
-        cfg.fine_tune_from(cell_config(out, PCE, length, data, fmt, size, preset, overrides))
+        cfg.fine_tune_from(cell_config(out, PCE, length, data, fmt, size, preset, overrides, settings))
     return cfg
 
 
@@ -168,34 +172,41 @@ def prepare(out: str, data: str | None, fmt: str, size, variant: str = "default"
 
 
 def table1_configs(out: str, data: str, fmt: str, size: Table1Size, preset: str | None, overrides: dict,
-                   lengths) -> tuple[dict, dict]:
+                   lengths, settings: dict | None = None) -> tuple[dict, dict]:
     """({cell: (method, length)}, {cell: TrainConfig}) of a table. A quick table with a
     preset keeps the preset's recipe on the quick budget."""
     if preset and size is QUICK:
         overrides = {"epochs": size.epochs, "pretrain_epochs": size.pretrain_epochs, "batch_size": size.batch_size,
                      "epochs_per_round": size.epochs_per_round, "crop_size": QUICK_PRESET_CROP, **overrides}
     cells = {cell_name(m, L): (m, L) for m, L in plan(lengths, control=not preset)}
-    configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides) for name, (m, L) in cells.items()}
+    configs = {name: cell_config(out, m, L, data, fmt, size, preset, overrides, settings)
+               for name, (m, L) in cells.items()}
+    for cfg in configs.values():  # a bad option is one line now, before Ray starts
+        copy.deepcopy(cfg).validate()
     return cells, configs
 
 
 def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick: bool = False,
                preset: str | None = None, overrides: dict | None = None, log=print,
                lengths=LENGTHS, variant: str = "default", max_concurrent: int | None = None,
-               plan_only: bool = False) -> dict:
+               plan_only: bool = False, address: str | None = None, settings: dict | None = None) -> dict:
     """Train the cells at `lengths` as two Tune experiments (the cells from the backbone:
     full supervision, the PCE models and, with the paper preset, Dense-GD; then the cells
     fine-tuned from a PCE model), then write the table and the plots from the trials'
     results. Returns {method: {length: summary}}. `plan_only`: write each cell's
-    config.toml, print the plan and train nothing (experiments/plan.py)."""
+    config.toml, print the plan and train nothing (experiments/plan.py). Ray (`address`:
+    shared.ray_session.connect's) starts only once every cell's config is valid."""
     size = QUICK if quick else FULL
     out, data, fmt = prepare(out, data, fmt, size, variant)
-    cells, configs = table1_configs(out, data, fmt, size, preset, dict(overrides or {}), lengths)
+    cells, configs = table1_configs(out, data, fmt, size, preset, dict(overrides or {}), lengths, settings)
     if plan_only:
         from experiments.plan import write_plan
 
         write_plan(configs, log)
         return {}
+    from shared.ray_session import connect
+
+    connect(address)
     from ray import tune
 
     from experiments import trials
@@ -215,7 +226,7 @@ def run_table1(out: str, data: str | None = None, fmt: str = "synthetic", quick:
         for r in grid:
             method, length = cells[r.config["run"]]
             results[method][length] = trials.summary_of(r)
-    write_outputs(out, results, preset)
+    write_outputs(out, results, preset, settings)
     log(f"table1: {len(cells)} cells in {time.perf_counter() - t_all:.0f}s -> {storage.join(out, 'table1.csv')}")
     return results
 
@@ -232,11 +243,11 @@ def miou_table(results: dict) -> dict:
     return table
 
 
-def write_outputs(out: str, results: dict, preset: str | None = None) -> None:
+def write_outputs(out: str, results: dict, preset: str | None = None, settings: dict | None = None) -> None:
     """table1.csv, table1.md and the plots into OUT (a folder or a URI)."""
     table = miou_table(results)
     write_csv(storage.join(out, "table1.csv"), table)
-    storage.write_bytes(storage.join(out, "table1.md"), markdown(table, results, preset).encode())
+    storage.write_bytes(storage.join(out, "table1.md"), markdown(table, results, preset, settings).encode())
     plot_fig5(storage.join(out, "fig5_miou_vs_length.png"), table)
     plot_fig6(storage.join(out, "fig6_trimap.png"), results)
     write_curves(out, results)
@@ -308,7 +319,29 @@ def compare(out: str) -> str:
     return markdown(miou_table(results), results, "paper" if preset else None)
 
 
-def markdown(table: dict, results: dict, preset: str | None = None) -> str:
+def parse_settings(items) -> dict[str, dict]:
+    """`--set METHOD.KEY=VALUE`, repeated: {row: {key: value}}, each value a TOML value
+    (a bare word: a string) of the type the key takes; an error names the item."""
+    settings: dict[str, dict] = {}
+    for item in items:
+        head, eq, raw = item.partition("=")
+        method, dot, key = head.strip().partition(".")
+        if not eq or not dot or method not in ROWS:
+            raise UserError(f"--set {item}: expected METHOD.KEY=VALUE, METHOD one of {', '.join(ROWS)}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        name = key.replace("-", "_")
+        try:
+            value = getattr(from_dict(SolverConfig if name in SOLVER_FIELDS else TrainConfig, {name: value}), name)
+        except UserError as e:
+            raise UserError(f"--set {item}: {e}") from None
+        settings.setdefault(method, {})[name] = value
+    return settings
+
+
+def markdown(table: dict, results: dict, preset: str | None = None, settings: dict | None = None) -> str:
     lines = [
         "# Table 1: val mIoU against scribble length",
         "",
@@ -330,6 +363,8 @@ def markdown(table: dict, results: dict, preset: str | None = None) -> str:
         "",
         *(PRESET_NOTES if preset else SYNTHETIC_NOTES),
         "- The paper's numbers are VOC (K = 21, 60 epochs); on another data set they are there for the trend, not as targets.",
+        *(f"- {LABELS[m]} cells: {', '.join(f'{k} = {v:g}' if isinstance(v, float) else f'{k} = {v}' for k, v in s.items())}"
+          " (`--set`)" for m, s in (settings or {}).items()),
     ]
     if any_summary is not None:
         lines.append(f"- Data set: `{any_summary['dataset']}`, {any_summary['train_images']} train / {any_summary['val_images']} val images;"

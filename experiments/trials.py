@@ -217,7 +217,9 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
         log(f"{path}: new Tune experiment")
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=tune.RunConfig(
             name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path), storage_filesystem=fs,
-            callbacks=[Progress(total)]))
+            # Progress prints a line per finished trial; Tune's own status tables (every
+            # trial's config and result, each half a minute) would bury the epoch lines
+            verbose=0, callbacks=[Progress(total)]))
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
     if failed:

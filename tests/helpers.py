@@ -50,6 +50,37 @@ def run_cli(*args, module: str = "trainer", timeout: float = 600, env: dict | No
     return proc
 
 
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS…` as `run_cli` gives it, run in this process for the
+    commands that must fail before Ray starts (a subprocess costs ~6 s of imports): its
+    exit status, stdout and stderr; the environment as it was. Ray starting is an error
+    in the command's own output ("ray.init called"), so a test of a line that should
+    have come first fails on it."""
+    import contextlib
+    import io
+
+    import ray
+
+    from trainer.cli import main
+
+    def refuse(*a, **k):
+        raise RuntimeError("ray.init called: the command got past its checks")
+
+    out, err, environ, init = io.StringIO(), io.StringIO(), dict(os.environ), ray.init
+    ray.init = refuse
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(map(str, args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        ray.init = init
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(["trainer", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def popen_cli(*args, log_path: str) -> subprocess.Popen:
     """The CLI in its own session (so that its Ray processes can be found and ended)."""
     log = open(log_path, "w")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process, run_cli
 
 pytestmark = pytest.mark.faults
 
@@ -43,7 +43,7 @@ def _assert_one_line_error(proc, *names):
 
 
 def _train(root, tmp_path, *extra):
-    return run_cli("train", "--data", root, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out", *extra)
+    return cli_in_process("train", "--data", root, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out", *extra)
 
 
 def test_missing_scribble(data, tmp_path):
@@ -149,6 +149,7 @@ def test_bad_option(data, tmp_path, option, value):
 
 
 def test_missing_data_path(tmp_path):
+    """The one case run as a user runs it (the others in process): `python -m trainer`."""
     missing = str(tmp_path / "no_such_data")
     proc = run_cli("train", "--data", missing, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out")
     _assert_one_line_error(proc, "--data", missing)
@@ -156,7 +157,7 @@ def test_missing_data_path(tmp_path):
 
 def test_debug_shows_the_traceback(data, tmp_path):
     os.remove(os.path.join(data, "classes.txt"))
-    proc = run_cli("--debug", "train", "--data", data, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out")
+    proc = cli_in_process("--debug", "train", "--data", data, "--method", "pce", "--epochs", 1, "--out", tmp_path / "out")
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -196,7 +197,7 @@ def test_predict_refuses_inputs_that_would_overwrite_each_other(data, tmp_path):
     from trainer.architectures import build_model
 
     torch.save({"model": build_model("unet", 4).state_dict(), "num_classes": 4, "arch": "unet"}, ckpt)
-    proc = run_cli("predict", "--checkpoint", ckpt, tmp_path / "x" / "a.png", tmp_path / "y" / "a.png",
+    proc = cli_in_process("predict", "--checkpoint", ckpt, tmp_path / "x" / "a.png", tmp_path / "y" / "a.png",
                    "--out", tmp_path / "preds")
     _assert_one_line_error(proc, "a.png")
     assert not (tmp_path / "preds").exists()

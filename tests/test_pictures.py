@@ -16,7 +16,7 @@ from trainer.tomlio import dumps
 from trainer.visualize import TILE, column_boxes, tile_side
 from experiments.pictures import N_IMAGES
 from experiments.report import report
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process
 
 
 def _run_folder(path, data: str, method: str, seed: int, records: list[dict], init: str | None = None) -> str:
@@ -82,7 +82,7 @@ def test_curves_png_is_a_picture(job):
 
 
 def test_report_command_refuses_a_folder_that_is_no_run(tmp_path):
-    res = run_cli("report", str(tmp_path), check=False, timeout=120)
+    res = cli_in_process("report", tmp_path)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}: not a run folder (no config.toml) nor a default job's (no pce-init, pce, grid-tr)")

@@ -6,7 +6,7 @@ import pytest
 
 from trainer.config import TrainConfig
 from shared.errors import UserError
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process
 from trainer.driver import RUN_FILE, check_inputs, claim_run_folder
 
 
@@ -19,7 +19,7 @@ def _earlier_run(out):
 def test_second_run_into_a_used_folder_is_refused_in_one_line(synthetic_set, tmp_path):
     data, out = synthetic_set(4, 2, 48), str(tmp_path / "run")
     _earlier_run(out)
-    proc = run_cli("train", "--data", data, "--method", "pce", "--epochs", 1, "--out", out, timeout=120)
+    proc = cli_in_process("train", "--data", data, "--method", "pce", "--epochs", 1, "--out", out)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--out {out}" in lines[0] and "--overwrite" in lines[0] and "--resume" in lines[0]
@@ -28,7 +28,7 @@ def test_second_run_into_a_used_folder_is_refused_in_one_line(synthetic_set, tmp
 def test_default_job_into_an_earlier_ones_folder_is_refused_before_ray_starts(tmp_path):
     out = str(tmp_path / "job")
     _earlier_run(os.path.join(out, "grid-tr"))
-    proc = run_cli("--out", out, timeout=120)
+    proc = cli_in_process("--out", out)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--out {out}" in lines[0] and "--overwrite" in lines[0]

@@ -14,7 +14,7 @@ import pytest
 from experiments import table1
 from experiments.pictures import epochs_before
 from experiments.table1 import LENGTHS, METHODS, PAPER_TABLE1, cell_config, plan
-from tests.helpers import end_session, popen_cli, read_metrics, run_cli
+from tests.helpers import cli_in_process, end_session, popen_cli, read_metrics, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +56,16 @@ def test_plan_and_cell_configs(tmp_path):
     assert control.out == os.path.join(out, "pce-continued-0.5")
     full = cell_config(out, "full", "1", "d", "synthetic", size)
     assert full.epochs == size.pretrain_epochs + size.epochs
+    tuned = table1.parse_settings(["dense-gd.nu=1.5e-6", "dense-gd.lr=2e-4", "pce.seed=4", "grid-tr.schedule=sync"])
+    assert tuned == {"dense-gd": {"nu": 1.5e-6, "lr": 2e-4}, "pce": {"seed": 4}, "grid-tr": {"schedule": "sync"}}
+    dense = cell_config(out, "dense-gd", "0.5", "d", "synthetic", size, settings=tuned)
+    assert (dense.nu, dense.lr, dense.seed) == (1.5e-6, 2e-4, 0)  # its own keys, not its PCE start's
+    assert cell_config(out, "grid-gd", "0.5", "d", "synthetic", size, settings=tuned).nu != 1.5e-6
+    assert cell_config(out, "pce", "0.5", "d", "synthetic", size, settings=tuned).seed == 4
+    for bad, named in (("dense-gd.nu", "METHOD.KEY=VALUE"), ("dense.nu=1", "METHOD one of"),
+                       ("dense-gd.nnu=1", "'nnu'"), ("dense-gd.nu=x", "nu")):
+        with pytest.raises(table1.UserError, match=named):
+            table1.parse_settings([bad])
     paper = cell_config(out, "grid-tr", "0.8", "d", "voc", size, preset="paper", overrides={"epochs": 2})
     assert (paper.eps, paper.solver.tr_weight, paper.epochs, paper.batch_size) == (0.946, 0.075, 2, 12)
 
@@ -70,7 +80,7 @@ def _fake_results():
 
 def test_outputs_from_summaries(tmp_path):
     out, results = str(tmp_path), _fake_results()
-    table1.write_outputs(out, results)
+    table1.write_outputs(out, results, settings={"dense-gd": {"nu": 1.5e-06, "lr": 0.0002}})
     header, rows = _read_csv(os.path.join(out, "table1.csv"))
     assert header == ["method", "0", "0.3", "0.5", "0.8", "1"]
     assert list(rows) == list(METHODS)
@@ -80,7 +90,7 @@ def test_outputs_from_summaries(tmp_path):
     assert "Grid-TR (our)" in md and "0.67" in md and "starting model" in md
     control = next(line for line in md.splitlines() if line.startswith("| PCE-GD continued"))
     assert control.count("**") == 10 and "—" in control  # ours in every column, no paper value
-    assert "all 26 cells" in md
+    assert "all 26 cells" in md and "- Dense-GD cells: nu = 1.5e-06, lr = 0.0002 (`--set`)" in md
     for png in ("fig5_miou_vs_length.png", "fig6_trimap.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
 
@@ -103,14 +113,16 @@ def test_outputs_from_summaries_on_s3(s3_base, tmp_path, monkeypatch):
 
 
 def test_cli_rejects_bad_data(tmp_path):
-    res = _cli("table1", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), timeout=120)
+    res = cli_in_process("--local", "table1", "--data", tmp_path / "missing", "--out", tmp_path / "o")
     assert res.returncode != 0 and "--data" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_bad_option_is_one_line_before_any_cell_trains(tmp_path):
-    res = _cli("table1", "--quick", "--lengths", "1", "--seed", "-1", "--out", str(tmp_path / "o"), timeout=120)
+    res = cli_in_process("--local", "table1", "--quick", "--lengths", "1", "--seed", "-1", "--out", tmp_path / "o")
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("error: --seed: must be ≥ 0")
+    bad_set = cli_in_process("--local", "table1", "--quick", "--set", "dense-gd.nu", "--out", tmp_path / "o")
+    assert bad_set.returncode == 2 and bad_set.stderr.startswith("error: --set dense-gd.nu: expected METHOD.KEY=VALUE")
     assert "Traceback" not in res.stderr and "Trial" not in res.stdout
     assert not (tmp_path / "o").exists()  # no Tune experiment, no cell folder
 

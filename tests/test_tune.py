@@ -10,7 +10,7 @@ import pytest
 
 from experiments.search import default_space, read_space
 from shared.errors import UserError
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, cli_in_process, run_cli
 from trainer.methods import METHODS
 from trainer.tomlio import read_toml
 
@@ -56,8 +56,8 @@ def test_space_errors_name_the_file_and_key(tmp_path, text, message):
 
 
 def test_cli_rejects_a_bad_space_before_ray_starts(tmp_path):
-    res = run_cli("tune", "--method", "grid-tr", "--search", _space(tmp_path, "beta = { uniform = [1, 2] }\n"),
-                  "--out", tmp_path / "o", timeout=120)
+    res = cli_in_process("tune", "--method", "grid-tr", "--search", _space(tmp_path, "beta = { uniform = [1, 2] }\n"),
+                         "--out", tmp_path / "o")
     assert res.returncode == 2 and "'beta' is not a configuration key" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o" / "tune").exists()
 

@@ -178,6 +178,7 @@ def test_sweep_and_tune_plans(voc_set, torch_home, tmp_path, monkeypatch, capsys
           "--backbone-weights", "imagenet", "--plan", "--out", str(tmp_path / "t")])
     tune = _cells(tmp_path / "t")
     assert set(tune) == {"pce", "trials"} and tune["trials"]["init"].endswith("pce/checkpoints/last.pt")
+    assert tune["pce"]["lr"] == tune["trials"]["pretrain_lr"] == 0.007 and tune["trials"]["lr"] == 7e-7  # SPEC §4
     assert "trials sample" in capsys.readouterr().out and not ray.is_initialized()
 
 
@@ -267,6 +268,12 @@ def test_reference_head_is_the_authors_network(torch_home, monkeypatch, no_downl
     assert [tuple(c.weight.shape[:3]) for c in convs] == [(256, 304, 3), (256, 256, 3), (21, 256, 1)]
     assert drops == [0.5, 0.1] and head.aspp.project[-1].p == 0.5 and head.align_corners
     assert net.backbone.high_level_channels == 320 and head.aspp.convs[0][0].in_channels == 320
+
+    def dilations(model):  # of the depthwise conv of each block from features.14 (the 160-channel stage) on
+        return [b.conv[-3][0].dilation[0] for b in list(model.backbone.features)[14:18]]
+
+    assert dilations(net) == [1, 1, 1, 2]  # the reference's backbone at OS 16
+    assert dilations(build_model("deeplabv3plus-mobilenetv2", 21)) == [1, 2, 2, 2]  # torchvision's DeepLab
     monkeypatch.setenv("TORCH_HOME", torch_home[0])
     load_backbone_weights(net, "imagenet")
     assert torch.equal(net.backbone.state_dict()["features.17.conv.3.weight"], torch_home[1]["features.17.conv.3.weight"])

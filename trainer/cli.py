@@ -266,16 +266,17 @@ def convert_scribblesup_cmd(src, out, width):
 @click.option("--gpu/--no-gpu", "use_gpu", default=None,
               help="Trainer workers on GPUs [as `train`: with --address, needed when the cluster has no GPU now].")
 @click.option("--backbone-weights", default=None, help=WEIGHTS_HELP + " The cells that do not start from PCE-GD's model.")
+@click.option("--set", "settings", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="A setting of one method's cells, e.g. dense-gd.nu=1.5e-6 (a value `tune` chose); repeatable.")
 @click.option("--plan", "plan_only", is_flag=True, help=PLAN_HELP)
 @click.pass_context
 def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solvers, lengths, variant, out, max_concurrent,
-               shared_fs, seed, use_gpu, backbone_weights, plan_only):
+               shared_fs, seed, use_gpu, backbone_weights, settings, plan_only):
     """Paper Table 1, Fig. 5 and Fig. 6: every method at scribble lengths 0, 0.3, 0.5, 0.8, 1.
 
     Each cell is a Ray Tune trial. Resumes: the same command again finishes an interrupted table."""
-    from shared.ray_session import connect
     from trainer.presets import check_start
-    from experiments.table1 import run_table1
+    from experiments.table1 import parse_settings, run_table1
 
     check_data_folder(data)
     check_start(preset, backbone_weights)
@@ -283,11 +284,9 @@ def table1_cmd(ctx, data, format, quick, preset, epochs, pretrain_epochs, solver
                                    ("shared_fs", shared_fs), ("seed", seed), ("use_gpu", use_gpu),
                                    ("backbone_weights", backbone_weights_path(backbone_weights))) if v is not None}
     columns = [length_name(x, "--lengths") for x in lengths.split(",")]
-    if not plan_only:
-        connect(ctx.obj["address"])
     run_table1(out, data=data, fmt=format, quick=quick, preset=preset, overrides=overrides,
                log=lambda m: click.echo(m), lengths=tuple(columns), variant=variant, max_concurrent=max_concurrent,
-               plan_only=plan_only)
+               plan_only=plan_only, address=ctx.obj["address"], settings=parse_settings(settings))
     if plan_only:
         return
     click.echo(storage.read_bytes(storage.join(out, "table1.csv")).decode().rstrip())
@@ -346,18 +345,16 @@ def report_cmd(run_dir):
 def sweep_tr_weight_cmd(ctx, data, format, quick, values, length, preset, potts_weight, variant, out, max_concurrent,
                         use_gpu, backbone_weights, plan_only):
     """Grid-TR against λ from one PCE model (paper Sec. 5.1, Fig. 7): sweep.csv, .md, .png."""
-    from shared.ray_session import connect
     from trainer.presets import check_start
     from experiments.sweep import parse_values, run_sweep
 
     lams = parse_values(values)
     check_data_folder(data)
     check_start(preset, backbone_weights)
-    if not plan_only:
-        connect(ctx.obj["address"])
     run_sweep(out, lams, data=data, fmt=format, quick=quick, scribbles=length, preset=preset,
               log=lambda m: click.echo(m), variant=variant, potts_weight=potts_weight, max_concurrent=max_concurrent,
-              use_gpu=use_gpu, backbone_weights=backbone_weights_path(backbone_weights), plan_only=plan_only)
+              use_gpu=use_gpu, backbone_weights=backbone_weights_path(backbone_weights), plan_only=plan_only,
+              address=ctx.obj["address"])
     if plan_only:
         return
     click.echo(storage.read_bytes(storage.join(out, "sweep.csv")).decode().rstrip())

@@ -95,9 +95,13 @@ class MobileNetV2Backbone(nn.Module):
     """torchvision ``mobilenet_v2().features`` (width 1.0) with dilation for OS 8/16.
 
     ``state_dict()`` keys: ``features.0.0.weight`` … ``features.18.1.num_batches_tracked``.
+    Where a stage's stride becomes dilation, its first block keeps the dilation before it
+    and the others take the new one (torchvision's DeepLab); `reference_dilation`: every
+    block of the stage keeps the one before it, as the authors' backbone (reference
+    modeling/backbone/mobilenet.py: at OS 16 the 160-channel blocks at 1, the 320 at 2).
     """
 
-    def __init__(self, output_stride: int = 16, last_conv: bool = True):
+    def __init__(self, output_stride: int = 16, last_conv: bool = True, reference_dilation: bool = False):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise UserError(f"output_stride: must be 8, 16 or 32, got {output_stride}")
@@ -115,7 +119,8 @@ class MobileNetV2Backbone(nn.Module):
                 if i == 0:
                     layers.append(InvertedResidual(cin, c, stride, t, dilation=previous_dilation))
                 else:
-                    layers.append(InvertedResidual(cin, c, 1, t, dilation=dilation))
+                    layers.append(InvertedResidual(cin, c, 1, t, dilation=previous_dilation if reference_dilation
+                                                   else dilation))
                 cin = c
         if last_conv:  # torchvision's features.18; the reference's backbone ends at 320 channels
             layers.append(ConvBNReLU(cin, 1280, kernel=1))
@@ -230,7 +235,8 @@ class DeepLabV3Plus(nn.Module):
         rates = {16: (6, 12, 18), 8: (12, 24, 36), 32: (3, 6, 9)}.get(output_stride)
         self.num_classes = num_classes
         self.output_stride = output_stride
-        self.backbone = MobileNetV2Backbone(output_stride, last_conv=not reference_head)
+        self.backbone = MobileNetV2Backbone(output_stride, last_conv=not reference_head,
+                                            reference_dilation=reference_head)
         self.head = DeepLabHeadV3Plus(
             self.backbone.high_level_channels, self.backbone.low_level_channels, num_classes, rates,
             reference=reference_head,
