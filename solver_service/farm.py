@@ -120,6 +120,7 @@ def solve_parts(jobs: list[PartJob], solver: SolverConfig, pool: Pool):
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     context.wait_for_min_actors_s = max(1, math.ceil(pool.wait_s))
+    context.enable_fallback_to_arrow_object_ext_type = True  # the "job" column is pickled objects: by choice, no warning
     with warnings.catch_warnings():
         # Ray Data restarts map actors and retries their tasks without limit unless
         # max_restarts/max_task_retries are passed as extra remote args, which Ray 2.60
