@@ -170,3 +170,34 @@ def test_manifests_of_another_run_are_ignored_and_garbage_is_named(tmp_path):
     (tmp_path / "snapshots" / "round=0" / "manifest.json").write_bytes(b'{"version": 1}')
     with pytest.raises(CorruptShardError, match=r"round=0/manifest.json.*not a round manifest"):
         store.manifest("snapshots", 0)
+    (tmp_path / "snapshots" / "round=0" / "manifest.json").write_bytes(
+        b'{"version": 1, "kind": "snapshots", "round": 0, "run_id": "mine", '
+        b'"parts": {"0": {"file": "../elsewhere.parquet", "image_ids": ["img0"]}}}')
+    with pytest.raises(CorruptShardError, match=r"part 0 is file '../elsewhere.parquet'"):
+        store.manifest("snapshots", 0)
+
+
+def test_parts_are_references_the_store_hands_out(tmp_path):
+    """A Part names its file (built in the store only), pickles (Ray Data rows carry
+    PartJobs), and reads, writes and deletes itself; a round's jobs pair snapshot part k
+    with proposal part k and its newest earlier proposal."""
+    import pickle
+
+    store = ShardStore(str(tmp_path), "run-a")
+    store.write_snapshots(1, 0, [snap(0, 1)])
+    store.write_snapshots(1, 1, [snap(1, 1)])
+    store.write_proposals(0, 1, [prop(1, 0)])
+    store.commit("proposals", 0, {1: ["img1"]})
+    jobs = store.jobs(1, store.unsolved(1))
+    assert pickle.loads(pickle.dumps(jobs)) == jobs
+    assert [(j.snapshot.k, j.proposal, j.init) for j in jobs] == [
+        (0, store.part("proposals", 1, 0), None), (1, store.part("proposals", 1, 1), store.part("proposals", 0, 1))]
+    assert jobs[1].snapshot.uri == str(tmp_path / "snapshots" / "round=1" / "part-1.parquet")
+    rows, run_id = jobs[1].snapshot.read_snapshots()
+    assert [r.image_id for r in rows] == ["img1"] and run_id == "run-a"
+    assert list(jobs[1].init.warm_starts("run-a")) == ["img1"]
+    with pytest.warns(UserWarning, match="ignoring warm starts.*not by this run run-b"):
+        assert jobs[1].init.warm_starts("run-b") == {}
+    store.discard(0, jobs[1].init)
+    assert store.parts("proposals", 0) == {} and store.manifest("proposals", 0) is None
+    assert jobs[0].init is None and jobs[1].init.warm_starts("run-a") == {}  # gone: a cold start
