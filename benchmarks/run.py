@@ -5,7 +5,7 @@
 Parts (run in this order; `--only` picks some):
 
 - `sizes`: bytes per image of a snapshot row and of a proposal row for a VOC-sized
-  image (375×500, 21 classes, 3 present), written with shared.shards.write_table.
+  image (375×500, 21 classes, 3 present), written through shared.shard_store.ShardStore.
 - `solver`: benchmarks/solver.py's measure(): one 375×500, 3-label problem, cold and
   warm-started, and the raw pyGCO call on the same integer energy.
 - `epochs`: real training through trainer.driver.run_train on the cached synthetic set:
@@ -159,12 +159,12 @@ def measure_sizes(n_images: int = SHARD_IMAGES, seed: int = 0, workdir: str | No
     workdir = workdir or tempfile.mkdtemp(prefix="trseg-sizes-")
     try:
         store = ShardStore(workdir)
-        snap_uri, prop_uri = store.part_uri("snapshots", 3, 0), store.part_uri("proposals", 3, 0)
+        snap, prop = store.part("snapshots", 3, 0), store.part("proposals", 3, 0)
         store.write_snapshots(3, 0, snaps)
         store.write_proposals(3, 0, props)
         # the shards must read back as the contract says
-        assert len(shards.read_snapshots(snap_uri)) == n_images and len(shards.read_proposals(prop_uri)) == n_images
-        snap_bytes, prop_bytes = os.path.getsize(snap_uri), os.path.getsize(prop_uri)
+        assert len(snap.read_snapshots()[0]) == n_images and len(prop.read_proposals()) == n_images
+        snap_bytes, prop_bytes = os.path.getsize(snap.uri), os.path.getsize(prop.uri)
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -321,11 +321,10 @@ def _timed_round(base: str, actors: int) -> dict:
 
     shutil.rmtree(os.path.join(base, "proposals"), ignore_errors=True)
     store = ShardStore(base)
-    items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", 0, k), "init": ""}
-             for k, uri in sorted(store.unsolved(0).items())]
+    jobs = store.jobs(0, store.unsolved(0))
     t0 = time.perf_counter()
     arrivals, rows = [], []
-    for row in farm.solve_parts(items, SolverConfig(), farm.Pool(solvers=(actors, actors))):
+    for row in farm.solve_parts(jobs, SolverConfig(), farm.Pool(solvers=(actors, actors))):
         arrivals.append(time.perf_counter() - t0)
         rows.append(row)
     total = time.perf_counter() - t0

@@ -11,7 +11,9 @@ Part k always holds the same images (chunk k of the training ids, `parts_of`), s
 proposal part k of round r answers snapshot part k of round r, and the warm start of
 an image is part k of an earlier proposal round. The trainer, the solver farm, the
 driver, the solver's command line and the benchmarks reach shards only through this
-class; the row formats themselves are `shared.shards`.
+class; the row formats themselves are `shared.shards`. Outside this module a part is a
+`Part` (a reference: round folder, kind, index, format) handed out by the store, and a
+part to solve is a `PartJob`; no other module builds a part's path or lists a round.
 
 Readers that poll (the farm waiting for a snapshot round, the trainer waiting for
 proposals) read one manifest per round (`Manifest`, below: the parts, their image
@@ -30,7 +32,10 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
+
+import numpy as np
 
 from shared import shards, storage
 from shared.errors import CorruptShardError, UserError
@@ -70,6 +75,9 @@ class Manifest:
             if m["version"] != MANIFEST_VERSION or m["kind"] not in shards.KINDS:
                 raise ValueError(f"version {m['version']!r}, kind {m['kind']!r}")
             parts = {int(k): (str(p["file"]), [str(i) for i in p["image_ids"]]) for k, p in m["parts"].items()}
+            for k, (name, _) in parts.items():
+                if not (f := _PART.match(name)) or int(f.group(1)) != k:
+                    raise ValueError(f"part {k} is file {name!r}")
             return Manifest(m["kind"], int(m["round"]), str(m["run_id"]), parts)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptShardError(uri, f"not a round manifest: {e}") from None
@@ -80,20 +88,84 @@ def parts_of(n_images: int, shard_size: int) -> list[range]:
     return [range(i, min(i + shard_size, n_images)) for i in range(0, n_images, shard_size)]
 
 
-def part_in(round_dir: str, k: int, fmt: str = "parquet") -> str:
-    """The URI of part k in a round folder."""
-    return storage.join(round_dir, f"part-{k}.{fmt}")
+@dataclass(frozen=True)
+class Part:
+    """One part file, as the store names it: what the farm hands a solver and the
+    feed reads, instead of a path. A small frozen value, so it pickles into Ray Data
+    rows and tasks; its URI is built here and nowhere else."""
+
+    folder: str  # the round folder
+    kind: str  # "snapshots" | "proposals"
+    k: int
+    fmt: str = "parquet"  # | "arrow"
+
+    @property
+    def uri(self) -> str:
+        return storage.join(self.folder, f"part-{self.k}.{self.fmt}")
+
+    def check(self, run_id: str = "", rows: bool = False) -> None:
+        """CorruptShardError unless it reads as a part of its kind (and of run `run_id`,
+        if given): footer and schema, or every row; FileNotFoundError if absent."""
+        if rows:
+            shards.read_table(self.uri, self.kind, run_id)
+        else:
+            shards.check_shard(self.uri, self.kind, run_id)
+
+    def read_snapshots(self) -> tuple[list[shards.Snapshot], str]:
+        """Its rows and the run that wrote them: a solver answers any run's snapshots,
+        in that run's name."""
+        assert self.kind == "snapshots", self.kind
+        table = shards.read_table(self.uri, "snapshots")
+        return shards.snapshot_rows(table, self.uri), shards.run_of(table.schema)
+
+    def read_proposals(self, run_id: str = "") -> list[shards.Proposal]:
+        """Its rows; ForeignShardError if another run than `run_id` (if given) wrote it."""
+        assert self.kind == "proposals", self.kind
+        return shards.read_proposals(self.uri, run_id)
+
+    def warm_starts(self, run_id: str) -> dict[str, np.ndarray]:
+        """Labels by image id to start stage A from: {} if the part is gone, or does not
+        read, or is another run's (a warm start is an optimisation: the solver starts cold)."""
+        try:
+            return {p.image_id: p.labels for p in self.read_proposals(run_id)}
+        except FileNotFoundError:
+            return {}
+        except CorruptShardError as e:
+            warnings.warn(f"ignoring warm starts: {e}")
+            return {}
+
+    def write(self, rows: list, run_id: str = "") -> None:
+        """Write its rows (of its kind), carrying `run_id`, atomically."""
+        table = shards.snapshots_table(rows, run_id) if self.kind == "snapshots" else shards.proposals_table(rows, run_id)
+        shards.write_table(table, self.uri)
+
+    def delete(self) -> None:
+        storage.delete(self.uri)
 
 
-def parts_in(round_dir: str) -> dict[int, str]:
-    """Part index -> URI of every committed part file in one round folder."""
-    return {int(m.group(1)): storage.join(round_dir, name)
-            for name in storage.list_dir(round_dir) if (m := _PART.match(name))}
+@dataclass(frozen=True)
+class PartJob:
+    """One part to solve: the snapshot part, the proposal part that answers it (same
+    index), and where its warm starts come from (None: a cold start)."""
+
+    snapshot: Part
+    proposal: Part
+    init: Part | None = None
 
 
-def extension(uri: str) -> str:
-    """A part file's format: 'parquet' or 'arrow'."""
-    return uri.split("?", 1)[0].rsplit(".", 1)[1]
+def folder_parts(folder: str, kind: str) -> dict[int, Part]:
+    """Part index -> Part of every part file in one round folder (one listing)."""
+    return {int(m.group(1)): Part(folder, kind, int(m.group(1)), m.group(2))
+            for name in storage.list_dir(folder) if (m := _PART.match(name))}
+
+
+def folder_jobs(snapshot_dir: str, proposal_dir: str, init_dir: str | None = None) -> list[PartJob]:
+    """Solving a snapshot round folder outside a run's store (the solver's command
+    line): part k goes to part k of `proposal_dir` in the same format, warm-started from
+    part k of `init_dir` where there is one."""
+    inits = folder_parts(init_dir, "proposals") if init_dir else {}
+    return [PartJob(s, Part(proposal_dir, "proposals", k, s.fmt), inits.get(k))
+            for k, s in sorted(folder_parts(snapshot_dir, "snapshots").items())]
 
 
 class ShardStore:
@@ -134,15 +206,16 @@ class ShardStore:
         assert kind in shards.KINDS, kind
         return storage.join(self.base, kind, f"round={r}")
 
-    def part_uri(self, kind: str, r: int, k: int, fmt: str = "parquet") -> str:
-        return part_in(self.round_dir(kind, r), k, fmt)
+    def part(self, kind: str, r: int, k: int, fmt: str = "parquet") -> Part:
+        return Part(self.round_dir(kind, r), kind, k, fmt)
 
     def rounds(self, kind: str) -> list[int]:
         names = storage.list_dir(storage.join(self.base, kind))
         return sorted(int(m.group(1)) for n in names if (m := _ROUND.match(n)))
 
-    def parts(self, kind: str, r: int) -> dict[int, str]:
-        return parts_in(self.round_dir(kind, r))
+    def parts(self, kind: str, r: int) -> dict[int, Part]:
+        """Every part file of round r, committed or not (one listing)."""
+        return folder_parts(self.round_dir(kind, r), kind)
 
     # -- commit records
     def manifest_uri(self, kind: str, r: int) -> str:
@@ -167,17 +240,27 @@ class ShardStore:
         """Hide round r from the pollers until it is committed again (a part was found bad)."""
         storage.delete(self.manifest_uri(kind, r))
 
-    def committed(self, kind: str, r: int) -> dict[int, str]:
-        """Part index -> URI of every part that round r's manifest names ({} if none)."""
+    def committed(self, kind: str, r: int) -> dict[int, Part]:
+        """Every part that round r's manifest names ({} if none)."""
         m = self.manifest(kind, r)
-        return {k: storage.join(self.round_dir(kind, r), name) for k, (name, _) in m.parts.items()} if m else {}
+        return {k: self.part(kind, r, k, _PART.match(name).group(2)) for k, (name, _) in m.parts.items()} if m else {}
 
     # -- rows
     def write_snapshots(self, r: int, k: int, rows: list[shards.Snapshot]) -> None:
-        shards.write_table(shards.snapshots_table(rows, self.run_id), self.part_uri("snapshots", r, k))
+        self.part("snapshots", r, k).write(rows, self.run_id)
 
     def write_proposals(self, r: int, k: int, rows: list[shards.Proposal], fmt: str = "parquet") -> None:
-        shards.write_table(shards.proposals_table(rows, self.run_id), self.part_uri("proposals", r, k, fmt))
+        self.part("proposals", r, k, fmt).write(rows, self.run_id)
+
+    def read_proposals(self, part: Part) -> list[shards.Proposal]:
+        """This run's rows of a proposal part; ForeignShardError if another run wrote it."""
+        return part.read_proposals(self.run_id)
+
+    def discard(self, r: int, part: Part) -> None:
+        """Delete a corrupt proposal part of round r and hide the round from the pollers
+        (its manifest), so that the farm, which re-checks the round, solves it again."""
+        part.delete()
+        self.uncommit("proposals", r)
 
     # -- state of a round
     def round_complete(self, kind: str, r: int, n_parts: int) -> bool:
@@ -202,37 +285,41 @@ class ShardStore:
         belong to another run. A part that vanished meanwhile is not listed; storage that
         keeps failing raises (transient errors are retried first, see `shared.storage`)."""
         bad = {}
-        for k, uri in self.parts(kind, r).items():
+        for k, part in self.parts(kind, r).items():
             if only is not None and k not in only:
                 continue
             try:
-                if read_rows:
-                    shards.read_table(uri, kind, self.run_id)
-                else:
-                    shards.check_shard(uri, kind, self.run_id)
+                part.check(self.run_id, rows=read_rows)
             except CorruptShardError as e:
                 bad[k] = e
             except FileNotFoundError:
                 pass
         return bad
 
-    def unsolved(self, r: int, verify: bool = False) -> dict[int, str]:
+    def unsolved(self, r: int, verify: bool = False) -> dict[int, Part]:
         """Snapshot parts of round r whose proposal is absent (or unreadable, if verify)."""
         done = self.parts("proposals", r)
         bad = self.unreadable("proposals", r) if done and verify else {}
         for e in bad.values():
             print(f"warning: {e}; solving it again", flush=True)
-        return {k: uri for k, uri in self.parts("snapshots", r).items() if k not in done or k in bad}
+        return {k: part for k, part in self.parts("snapshots", r).items() if k not in done or k in bad}
 
-    def newest_proposals(self, r: int, n_parts: int, since: int = -1) -> dict[int, tuple[int, str]]:
-        """part -> (round p, URI) of its newest committed proposal with since < p ≤ r.
+    def jobs(self, r: int, snapshots: dict[int, Part]) -> list[PartJob]:
+        """Solving these snapshot parts of round r: part k's answer is part k of proposal
+        round r, warm-started from part k's newest committed proposal of an earlier round."""
+        inits = self.newest_proposals(r - 1, max(snapshots) + 1)
+        return [PartJob(part, self.part("proposals", r, k), inits[k][1] if k in inits else None)
+                for k, part in sorted(snapshots.items())]
+
+    def newest_proposals(self, r: int, n_parts: int, since: int = -1) -> dict[int, tuple[int, Part]]:
+        """part -> (round p, Part) of its newest committed proposal with since < p ≤ r.
         Reads the manifests from round r down, and stops once every part has one (a
         poller that holds round `since` of every part reads only the rounds after it)."""
-        best: dict[int, tuple[int, str]] = {}
+        best: dict[int, tuple[int, Part]] = {}
         for p in range(r, since, -1):
-            for k, uri in self.committed("proposals", p).items():
+            for k, part in self.committed("proposals", p).items():
                 if k < n_parts:
-                    best.setdefault(k, (p, uri))
+                    best.setdefault(k, (p, part))
             if len(best) == n_parts:
                 break
         return best

@@ -7,10 +7,10 @@ import time
 
 import click
 
-from shared import shards, storage
+from shared import storage
 from shared.config import ALGORITHMS, SolverConfig
 from shared.errors import CorruptShardError, UserError
-from shared.shard_store import ShardStore, extension, part_in, parts_in
+from shared.shard_store import PartJob, ShardStore, folder_jobs
 
 
 @click.group()
@@ -38,16 +38,16 @@ def solve(snapshots, out, workers, init, tr_weight, potts_weight, max_iter, rest
         if workers < 1:
             raise UserError(f"--workers: must be ≥ 1, got {workers}")
         cfg.validate()
-        items, done = plan_folder(snapshots, out, init)
+        jobs, done = plan_folder(snapshots, out, init)
         t0 = time.perf_counter()
         rows = []
-        if items:
+        if jobs:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # 127.0.0.1 only, before Ray starts
             from shared.ray_session import connect
             from solver_service.farm import Pool, solve_parts
 
             connect(None, num_cpus=workers, quiet=True)
-            rows = list(solve_parts(items, cfg, Pool(solvers=(1, min(workers, len(items))))))
+            rows = list(solve_parts(jobs, cfg, Pool(solvers=(1, min(workers, len(jobs))))))
         seconds = time.perf_counter() - t0
     except (UserError, ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
@@ -60,27 +60,22 @@ def solve(snapshots, out, workers, init, tr_weight, potts_weight, max_iter, rest
     )
 
 
-def plan_folder(snapshot_dir: str, proposal_dir: str, init_dir: str | None) -> tuple[list[dict], int]:
-    """The parts of a snapshot round folder to solve into `proposal_dir` (same index and
-    format; warm starts from the same index in `init_dir`), and how many are done already."""
+def plan_folder(snapshot_dir: str, proposal_dir: str, init_dir: str | None) -> tuple[list[PartJob], int]:
+    """The parts of a snapshot round folder to solve into `proposal_dir`
+    (`shard_store.folder_jobs`), and how many are done already."""
     if not storage.exists(snapshot_dir):
         raise UserError(f"{snapshot_dir}: no such snapshot folder")
-    parts = parts_in(snapshot_dir)
-    if not parts:
+    jobs = folder_jobs(snapshot_dir, proposal_dir, init_dir)
+    if not jobs:
         raise UserError(f"{snapshot_dir}: no snapshot parts (part-K.parquet|arrow) in this folder")
-    inits = parts_in(init_dir) if init_dir else {}
-    items, done = [], 0
-    for k, uri in sorted(parts.items()):
-        shards.check_shard(uri, "snapshots")  # a corrupt part is named before any solver starts
-        target = part_in(proposal_dir, k, extension(uri))
+    todo = []
+    for job in jobs:
+        job.snapshot.check()  # a corrupt part is named before any solver starts
         try:
-            shards.check_shard(target, "proposals")
-            done += 1
-            continue
+            job.proposal.check()  # solved already
         except (CorruptShardError, FileNotFoundError):
-            pass
-        items.append({"k": k, "snapshot": uri, "proposal": target, "init": inits.get(k, "")})
-    return items, done
+            todo.append(job)
+    return todo, len(jobs) - len(todo)
 
 
 def main() -> None:

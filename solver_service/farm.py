@@ -32,7 +32,7 @@ import ray
 
 from shared.config import SolverConfig, from_dict, to_dict
 from shared.errors import UserError
-from shared.shard_store import ShardStore
+from shared.shard_store import PartJob, ShardStore
 from solver_service.parts import solve_part
 
 SNAPSHOT_POLL_S = 0.2  # first wait of an idle farm, doubled up to MAX_POLL_S
@@ -88,9 +88,9 @@ class SolverActor:
     def __call__(self, batch: dict) -> dict:
         out = {"k": [], "images": [], "seconds": [], "warm_starts": [], "changed_sum": [], "solver": [], "node_id": [],
                "error": []}
-        for k, snapshot, proposal, init in zip(batch["k"], batch["snapshot"], batch["proposal"], batch["init"]):
+        for job in batch["job"]:
             try:
-                stats = solve_part(str(snapshot), str(proposal), self.cfg, str(init) or None, self.name)
+                stats = solve_part(job.snapshot, job.proposal, self.cfg, job.init, self.name)
                 out["error"].append("")
             except UserError as e:  # bad input fails the same way every time: report it, no retry
                 stats = {"images": 0, "seconds": 0.0, "warm_starts": 0, "changed_sum": 0.0}
@@ -98,7 +98,7 @@ class SolverActor:
             except OSError as e:  # storage still failing after storage.retried: the farm waits it out
                 stats = {"images": 0, "seconds": 0.0, "warm_starts": 0, "changed_sum": 0.0}
                 out["error"].append(STORAGE_ERROR + f"{type(e).__name__}: {e}")
-            out["k"].append(int(k))
+            out["k"].append(job.snapshot.k)
             out["images"].append(stats["images"])
             out["seconds"].append(stats["seconds"])
             out["warm_starts"].append(stats["warm_starts"])
@@ -108,9 +108,11 @@ class SolverActor:
         return out
 
 
-def solve_parts(items: list[dict], solver: SolverConfig, pool: Pool):
-    """Stage A for a list of parts ({"k", "snapshot", "proposal", "init"} URIs) on an
-    autoscaling pool of SolverActors; yields one stats row per part as it finishes."""
+def solve_parts(jobs: list[PartJob], solver: SolverConfig, pool: Pool):
+    """Stage A for a list of parts on an autoscaling pool of SolverActors; yields one
+    stats row per part as it finishes. Each job rides in a one-column row ("job"), as
+    one pickled object: a column of its own for the warm start would lose None (a
+    block of None alone is a null column, which numpy batches read as NaN)."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images
     # and Ray Data's own lines per round (plan, start, end, "bars disabled"): the farm
@@ -118,12 +120,13 @@ def solve_parts(items: list[dict], solver: SolverConfig, pool: Pool):
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     context.wait_for_min_actors_s = max(1, math.ceil(pool.wait_s))
+    context.enable_fallback_to_arrow_object_ext_type = True  # the "job" column is pickled objects: by choice, no warning
     with warnings.catch_warnings():
         # Ray Data restarts map actors and retries their tasks without limit unless
         # max_restarts/max_task_retries are passed as extra remote args, which Ray 2.60
         # warns are deprecated but offers no named parameter for.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ds = ray.data.from_items([{"job": job} for job in jobs], override_num_blocks=len(jobs)).map_batches(
             SolverActor,
             fn_constructor_kwargs={"solver": to_dict(solver)},
             batch_size=1,
@@ -175,11 +178,9 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
             todo.pop(k, None)
         if not todo:
             break
-        inits = store.newest_proposals(r - 1, max(todo) + 1)
-        items = [{"k": k, "snapshot": uri, "proposal": store.part_uri("proposals", r, k),
-                  "init": inits[k][1] if k in inits else ""} for k, uri in sorted(todo.items())]
+        jobs = store.jobs(r, todo)
         try:
-            for row in solve_parts(items, solver, pool):
+            for row in solve_parts(jobs, solver, pool):
                 rows.append(row)
                 bar.update(row["images"])
         except (UserError, OSError):  # bad input; storage, which the farm waits out (not a solver death)
@@ -195,7 +196,7 @@ def solve_round(store: ShardStore, r: int, solver: SolverConfig, pool: Pool, n_i
                 continue
             raise UserError(f"stage A round {r}: part(s) {left} still unsolved after {pool.retries} solver restarts "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            f"snapshots: {', '.join(todo[k] for k in left if k in todo)}") from None
+                            f"snapshots: {', '.join(todo[k].uri for k in left if k in todo)}") from None
     bar.close()
     snapshots = store.manifest("snapshots", r)
     if snapshots is not None:

@@ -1,7 +1,8 @@
 """Solve one snapshot shard part into a proposal shard (SPEC §6).
 
 `solve_part` is the unit of work of the solver farm (`solver_service.farm`, which the
-trainer's driver and the command line both use). It is a plain function of URIs and a
+trainer's driver and the command line both use). It is a plain function of part
+references (`shared.shard_store.Part`, which read and write themselves) and a
 SolverConfig, so it runs the same on local disks and object stores.
 """
 from __future__ import annotations
@@ -9,27 +10,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-import warnings
-
-import numpy as np
 
 from shared import shards
 from shared.config import SolverConfig
-from shared.errors import CorruptShardError, UserError
+from shared.errors import UserError
 from shared.image_io import read_image, read_label
+from shared.shard_store import Part
 from solver_service.alpha_expansion import solve
-
-
-def _warm_starts(init_uri: str | None, run_id: str) -> dict[str, np.ndarray]:
-    if not init_uri:
-        return {}
-    try:
-        return {p.image_id: p.labels for p in shards.read_proposals(init_uri, run_id)}
-    except FileNotFoundError:
-        return {}
-    except CorruptShardError as e:  # a warm start is an optimisation (another run's too): solve cold
-        warnings.warn(f"ignoring warm starts: {e}")
-        return {}
 
 
 def default_solver_id() -> str:
@@ -37,25 +24,24 @@ def default_solver_id() -> str:
 
 
 def solve_part(
-    snapshot_uri: str,
-    proposal_uri: str,
+    snapshot: Part,
+    proposal: Part,
     cfg: SolverConfig,
-    init_uri: str | None = None,
+    init: Part | None = None,
     solver_id: str = "",
 ) -> dict:
     """Solve every image of one snapshot part and write the proposal part atomically.
 
-    Warm starts come from the proposal part at `init_uri` (matched by image_id) when
-    it is given, exists and belongs to the same run. The proposal carries the snapshot's
+    Warm starts come from the proposal part `init` (matched by image_id) when it is
+    given, exists, reads and belongs to the same run. The proposal carries the snapshot's
     run id and answers exactly its images (SPEC §6). Returns {"images", "seconds", "energy_sum", "iterations",
     "warm_starts", "part_uri", "snapshot_uri", "solver"}.
     """
     t0 = time.perf_counter()
     cfg.validate()
     solver_id = solver_id or default_solver_id()
-    table = shards.read_table(snapshot_uri, "snapshots")
-    rows, run_id = shards.snapshot_rows(table, snapshot_uri), shards.run_of(table.schema)
-    inits = _warm_starts(init_uri, run_id)
+    rows, run_id = snapshot.read_snapshots()
+    inits = init.warm_starts(run_id) if init is not None else {}
     out = []
     for row in rows:
         image = read_image(row.image_uri)
@@ -74,7 +60,7 @@ def solve_part(
                 algorithm=cfg.algorithm,
             )
         except ValueError as e:
-            raise UserError(f"{snapshot_uri}: image {row.image_id}: {e}") from None
+            raise UserError(f"{snapshot.uri}: image {row.image_id}: {e}") from None
         out.append(
             shards.Proposal(
                 image_id=row.image_id, round=row.round, labels=res.labels, energy=res.energy,
@@ -83,7 +69,7 @@ def solve_part(
                 solver=solver_id, changed=res.changed,
             )
         )
-    shards.write_table(shards.proposals_table(out, run_id), proposal_uri)
+    proposal.write(out, run_id)
     return {
         "images": len(out),
         "seconds": time.perf_counter() - t0,
@@ -91,7 +77,7 @@ def solve_part(
         "iterations": int(sum(p.iterations for p in out)),
         "warm_starts": int(sum(p.warm_start for p in out)),
         "changed_sum": float(sum(p.changed for p in out)),
-        "part_uri": proposal_uri,
-        "snapshot_uri": snapshot_uri,
+        "part_uri": proposal.uri,
+        "snapshot_uri": snapshot.uri,
         "solver": solver_id,
     }

@@ -207,12 +207,12 @@ def _lose_a_solver_node(cluster, proposals: str, n_parts: int, driver, timeout_s
     process of its node (a machine lost without notice). Returns (the node's id, parts
     done before)."""
     from shared import shards
-    from shared.shard_store import parts_in
+    from shared.shard_store import folder_parts
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and driver.poll() is None:
-        done = parts_in(proposals) if os.path.isdir(proposals) else {}
-        solvers = {int(p.solver.rsplit(":", 1)[1]) for uri in done.values() for p in shards.read_proposals(uri)}
+        done = folder_parts(proposals, "proposals") if os.path.isdir(proposals) else {}
+        solvers = {int(p.solver.rsplit(":", 1)[1]) for part in done.values() for p in part.read_proposals()}
         busy = _solving(cluster.raylets(), solvers)
         assert len(done) < n_parts, f"the round ended before a solver was seen solving ({len(done)} parts done)"
         if busy:

@@ -1,6 +1,6 @@
 """The solver farm on a multi-node Ray cluster on one machine (all nodes on 127.0.0.1):
 a head with no CPU, a trainer node and two solver nodes advertising `solver_node`."""
-from shared.shard_store import ShardStore, parts_in
+from shared.shard_store import ShardStore, folder_parts
 import os
 import threading
 import time
@@ -79,7 +79,7 @@ def _make_round(base, data_dir, n_parts, per_part, size, classes=3, seed=0):
                 width=size, num_classes=classes, label_set=labels,
                 neg_log_q=(-np.log(q + 1e-6)).astype(np.float16)))
             ids.append(f"img{i:04d}")
-        shards.write_table(shards.snapshots_table(rows), ShardStore(base).part_uri("snapshots", 0, k))
+        shards.write_table(shards.snapshots_table(rows), ShardStore(base).part("snapshots", 0, k).uri)
     return ids
 
 
@@ -181,7 +181,7 @@ def test_losing_a_solver_node_mid_round_loses_no_proposal(cluster, tmp_path):
         time.sleep(0.05)
     assert len(held()) == 2, "the pool never ran two solver actors"
     proposals = ShardStore(base).round_dir("proposals", 0)
-    assert parts_in(proposals) == {}  # nothing written yet: both parts in flight are at stake
+    assert folder_parts(proposals, "proposals") == {}  # nothing written yet: both parts in flight are at stake
     c.remove_node(solvers[0])
     (data / "hold").unlink()
     thread.join(timeout=120)

@@ -9,7 +9,7 @@ from PIL import Image
 from shared.errors import UserError
 from shared.image_io import palette, read_image, read_label, write_label
 from trainer.checks import check_samples
-from trainer.datasets import EvalSet, TrainSet
+from trainer.datasets import EvalSet, ImageCache, TrainSet
 from trainer.formats import VOC_CLASSES
 from trainer.splits import Sample, load_split, read_classes
 
@@ -267,6 +267,23 @@ def test_cached_after_first_read(folder):
     os.remove(ev.samples[0].mask_path)
     again = ev[0]
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+
+
+def test_train_and_eval_share_one_cache(folder):
+    """The training split read augmented and not (the loop's TrainSet and EvalSet) is
+    decoded once: the second Dataset finds every file in the shared cache."""
+    train = load_split(folder, "folder", "train")
+    cache = ImageCache()
+    first = [TrainSet(train, K, 0, augment=False, cache=cache)[i] for i in range(len(train))]
+    for s in train:
+        for path in (s.image_path, s.seeds_path, s.mask_path):
+            os.remove(path)
+    ev = EvalSet(train, K, cache=cache)
+    for i, item in enumerate(first):
+        again = ev[i]
+        assert all(torch.equal(item[key], again[key]) for key in ("image", "seeds", "mask"))
+    with pytest.raises(UserError, match="not found"):  # a Dataset with a cache of its own reads the files
+        EvalSet(train, K)[0]
 
 
 def test_reference_augmentation_rescales_pads_centred_with_the_mean_and_marks_the_roi(tmp_path):

@@ -42,9 +42,9 @@ def _check_every_part_has_a_proposal(base, n_parts):
     for r in rounds:
         props = ShardStore(base).parts("proposals", r)
         assert sorted(props) == list(range(n_parts)), f"round {r}: proposals of parts {sorted(props)}"
-        for k, uri in props.items():
-            snap_ids = [s.image_id for s in shards.read_snapshots(ShardStore(base).part_uri("snapshots", r, k))]
-            got = shards.read_proposals(uri)
+        for k, part in props.items():
+            snap_ids = [s.image_id for s in shards.read_snapshots(ShardStore(base).part("snapshots", r, k).uri)]
+            got = part.read_proposals()
             assert [p.image_id for p in got] == snap_ids and all(p.round == r for p in got)
 
 
@@ -113,7 +113,7 @@ def _write_snapshot_parts(base, data_dir, n_parts, size=40, classes=3, r=0):
         row = shards.Snapshot(
             image_id=f"img{k}", round=r, image_uri=image_path, seeds_uri=seeds_path, height=size, width=size,
             num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16))
-        shards.write_table(shards.snapshots_table([row]), ShardStore(base).part_uri("snapshots", r, k))
+        shards.write_table(shards.snapshots_table([row]), ShardStore(base).part("snapshots", r, k).uri)
     ShardStore(base).commit("snapshots", r, {k: [f"img{k}"] for k in range(n_parts)})
 
 
@@ -129,7 +129,7 @@ def _solve_parts_locally(base, n_parts, r=0):
     from solver_service.parts import solve_part
 
     for k in range(n_parts):
-        solve_part(ShardStore(base).part_uri("snapshots", r, k), ShardStore(base).part_uri("proposals", r, k), SolverConfig(max_iter=1))
+        solve_part(ShardStore(base).part("snapshots", r, k), ShardStore(base).part("proposals", r, k), SolverConfig(max_iter=1))
     ShardStore(base).commit("proposals", r, {k: [f"img{k}"] for k in range(n_parts)})
 
 
@@ -144,8 +144,8 @@ def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 3)
     _solve_parts_locally(base, 3)
-    bad = ShardStore(base).part_uri("proposals", 0, 1)
-    good = {k: os.stat(ShardStore(base).part_uri("proposals", 0, k)).st_mtime_ns for k in (0, 2)}
+    bad = ShardStore(base).part("proposals", 0, 1).uri
+    good = {k: os.stat(ShardStore(base).part("proposals", 0, k).uri).st_mtime_ns for k in (0, 2)}
     _truncate(bad)
     with pytest.raises(shards.CorruptShardError, match="part-1"):
         shards.read_proposals(bad)
@@ -160,7 +160,7 @@ def test_truncated_proposal_is_reported_and_recomputed(tmp_path, capsys):
         ray.shutdown()
     assert [int(r["k"]) for r in rows] == [1]
     assert [p.image_id for p in shards.read_proposals(bad)] == ["img1"]
-    assert {k: os.stat(ShardStore(base).part_uri("proposals", 0, k)).st_mtime_ns for k in (0, 2)} == good
+    assert {k: os.stat(ShardStore(base).part("proposals", 0, k).uri).st_mtime_ns for k in (0, 2)} == good
 
 
 def test_proposal_feed_never_reads_a_truncated_shard(tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_proposal_feed_never_reads_a_truncated_shard(tmp_path, capsys):
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 2)
     _solve_parts_locally(base, 2)
-    bad = ShardStore(base).part_uri("proposals", 0, 0)
+    bad = ShardStore(base).part("proposals", 0, 0).uri
     _truncate(bad)
     feed = ProposalFeed(ShardStore(base), [["img0"], ["img1"]], sync=False, max_staleness=1)
     got = feed.refresh(0, wait=False)
@@ -187,7 +187,7 @@ def test_unreadable_snapshot_is_reported_not_solved(tmp_path, capsys):
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 2)
     store = ShardStore(base)
-    bad = store.part_uri("snapshots", 0, 1)
+    bad = store.part("snapshots", 0, 1).uri
     _truncate(bad)
     assert sorted(store.unsolved(0, verify=True)) == [0, 1]
     unreadable = store.unreadable("snapshots", 0)
@@ -203,7 +203,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 1)
-    uri = ShardStore(base).part_uri("snapshots", 0, 0)
+    uri = ShardStore(base).part("snapshots", 0, 0).uri
     before = open(uri, "rb").read()
 
     def crash(src, dst):
@@ -213,7 +213,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         storage.write_bytes(uri, b"garbage")
     with pytest.raises(OSError):
-        storage.write_bytes(ShardStore(base).part_uri("snapshots", 0, 1), b"garbage")
+        storage.write_bytes(ShardStore(base).part("snapshots", 0, 1).uri, b"garbage")
     monkeypatch.undo()
     assert open(uri, "rb").read() == before
     assert not [n for n in os.listdir(os.path.dirname(uri)) if n.startswith(".tmp-")]  # cleaned up
@@ -232,7 +232,7 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
     _write_snapshot_parts(base, str(tmp_path / "data"), 1)
     _solve_parts_locally(base, 1)
     for kind in shards.KINDS:
-        uri = ShardStore(base).part_uri(kind, 0, 0)
+        uri = ShardStore(base).part(kind, 0, 0).uri
         schema = pq.read_schema(uri)
         assert schema.remove_metadata().equals(shards.SCHEMAS[kind].remove_metadata())
         assert not any(isinstance(f.type, pa.ExtensionType) for f in schema)

@@ -25,7 +25,7 @@ def _props(base, run_id, k, ids, r=0):
     store.write_proposals(r, k, rows)
     committed = store.manifest("proposals", r)
     store.commit("proposals", r, {**(committed.image_ids() if committed else {}), k: ids})
-    return ShardStore(base).part_uri("proposals", r, k)
+    return ShardStore(base).part("proposals", r, k).uri
 
 
 # --------------------------------------------------------------------------- one run per shard base
@@ -35,11 +35,11 @@ def test_parts_carry_their_run_and_solving_keeps_it(tmp_path):
     """The trainer's snapshot carries its run id; the proposal that answers it too."""
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 1)
-    table = shards.read_table(ShardStore(base).part_uri("snapshots", 0, 0), "snapshots")
+    table = shards.read_table(ShardStore(base).part("snapshots", 0, 0).uri, "snapshots")
     rows = shards.snapshot_rows(table, "x")
     ShardStore(base, "run-a").write_snapshots(0, 0, rows)
     _solve_parts_locally(base, 1)
-    uri = ShardStore(base).part_uri("proposals", 0, 0)
+    uri = ShardStore(base).part("proposals", 0, 0).uri
     assert shards.run_of(shards.read_table(uri, "proposals").schema) == "run-a"
     shards.read_proposals(uri, "run-a")
     with pytest.raises(ForeignShardError, match="run-a"):
@@ -145,7 +145,7 @@ def test_pollers_read_one_manifest_a_poll_and_never_list(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "manifest", lambda kind, r: read.append((kind, r)) or ShardStore.manifest(store, kind, r))
     monkeypatch.setattr(storage, "list_dir", lambda uri: listed.append(uri) or [])
     assert farm.pending() == [] and read == [("snapshots", 2)]
-    os.remove(store.part_uri("proposals", 0, 1))
+    os.remove(store.part("proposals", 0, 1).uri)
     store.uncommit("proposals", 0)  # what the feed does with a corrupt part
     read.clear()
     assert farm.pending() == [] and read == [("snapshots", 2)]  # both rounds remembered as finished
@@ -245,7 +245,7 @@ def test_farm_passes_a_round_blocked_on_an_unreadable_snapshot(ray_local, tmp_pa
     base = str(tmp_path / "shards")
     for r in (0, 1):
         _write_snapshot_parts(base, str(tmp_path / "data"), 2, r=r)
-    bad = ShardStore(base).part_uri("snapshots", 0, 1)
+    bad = ShardStore(base).part("snapshots", 0, 1).uri
     _truncate(bad)
     errors = []
     farm = Farm(ShardStore(base), 2, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1))
@@ -282,7 +282,7 @@ def test_trainer_writes_a_missing_answers_unreadable_snapshot_again(tmp_path, sy
     net = build_model("unet", 4)
     stage_a._write(net, 0)
     store = ShardStore(cfg.shard_base(), "mine")
-    bad, good = store.part_uri("snapshots", 0, 1), store.part_uri("snapshots", 0, 2)
+    bad, good = store.part("snapshots", 0, 1).uri, store.part("snapshots", 0, 2).uri
     before = os.stat(good).st_mtime_ns
     _truncate(bad)
     stage_a._repair(net, 0, [1, 2])
@@ -335,7 +335,7 @@ def test_a_round_without_progress_is_tried_again_ever_less_often(ray_local, tmp_
 
     base = str(tmp_path / "shards")
     _write_snapshot_parts(base, str(tmp_path / "data"), 1)
-    _truncate(ShardStore(base).part_uri("snapshots", 0, 0))
+    _truncate(ShardStore(base).part("snapshots", 0, 0).uri)
     store, tries = ShardStore(base), []
     unsolved = store.unsolved
     store.unsolved = lambda *a, **k: tries.append(1) or unsolved(*a, **k)

@@ -20,7 +20,7 @@ def write_proposals(base, r, k, value):
         for i in PARTS[k]
     ]
     store = ShardStore(base)
-    shards.write_table(shards.proposals_table(rows), store.part_uri("proposals", r, k))
+    shards.write_table(shards.proposals_table(rows), store.part("proposals", r, k).uri)
     committed = store.manifest("proposals", r)
     store.commit("proposals", r, {**(committed.image_ids() if committed else {}), k: PARTS[k]})
 
@@ -81,7 +81,7 @@ def test_farm_failure_stops_the_wait(tmp_path):
 def test_corrupt_proposal_is_reported_and_removed(tmp_path, capsys):
     base = str(tmp_path)
     write_proposals(base, 0, 0, 0)
-    uri = ShardStore(base).part_uri("proposals", 0, 1)
+    uri = ShardStore(base).part("proposals", 0, 1).uri
     (tmp_path / "proposals" / "round=0" / "part-1.parquet").write_bytes(b"not parquet")
     ShardStore(base).commit("proposals", 0, {0: PARTS[0], 1: PARTS[1]})
     feed = ProposalFeed(ShardStore(base), PARTS, sync=False, max_staleness=1)
@@ -116,7 +116,7 @@ def test_diagnostics_score_the_proposals_in_use_against_masks(tmp_path):
         rows.append(shards.Proposal(image_id=i, round=0, labels=labels, energy=1.0, unary_energy=0.5,
                                     smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t",
                                     changed=changed))
-    shards.write_table(shards.proposals_table(rows), ShardStore(base).part_uri("proposals", 0, 0))
+    shards.write_table(shards.proposals_table(rows), ShardStore(base).part("proposals", 0, 0).uri)
     ShardStore(base).commit("proposals", 0, {0: ["a", "b"]})
     mask = np.zeros((4, 4), np.uint8)
     mask[:, 1:] = 1  # the proposals miss one column of class 1: IoU 8/12 (class 1), 4/8 (class 0)

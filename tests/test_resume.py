@@ -87,7 +87,7 @@ def test_truncated_snapshot_part_is_reported(tmp_path):
     assert not store.round_complete("snapshots", 0, 2)  # not committed yet
     store.commit("snapshots", 0, {0: ["img0"], 1: ["img1"]})
     assert store.round_complete("snapshots", 0, 2) and not store.unreadable("snapshots", 0, read_rows=True)
-    bad = store.part_uri("snapshots", 0, 1)
+    bad = store.part("snapshots", 0, 1).uri
     _truncate(bad)
     unreadable = store.unreadable("snapshots", 0, read_rows=True)
     assert list(unreadable) == [1] and bad in str(unreadable[1])
@@ -138,10 +138,10 @@ def test_kill_trainer_mid_round_then_resume(tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "checkpoints", "last.pt"))
     assert ckpt["phase"] == 1 and ckpt["epoch"] >= 2 and ckpt["optimizer"]["state"], "momentum buffers checkpointed"
     resume_round = ckpt["epoch"] // 2
-    proposals = {uri: os.stat(uri).st_mtime_ns for r in ShardStore(base).rounds("proposals")
-                 for uri in ShardStore(base).parts("proposals", r).values()}
+    proposals = {part.uri: os.stat(part.uri).st_mtime_ns for r in ShardStore(base).rounds("proposals")
+                 for part in ShardStore(base).parts("proposals", r).values()}
     assert proposals, "no proposal written before the kill"
-    snap = ShardStore(base).part_uri("snapshots", resume_round, 3)
+    snap = ShardStore(base).part("snapshots", resume_round, 3).uri
     _truncate(snap)
 
     # the resumed run loses its trainer worker (kill -9) after one more epoch: Ray Train

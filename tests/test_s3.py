@@ -71,7 +71,7 @@ def _write_snapshot_round(base, r, images, per_part, classes, rng, stride=2):
             rows.append(shards.Snapshot(
                 image_id=image_id, round=r, image_uri=image_uri, seeds_uri=seeds_uri, height=h, width=w,
                 num_classes=classes, label_set=labels, neg_log_q=(-np.log(q + 1e-6)).astype(np.float16)))
-        uri = ShardStore(base).part_uri("snapshots", r, k // per_part)
+        uri = ShardStore(base).part("snapshots", r, k // per_part).uri
         shards.write_table(shards.snapshots_table(rows), uri)
         parts[k // per_part] = rows
     return parts
@@ -82,7 +82,7 @@ def test_query_uri_round_trip(base, s3_endpoint):
     from shared import storage
 
     _, client = s3_endpoint
-    uri = ShardStore(base).part_uri("proposals", 3, 7)
+    uri = ShardStore(base).part("proposals", 3, 7).uri
     assert uri.startswith(f"s3://{BUCKET}/") and "/proposals/round=3/part-7.parquet?" in uri
     fs, path = storage.resolve(uri)
     assert type(fs).__name__ == "S3FileSystem"
@@ -111,8 +111,8 @@ def test_whole_round_on_s3(base, s3_endpoint):
     assert ShardStore(base).rounds("snapshots") == [0]
     snap_parts = ShardStore(base).parts("snapshots", 0)
     assert sorted(snap_parts) == [0, 1, 2]
-    for k, uri in snap_parts.items():
-        back = shards.read_snapshots(uri)
+    for k, part in snap_parts.items():
+        back, _ = part.read_snapshots()
         assert [s.image_id for s in back] == [s.image_id for s in written[k]]
         for a, b in zip(back, written[k]):
             np.testing.assert_allclose(a.neg_log_q, b.neg_log_q.astype(np.float32), atol=shards.NEG_LOG_Q_STEP / 2 + 1e-6)
@@ -122,9 +122,9 @@ def test_whole_round_on_s3(base, s3_endpoint):
     for r in (0, 1):
         if r == 1:  # a second round, warm-started from round 0's proposals
             _write_snapshot_round(base, 1, images, per_part=2, classes=classes, rng=rng)
-        for k, uri in sorted(ShardStore(base).parts("snapshots", r).items()):
-            init = ShardStore(base).part_uri("proposals", 0, k) if r == 1 else None
-            stats = parts_mod.solve_part(uri, ShardStore(base).part_uri("proposals", r, k), cfg, init, "test:1")
+        for k, part in sorted(ShardStore(base).parts("snapshots", r).items()):
+            init = ShardStore(base).part("proposals", 0, k) if r == 1 else None
+            stats = parts_mod.solve_part(part, ShardStore(base).part("proposals", r, k), cfg, init, "test:1")
             assert stats["images"] == 2
 
     assert ShardStore(base).rounds("proposals") == [0, 1]
@@ -132,8 +132,8 @@ def test_whole_round_on_s3(base, s3_endpoint):
     for r in (0, 1):
         done = ShardStore(base).parts("proposals", r)
         assert sorted(done) == [0, 1, 2]
-        for k, uri in done.items():
-            props = shards.read_proposals(uri)
+        for k, part in done.items():
+            props = part.read_proposals()
             assert [p.image_id for p in props] == [s.image_id for s in written[k]]
             for p in props:
                 assert p.round == r and p.solver == "test:1"
@@ -163,8 +163,8 @@ def test_killed_writer_leaves_no_object(base, s3_endpoint, n_bytes):
 
     _, client = s3_endpoint
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fresh = ShardStore(base).part_uri("proposals", 0, 0)
-    old = ShardStore(base).part_uri("proposals", 0, 1)
+    fresh = ShardStore(base).part("proposals", 0, 0).uri
+    old = ShardStore(base).part("proposals", 0, 1).uri
     storage.write_bytes(old, b"old whole file")
     for uri in (fresh, old):
         code = _PARTIAL_WRITER.format(root=root, uri=uri, n=n_bytes)
@@ -193,7 +193,7 @@ def test_a_writer_failing_after_its_bytes_leaves_the_old_object(base, s3_endpoin
             image_id="a", round=0, labels=np.full((5, 6), value, np.uint8), energy=1.0, unary_energy=0.5,
             smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t:1")])
 
-    uri = ShardStore(base).part_uri("proposals", 0, 0, ext)
+    uri = ShardStore(base).part("proposals", 0, 0, ext).uri
     shards.write_table(table(1), uri)
     old = storage.read_bytes(uri)
     real_parquet, real_new_file = pq.write_table, ipc.new_file
@@ -228,7 +228,7 @@ def test_overwrite_is_whole(base, s3_endpoint):
     """A re-solved part replaces the old file in one PUT; readers see old or new, whole."""
     from shared import shards
 
-    uri = ShardStore(base).part_uri("proposals", 2, 0)
+    uri = ShardStore(base).part("proposals", 2, 0).uri
     for value in (1, 2):
         p = shards.Proposal(image_id="a", round=2, labels=np.full((5, 6), value, np.uint8), energy=1.0,
                             unary_energy=0.5, smooth_energy=0.5, iterations=1, seconds=0.1,
@@ -356,7 +356,7 @@ def test_feed_keeps_a_part_that_storage_cannot_deliver(flaky, monkeypatch, capsy
                         smooth_energy=0.5, iterations=1, seconds=0.1, warm_start=False, solver="t:1")
     ShardStore(base, "r").write_proposals(0, 0, [p])
     ShardStore(base, "r").commit("proposals", 0, {0: ["a"]})
-    uri = ShardStore(base).part_uri("proposals", 0, 0)
+    uri = ShardStore(base).part("proposals", 0, 0).uri
     feed = ProposalFeed(ShardStore(base, "r"), [["a"]], sync=False, max_staleness=1)
     proxy.fail, proxy.match = 10**6, "part-0"
     feed.refresh(0, wait=False)
@@ -400,14 +400,14 @@ def test_feed_waits_out_a_storage_outage_then_gives_up_after_its_patience(flaky,
     assert not refresh.is_alive() and waiting.current == {0: 0} and (waiting.labels["a"] == 1).all()
     assert out.count("warning: proposals: storage error") >= 2 and "HTTP status 503" in out, out
     for match, uri in (("proposals", ShardStore(base).manifest_uri("proposals", 0)),
-                       ("part-0", ShardStore(base).part_uri("proposals", 0, 0))):
+                       ("part-0", ShardStore(base).part("proposals", 0, 0).uri)):
         proxy.fail, proxy.match = 10**6, match
         with pytest.raises(UserError) as e:
             feed(1).refresh(0, wait=True)
         proxy.fail = 0
         message = str(e.value)
         assert message.startswith(f"{uri}: storage failing for over 1s (--storage-patience)") and "\n" not in message
-    assert not proxy.fail and storage.exists(ShardStore(base).part_uri("proposals", 0, 0))  # nothing deleted
+    assert not proxy.fail and storage.exists(ShardStore(base).part("proposals", 0, 0).uri)  # nothing deleted
 
 
 def test_a_run_folder_on_s3_resumes_from_its_config_and_checkpoint(base, s3_endpoint):

@@ -32,7 +32,7 @@ def prop(i, r=2):
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_snapshot_round_trip(tmp_path, fmt):
     rows = [snap(i) for i in range(3)]
-    uri = ShardStore(str(tmp_path)).part_uri("snapshots", 2, 0, fmt)
+    uri = ShardStore(str(tmp_path)).part("snapshots", 2, 0, fmt).uri
     shards.write_table(shards.snapshots_table(rows), uri)
     back = shards.read_snapshots(uri)
     assert [b.image_id for b in back] == ["img0", "img1", "img2"]
@@ -44,14 +44,14 @@ def test_snapshot_round_trip(tmp_path, fmt):
         q = b.probs()
         assert q.shape == (5, 5, 6) and np.all(q[[1, 2, 4]] == 0)
         np.testing.assert_allclose(q[3], np.exp(-a.neg_log_q[1].astype(np.float32)), rtol=shards.NEG_LOG_Q_STEP / 2 + 1e-3)
-    assert ShardStore(str(tmp_path)).parts("snapshots", 2) == {0: uri}
+    assert ShardStore(str(tmp_path)).parts("snapshots", 2) == {0: ShardStore(str(tmp_path)).part("snapshots", 2, 0, fmt)}
     assert ShardStore(str(tmp_path)).rounds("snapshots") == [2]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_proposal_round_trip(tmp_path, fmt):
     rows = [prop(i) for i in range(4)]
-    uri = ShardStore(str(tmp_path)).part_uri("proposals", 2, 1, fmt)
+    uri = ShardStore(str(tmp_path)).part("proposals", 2, 1, fmt).uri
     shards.write_table(shards.proposals_table(rows), uri)
     back = shards.read_proposals(uri)
     for a, b in zip(rows, back):
@@ -114,7 +114,7 @@ def test_neg_log_q_codes_cover_the_solver_floor():
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_check_shard_reads_only_the_footer_and_catches_truncation(tmp_path, fmt):
-    uri = ShardStore(str(tmp_path)).part_uri("snapshots", 0, 0, fmt)
+    uri = ShardStore(str(tmp_path)).part("snapshots", 0, 0, fmt).uri
     shards.write_table(shards.snapshots_table([snap(0)]), uri)
     shards.check_shard(uri, "snapshots")
     with pytest.raises(shards.CorruptShardError, match="not a proposals shard"):
@@ -133,7 +133,7 @@ def test_a_round_is_visible_once_its_manifest_commits_it(tmp_path, fmt):
     store = ShardStore(str(tmp_path), "run-a")
     for k in range(2):
         shards.write_table(shards.proposals_table([prop(2 * k), prop(2 * k + 1)], "run-a"),
-                           store.part_uri("proposals", 2, k, fmt))
+                           store.part("proposals", 2, k, fmt).uri)
     assert store.newest_proposals(2, 2) == {} and not store.round_complete("proposals", 2, 2)
     assert sorted(store.parts("proposals", 2)) == [0, 1]  # the listing (once-a-round checks) sees them
     store.commit("proposals", 2, {0: ["img0", "img1"], 1: ["img2", "img3"]}, fmt)
@@ -142,8 +142,8 @@ def test_a_round_is_visible_once_its_manifest_commits_it(tmp_path, fmt):
     assert m.image_ids() == {0: ["img0", "img1"], 1: ["img2", "img3"]}
     assert store.round_complete("proposals", 2, 2) and not store.round_complete("proposals", 2, 3)
     newest = store.newest_proposals(3, 2)
-    assert newest == {k: (2, store.part_uri("proposals", 2, k, fmt)) for k in range(2)}
-    assert [p.image_id for p in shards.read_proposals(newest[1][1], "run-a")] == ["img2", "img3"]
+    assert newest == {k: (2, store.part("proposals", 2, k, fmt)) for k in range(2)}
+    assert [p.image_id for p in store.read_proposals(newest[1][1])] == ["img2", "img3"]
     assert sorted(os.listdir(tmp_path / "proposals" / "round=2")) == ["manifest.json", f"part-0.{fmt}", f"part-1.{fmt}"]
     assert store.parts("proposals", 2) == store.committed("proposals", 2)  # the manifest is not a part
     store.uncommit("proposals", 2)
@@ -158,7 +158,7 @@ def test_newest_proposals_per_part_across_rounds(tmp_path):
         store.commit("proposals", r, {k: [f"img{k}"] for k in ks})
     assert {k: p for k, (p, _) in store.newest_proposals(2, 2).items()} == {0: 1, 1: 0}
     assert {k: p for k, (p, _) in store.newest_proposals(3, 2).items()} == {0: 3, 1: 3}
-    assert store.newest_proposals(2, 2, since=0) == {0: (1, store.part_uri("proposals", 1, 0))}
+    assert store.newest_proposals(2, 2, since=0) == {0: (1, store.part("proposals", 1, 0))}
 
 
 def test_manifests_of_another_run_are_ignored_and_garbage_is_named(tmp_path):
@@ -170,3 +170,34 @@ def test_manifests_of_another_run_are_ignored_and_garbage_is_named(tmp_path):
     (tmp_path / "snapshots" / "round=0" / "manifest.json").write_bytes(b'{"version": 1}')
     with pytest.raises(CorruptShardError, match=r"round=0/manifest.json.*not a round manifest"):
         store.manifest("snapshots", 0)
+    (tmp_path / "snapshots" / "round=0" / "manifest.json").write_bytes(
+        b'{"version": 1, "kind": "snapshots", "round": 0, "run_id": "mine", '
+        b'"parts": {"0": {"file": "../elsewhere.parquet", "image_ids": ["img0"]}}}')
+    with pytest.raises(CorruptShardError, match=r"part 0 is file '../elsewhere.parquet'"):
+        store.manifest("snapshots", 0)
+
+
+def test_parts_are_references_the_store_hands_out(tmp_path):
+    """A Part names its file (built in the store only), pickles (Ray Data rows carry
+    PartJobs), and reads, writes and deletes itself; a round's jobs pair snapshot part k
+    with proposal part k and its newest earlier proposal."""
+    import pickle
+
+    store = ShardStore(str(tmp_path), "run-a")
+    store.write_snapshots(1, 0, [snap(0, 1)])
+    store.write_snapshots(1, 1, [snap(1, 1)])
+    store.write_proposals(0, 1, [prop(1, 0)])
+    store.commit("proposals", 0, {1: ["img1"]})
+    jobs = store.jobs(1, store.unsolved(1))
+    assert pickle.loads(pickle.dumps(jobs)) == jobs
+    assert [(j.snapshot.k, j.proposal, j.init) for j in jobs] == [
+        (0, store.part("proposals", 1, 0), None), (1, store.part("proposals", 1, 1), store.part("proposals", 0, 1))]
+    assert jobs[1].snapshot.uri == str(tmp_path / "snapshots" / "round=1" / "part-1.parquet")
+    rows, run_id = jobs[1].snapshot.read_snapshots()
+    assert [r.image_id for r in rows] == ["img1"] and run_id == "run-a"
+    assert list(jobs[1].init.warm_starts("run-a")) == ["img1"]
+    with pytest.warns(UserWarning, match="ignoring warm starts.*not by this run run-b"):
+        assert jobs[1].init.warm_starts("run-b") == {}
+    store.discard(0, jobs[1].init)
+    assert store.parts("proposals", 0) == {} and store.manifest("proposals", 0) is None
+    assert jobs[0].init is None and jobs[1].init.warm_starts("run-a") == {}  # gone: a cold start

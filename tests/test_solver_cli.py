@@ -53,8 +53,8 @@ def make_data(tmp_path, n=3):
             seeds_uri=str(tmp_path / "seeds" / f"im{i}.png"), height=H, width=W, num_classes=K,
             label_set=L, neg_log_q=(-np.log(q[L])).astype(np.float16)))
     base = str(tmp_path / "shards")
-    shards.write_table(shards.snapshots_table(rows[:2]), ShardStore(base).part_uri("snapshots", 3, 0))
-    shards.write_table(shards.snapshots_table(rows[2:]), ShardStore(base).part_uri("snapshots", 3, 1, "arrow"))
+    shards.write_table(shards.snapshots_table(rows[:2]), ShardStore(base).part("snapshots", 3, 0).uri)
+    shards.write_table(shards.snapshots_table(rows[2:]), ShardStore(base).part("snapshots", 3, 1, "arrow").uri)
     return base
 
 
@@ -100,10 +100,10 @@ def test_cli_end_to_end(tmp_path):
 
 def test_solve_part_function(tmp_path):
     base = make_data(tmp_path, n=2)
-    uri = ShardStore(base).part_uri("proposals", 3, 0)
-    st = solve_part(ShardStore(base).part_uri("snapshots", 3, 0), uri, SolverConfig(algorithm="swap"), solver_id="t:1")
-    assert st["images"] == 2 and st["part_uri"] == uri and st["energy_sum"] > 0
-    assert [p.solver for p in shards.read_proposals(uri)] == ["t:1", "t:1"]
+    proposal = ShardStore(base).part("proposals", 3, 0)
+    st = solve_part(ShardStore(base).part("snapshots", 3, 0), proposal, SolverConfig(algorithm="swap"), solver_id="t:1")
+    assert st["images"] == 2 and st["part_uri"] == proposal.uri and st["energy_sum"] > 0
+    assert [p.solver for p in proposal.read_proposals()] == ["t:1", "t:1"]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "workers0", "max_iter0", "bad_image"])

@@ -2,9 +2,10 @@
 read, cached and, for training, augmented jointly (`trainer.augment`).
 
 Caching: the Datasets keep every decoded image and label in memory after its first
-read (per Dataset object, hence per DataLoader worker). The data sets this project
-trains on are small (the synthetic set is a few MB); for full VOC that costs a few GB
-per worker — pass ``cache=False`` there.
+read, in an `ImageCache` that Datasets over the same files share (the training split's,
+augmented and not: each image is held once per process, hence per DataLoader worker).
+The data sets this project trains on are small (the synthetic set is a few MB); for
+full VOC that costs a few GB per worker — pass ``ImageCache(enabled=False)`` there.
 """
 from __future__ import annotations
 
@@ -21,23 +22,36 @@ from trainer.splits import Sample
 MAP_FILL = (UNLABELLED, UNLABELLED, UNLABELLED, 0)  # padding of seeds, proposal, mask (unlabelled) and ROI (outside)
 
 
+class ImageCache:
+    """Decoded images and label maps by path, kept after their first read (when
+    `enabled`). One object serves every Dataset of a process that reads the same files,
+    so that the training split, read augmented and not, is decoded and held once."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, path: str, read) -> np.ndarray:
+        """The array at `path`, from `read(path)` on its first request."""
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = read(path)
+            if self.enabled:
+                self._arrays[path] = arr
+        return arr
+
+
 class _Base(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], num_classes: int, cache: bool = True):
+    def __init__(self, samples: list[Sample], num_classes: int, cache: ImageCache | None = None):
         self.samples = list(samples)
         self.num_classes = num_classes
-        self.cache = cache
-        self._cache: dict[str, np.ndarray] = {}
+        self.cache = cache if cache is not None else ImageCache()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _get(self, path: str, kind: str) -> np.ndarray:
-        arr = self._cache.get(path)
-        if arr is None:
-            arr = read_image(path) if kind == "image" else read_label(path, self.num_classes)
-            if self.cache:
-                self._cache[path] = arr
-        return arr
+        return self.cache.get(path, read_image if kind == "image" else lambda p: read_label(p, self.num_classes))
 
     def _load(self, index: int) -> tuple[Sample, np.ndarray, np.ndarray, np.ndarray]:
         s = self.samples[index]
@@ -101,7 +115,7 @@ class TrainSet(_Base):
         seed: int = 0,
         *,
         scale_range: tuple[float, float] | None = None,
-        cache: bool = True,
+        cache: ImageCache | None = None,
         augmentation: str = "default",
     ):
         super().__init__(samples, num_classes, cache)

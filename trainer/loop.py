@@ -32,7 +32,7 @@ from shared.config import from_dict
 from trainer.config import TrainConfig, default_eps
 from trainer import engine
 from trainer.architectures import build_model
-from trainer.datasets import EvalSet, TrainSet
+from trainer.datasets import EvalSet, ImageCache, TrainSet
 from trainer.splits import load_split, read_classes
 from trainer.methods import METHODS
 from trainer.outliers import OutlierModel
@@ -169,7 +169,7 @@ class Data:
         classes = read_classes(cfg.data, cfg.format)
         K = len(classes)
         train_samples = train_split(cfg)
-        cache = len(train_samples) <= CACHE_MAX_IMAGES
+        cache = ImageCache(enabled=len(train_samples) <= CACHE_MAX_IMAGES)  # one for all three: each image held once
         trainset = TrainSet(train_samples, K, cfg.crop_size, augment=True, seed=cfg.seed + w.rank, cache=cache,
                             augmentation=cfg.augmentation)
         valset = EvalSet(load_split(cfg.data, cfg.format, "val", cfg.scribbles), K, cache=cache)

@@ -27,8 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from shared import shards, storage
-from shared.shard_store import ShardStore
+from shared.shard_store import Part, ShardStore
 from shared.errors import CorruptShardError, ForeignShardError, UserError
 from shared.labels import UNLABELLED
 from trainer.metrics import confusion_matrix, miou
@@ -76,8 +75,8 @@ class ProposalFeed:
             except OSError as e:
                 self._storage_failed(self.store.manifest_uri("proposals", r), e, asked)
                 newest = {}
-            for k, (p, uri) in newest.items():
-                if p > self.current.get(k, -1) and self._load(k, p, uri):
+            for k, (p, part) in newest.items():
+                if p > self.current.get(k, -1) and self._load(k, p, part):
                     progress = time.perf_counter()
             lags = [r - self.current.get(k, -1) for k in range(len(self.parts))]
             if not wait or max(lags) <= self.min_lag:
@@ -141,11 +140,11 @@ class ProposalFeed:
             self._warned.add(message)
             print(f"warning: {message}", flush=True)
 
-    def _load(self, k: int, p: int, uri: str) -> bool:
+    def _load(self, k: int, p: int, part: Part) -> bool:
         """Take part k's proposals of round p; False if they cannot be used (yet)."""
         asked = time.monotonic()
         try:
-            rows = shards.read_proposals(uri, self.store.run_id)
+            rows = self.store.read_proposals(part)
         except FileNotFoundError:  # replaced or deleted since the listing
             return False
         except ForeignShardError as e:
@@ -153,14 +152,13 @@ class ProposalFeed:
             return False
         except CorruptShardError as e:  # the farm re-checks every part of a round and recomputes bad ones
             self._warn_once(f"{e}; deleting it so that stage A recomputes it")
-            storage.delete(uri)
-            self.store.uncommit("proposals", p)
+            self.store.discard(p, part)
             return False
         except OSError as e:  # storage kept failing: try again at the next poll, within --storage-patience
-            self._storage_failed(uri, e, asked)
+            self._storage_failed(part.uri, e, asked)
             return False
         if [row.image_id for row in rows] != self.parts[k]:
-            raise UserError(f"{uri}: answers images {[row.image_id for row in rows][:3]}…, but part {k} "
+            raise UserError(f"{part.uri}: answers images {[row.image_id for row in rows][:3]}…, but part {k} "
                             f"holds {self.parts[k][:3]}…: shards of another data set or --shard-size")
         for row in rows:
             self.labels[row.image_id] = row.labels
