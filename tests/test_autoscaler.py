@@ -6,6 +6,7 @@ autoscaler brings solver nodes up for stage A and a trainer node for Ray Train, 
 solver node is lost in the middle of the round, and the idle nodes are stopped again."""
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,12 @@ pytestmark = pytest.mark.cluster
 CLUSTER_YAML = os.path.join(ROOT, "deploy", "cluster.yaml")
 IDLE_TIMEOUT_MIN = 0.1  # the yaml's 10 minutes would hold the test that long
 OBJECT_STORE = 150 * 2**20  # per node: Ray's default (30% of RAM each) adds up on one machine
+# What the test's run can use of each type (--workers 1, --solvers 1:2), and one solver
+# node more for the actor of the node the test kills. Above that the fake provider only
+# churns: it launched a `trainer` node for Ray Train's standing resource request every
+# ≈ 11 s and stopped it idle 6 s later (deploy/README.md, known limits), each launch a
+# raylet and two agents starting on this machine's two cores.
+MAX_WORKERS = {"trainer": 1, "solver": 3}
 # The fake provider names the head type so; our yaml's head type becomes it.
 FAKE_HEAD_TYPE = "ray.head.default"
 # Solver actors ask Ray for memory, and the autoscaler launches only a type that declares
@@ -44,9 +51,9 @@ class FakeProvider(FakeMultiNodeProvider):
 
 def fake_cluster_config(gcs_address: str) -> dict:
     """deploy/cluster.yaml's node types for the fake provider: names, custom resources and
-    min/max_workers as they are, every count divided by the type's CPU count (at least 1),
-    so a node has one CPU; the solver type's `solver_node` (= its CPUs) becomes 1, the
-    trainer keeps its GPU and `trainer_node`."""
+    min_workers as they are, max_workers at most MAX_WORKERS, every count divided by the
+    type's CPU count (at least 1), so a node has one CPU; the solver type's `solver_node`
+    (= its CPUs) becomes 1, the trainer keeps its GPU and `trainer_node`."""
     import yaml
 
     with open(CLUSTER_YAML) as f:
@@ -59,7 +66,8 @@ def fake_cluster_config(gcs_address: str) -> dict:
             types[FAKE_HEAD_TYPE] = {"resources": {"CPU": scaled["CPU"]}, "node_config": {}, "max_workers": 0}
         else:
             types[name] = {"resources": {**scaled, "object_store_memory": OBJECT_STORE}, "node_config": {},
-                           "min_workers": t["min_workers"], "max_workers": t["max_workers"]}
+                           "min_workers": t["min_workers"],
+                           "max_workers": min(t["max_workers"], MAX_WORKERS.get(name, t["max_workers"]))}
     empty = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
              "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude",
              "rsync_filter")
@@ -89,6 +97,7 @@ class FakeCluster:
 
     def __init__(self, tmp: str, home: str):
         self.tmp, self.token = tmp, os.path.join(home, ".trseg", "ray_auth_token")
+        self.reader = None  # the tables() process
         os.makedirs(os.path.dirname(self.token))
         # created 0600, as the deploy steps do: submit.py refuses a token others can read
         with open(os.open(self.token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
@@ -136,34 +145,54 @@ class FakeCluster:
 
     def tables(self) -> dict:
         """Ray's own node table (dead nodes included: type, start, end, why it ended) and
-        actor table, read through a driver that joins with the token."""
-        env = {**self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token}
-        out = subprocess.run([sys.executable, "-c", TABLES], env=env, capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.splitlines()[-1])
+        actor table, read through a driver that joins with the token: one process, which
+        joins once and answers each call (a process a call paid Ray's import and ray.init
+        every 2 s while the test waited for the idle nodes to stop)."""
+        if self.reader is None:
+            env = {**self.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token}
+            self.reader = subprocess.Popen([sys.executable, "-c", TABLES, self.address], env=env, bufsize=0,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=open(os.path.join(self.tmp, "tables.log"), "w"))
+        answer = os.path.join(self.tmp, "tables.json")
+        self.reader.stdin.write(answer.encode() + b"\n")
+        deadline = time.monotonic() + 180
+        while True:  # until it says "done" (Ray may print before)
+            ready, _, _ = select.select([self.reader.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = self.reader.stdout.readline() if ready else b""  # b"" also when the reader died
+            assert line, f"no tables within 180s: {open(os.path.join(self.tmp, 'tables.log')).read()[-3000:]}"
+            if line.strip() == b"done":
+                with open(answer) as f:
+                    return json.load(f)
 
     def stop(self) -> None:
         """Every process of the head's session: the head's, and the autoscaler's nodes,
         which would outlive it (`ray start --block` takes over 30 s to stop on SIGTERM)."""
+        if self.reader is not None:
+            kill_processes([Proc(self.reader.pid)])
+            self.reader.wait()
         kill_processes(session_processes(self.head.pid))
         self.head.wait()
 
 
 TABLES = r"""
 import json
+import sys
 import ray
 from ray._private import state
-ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-nodes = []
-for info in ray._private.worker.global_worker.gcs_client.get_all_node_info().values():
-    nodes.append({"id": info.node_id.hex(), "type": info.node_type_name or ("head" if info.is_head_node else ""),
-                  "start": info.start_time_ms / 1e3, "end": info.end_time_ms / 1e3 or None,
-                  "resources": dict(info.resources_total), "alive": info.state == 0,
-                  "death": info.death_info.reason_message})
-actors = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "start": a["StartTime"] / 1e3,
-           "end": a["EndTime"] / 1e3 or None, "restarts": a["NumRestarts"], "pid": a["Pid"]}
-          for a in state.actors().values()]
-print(json.dumps({"nodes": nodes, "actors": actors}))
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+for answer in sys.stdin:
+    nodes = []
+    for info in ray._private.worker.global_worker.gcs_client.get_all_node_info().values():
+        nodes.append({"id": info.node_id.hex(), "type": info.node_type_name or ("head" if info.is_head_node else ""),
+                      "start": info.start_time_ms / 1e3, "end": info.end_time_ms / 1e3 or None,
+                      "resources": dict(info.resources_total), "alive": info.state == 0,
+                      "death": info.death_info.reason_message})
+    actors = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "start": a["StartTime"] / 1e3,
+               "end": a["EndTime"] / 1e3 or None, "restarts": a["NumRestarts"], "pid": a["Pid"]}
+              for a in state.actors().values()]
+    with open(answer.strip(), "w") as f:
+        json.dump({"nodes": nodes, "actors": actors}, f)
+    print("done", flush=True)
 """
 
 
@@ -243,10 +272,30 @@ def _timeline(tables: dict, t0: float, lost: str) -> list[str]:
     return lines
 
 
+def _phases(out, t0: float) -> str:
+    """When the run's files were written, in seconds from t0: snapshot and proposal parts
+    (first–last), the end of each epoch, the summary."""
+    import glob
+
+    def span(pattern):
+        times = sorted(os.path.getmtime(f) for f in glob.glob(os.path.join(str(out), pattern)))
+        return f"{times[0] - t0:.0f}–{times[-1] - t0:.0f}s" if times else "-"
+
+    epochs = [f"{p} {os.path.getmtime(f) - t0:.0f}s" for p, f in (("metrics", os.path.join(str(out), "metrics.jsonl")),
+                                                               ("summary", os.path.join(str(out), "summary.json")))
+              if os.path.exists(f)]
+    return (f"snapshots {span('shards/snapshots/round=0/part-*')}, proposals {span('shards/proposals/round=0/part-*')}, "
+            + ", ".join(epochs))
+
+
 def test_autoscaler_brings_solver_nodes_up_for_stage_a_and_stops_them(fake_cluster, synthetic_set, tmp_path):
     """Issue 30 items 1 and 2 in one run."""
     c = fake_cluster
-    n_train, shard_size = 48, 1  # a part an image: the lost node holds one, the others go on
+    # A part an image: the lost node holds one, the others go on. Stage A was most of the
+    # run at 48 images (≈ 9 s a part on each solver at load 33 on two cores: 300 of 426 s),
+    # and the snapshot and the epoch scale with the images too; the node is lost as soon as
+    # a solver that wrote a part is busy on the next, and 16 leave the round going on then.
+    n_train, shard_size = 16, 1
     data, out = synthetic_set(n_train, 2, 224), tmp_path / "run"
     argv = [sys.executable, os.path.join(ROOT, "deploy", "submit.py"), "--data", data, "--format", "synthetic",
             "--method", "grid-tr", "--solvers", "1:2", "--solver-resource", "solver_node",
@@ -276,10 +325,12 @@ def test_autoscaler_brings_solver_nodes_up_for_stage_a_and_stops_them(fake_clust
 
     deadline, tables = time.monotonic() + 180, c.tables()
     while any(n["alive"] for n in tables["nodes"] if n["type"] != "head") and time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(1)
         tables = c.tables()
     print(f"\nrun finished at {t_done:.0f}s, solver node {lost[-5:]} lost at {t_lost:.0f}s with "
-          f"{parts_before}/{n_train // shard_size} parts done:\n" + "\n".join(_timeline(tables, t0, lost)))
+          f"{parts_before}/{n_train // shard_size} parts done, idle nodes gone at {time.time() - t0:.0f}s "
+          f"(load {open('/proc/loadavg').read().split()[0]}); {_phases(out, t0)}:\n"
+          + "\n".join(_timeline(tables, t0, lost)))
 
     summary = json.loads((out / "summary.json").read_text())
     # every image has its proposal (a part the lost node wrote before its result reached
