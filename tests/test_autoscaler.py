@@ -235,7 +235,6 @@ def _lose_a_solver_node(cluster, proposals: str, n_parts: int, driver, timeout_s
     """Once a solver actor that has written a proposal is solving another, end every
     process of its node (a machine lost without notice). Returns (the node's id, parts
     done before)."""
-    from shared import shards
     from shared.shard_store import folder_parts
 
     deadline = time.monotonic() + timeout_s

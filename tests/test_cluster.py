@@ -84,13 +84,11 @@ def _make_round(base, data_dir, n_parts, per_part, size, classes=3, seed=0):
 
 
 def _check_all_proposals(base, ids, n_parts, size):
-    from shared import shards
-
     done = ShardStore(base).parts("proposals", 0)
     assert sorted(done) == list(range(n_parts)), f"missing parts: {set(range(n_parts)) - set(done)}"
     got = []
     for k in range(n_parts):
-        for p in shards.read_proposals(done[k]):
+        for p in done[k].read_proposals():
             assert p.round == 0 and p.labels.shape == (size, size) and np.isfinite(p.energy)
             got.append(p.image_id)
     assert sorted(got) == sorted(ids)
