@@ -26,8 +26,8 @@ import dataclasses
 import os
 
 from shared import storage
-from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option, to_dict
-from trainer.config import TrainConfig
+from shared.config import SOLVER_FIELDS, from_dict, set_option, to_dict
+from trainer.config import TrainConfig, typed_option
 from shared.errors import UserError
 from trainer.methods import METHODS
 
@@ -82,9 +82,7 @@ def read_space(path: str) -> tuple[dict, dict]:
 def _checked(path: str, key: str, value):
     """`value` as configuration key `key` takes it, or an error naming the file."""
     try:
-        if key in SOLVER_FIELDS:
-            return getattr(from_dict(SolverConfig, {key: value}), key)
-        return getattr(from_dict(TrainConfig, {key: value}), key)
+        return typed_option(key, value)
     except UserError as e:
         raise UserError(f"--search {path}: {e}") from None
 

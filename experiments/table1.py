@@ -51,9 +51,9 @@ import tomllib
 from dataclasses import dataclass
 
 from shared import storage
-from shared.config import SOLVER_FIELDS, SolverConfig, from_dict, set_option
+from shared.config import set_option
 from shared.errors import UserError
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, typed_option
 from shared.labels import SCRIBBLE_LENGTHS, scribble_suffix
 from trainer.methods import FULL_SUPERVISION, PCE
 from trainer.methods import METHODS as REGISTRY
@@ -334,7 +334,7 @@ def parse_settings(items) -> dict[str, dict]:
             value = raw.strip()
         name = key.replace("-", "_")
         try:
-            value = getattr(from_dict(SolverConfig if name in SOLVER_FIELDS else TrainConfig, {name: value}), name)
+            value = typed_option(name, value)
         except UserError as e:
             raise UserError(f"--set {item}: {e}") from None
         settings.setdefault(method, {})[name] = value

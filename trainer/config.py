@@ -242,3 +242,9 @@ def default_eps(num_classes: int) -> float:
     ε must stay below (K−1)/K, so one fixed value cannot serve every K.
     """
     return (num_classes - 1) / (num_classes + 0.05)
+
+
+def typed_option(key: str, value):
+    """`value` as configuration key `key` (TrainConfig's or stage A's) takes it; an error
+    naming the key where it does not (a TOML `nu = "x"`, an unknown key)."""
+    return getattr(from_dict(SolverConfig if key in SOLVER_FIELDS else TrainConfig, {key: value}), key)
