@@ -51,6 +51,11 @@ ORPHAN_CHECK_S = 2.0  # how often the driver looks for placement groups of stopp
 # between would run a trial again that had finished. The state of a few dozen trials
 # is small: save it after every step.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+# Tune's own SIGINT handler ends its loop quietly and stays installed after the
+# experiment: a Ctrl-C between a table's two experiments would be swallowed and the
+# next one run. Ctrl-C is a KeyboardInterrupt instead (`fit` says what to do next); the
+# state saved after every step is what a rerun restores.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
 def demand(cfg: TrainConfig) -> dict[str, float]:
@@ -220,7 +225,15 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
             # Progress prints a line per finished trial; Tune's own status tables (every
             # trial's config and result, each half a minute) would bury the epoch lines
             verbose=0, callbacks=[Progress(total)]))
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; the same command again finishes the experiment {path} "
+                        "(its finished trials are kept)") from None
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished:  # Tune's own handler (SIGUSR1) ends its loop with the experiment's state saved
+        raise UserError(f"interrupted with {unfinished} of {len(results)} trials unfinished; the same command "
+                        f"again finishes them (finished trials are kept, under {path})")
     failed = [r for r in results if r.error is not None]
     if failed:
         names = ", ".join(run_name(r.config, "?") for r in failed)

@@ -255,9 +255,28 @@ def test_table1_an_interrupted_cell_continues_from_its_checkpoint(table1_run):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sweep_quick_lambda_zero_is_one_stage_a(tmp_path):
+    """The quick λ sweep, Ctrl-C'd (SIGINT) once its PCE model is trained: one line that
+    says so, then the same command finishes it without training the PCE model again."""
     out = tmp_path / "sweep"
-    res = _cli("sweep-tr-weight", "--quick", "--values", "0,0.1", "--out", str(out), timeout=1100)
+    args = ("--local", "sweep-tr-weight", "--quick", "--values", "0,0.1", "--out", str(out))
+    pce = out / "pce" / "summary.json"
+    proc = popen_cli(*args, log_path=str(tmp_path / "first.log"))
+    try:
+        deadline = time.monotonic() + 600
+        while not pce.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and pce.exists(), (tmp_path / "first.log").read_text()[-3000:]
+        pce_summary = pce.read_text()
+        os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        end_session(proc)
+    last = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
+    assert rc == 2 and re.fullmatch(r"error: interrupted; the same command again finishes the experiment "
+                                    r".*/sweep-(pce|tr)-[0-9a-f]{8} \(its finished trials are kept\)", last), last
+    res = _cli(*args[1:], timeout=1100)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert pce.read_text() == pce_summary  # kept, not trained again
     with open(out / "sweep.csv") as f:
         rows = {r["tr_weight"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"0", "0.1"}

@@ -393,9 +393,12 @@ def main(argv=None) -> None:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Ray Train's SIGINT handler exits), or an exit
+    except SystemExit:  # an exit, or Ctrl-C under Ray Train's SIGINT handler (it exits)
         _quiet_ray_teardown()
         raise
+    except KeyboardInterrupt:  # Ctrl-C anywhere else: one line, not a traceback
+        _quiet_ray_teardown()
+        _fail("interrupted", debug, 130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

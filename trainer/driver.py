@@ -130,8 +130,8 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
     """One training run end to end; returns the summary (also written to OUT/summary.json).
     `overwrite`: clear another run's outputs from --out first (else that is an error).
     `callbacks`: Ray Train's, e.g. a Tune trial's TuneReportCallback (experiments/trials.py).
-    `resume_unfinished`: when --out holds an unfinished run of this same configuration
-    (a Tune trial started again), continue it as --resume would."""
+    `resume_unfinished`: when --out holds a run of this same configuration (a Tune trial
+    started again), continue it as --resume would, or return its summary if it finished."""
     cfg.out = cfg.out if storage.is_remote(cfg.out) else os.path.abspath(cfg.out)
     # workers run in other folders: every local path they read must be absolute
     cfg.data, cfg.init, cfg.backbone_weights, cfg.shards = (
@@ -139,6 +139,9 @@ def run_train(cfg: TrainConfig, dataset_name: str | None = None, overwrite: bool
         for p in (cfg.data, cfg.init, cfg.backbone_weights, cfg.shards))
     K, n_train, n_val, largest = check_inputs(cfg, overwrite)
     resolve_devices(cfg)
+    if resume_unfinished and (summary := finished_run(cfg)) is not None:
+        print(f"{cfg.out}: this run finished already; its summary.json is kept", flush=True)
+        return summary
     if resume_unfinished and unfinished_run(cfg):
         cfg.resume = True
         print(f"{cfg.out}: resuming this run from its last checkpoint", flush=True)
@@ -284,20 +287,33 @@ def resolve_devices(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def unfinished_run(cfg: TrainConfig) -> bool:
-    """Whether --out holds a run of this configuration (its config.toml, written from the
-    configuration as check_inputs and resolve_devices resolved it, is cfg's but for `resume`) that stopped
-    before its last epoch: a checkpoints/last.pt short of it and no summary.json. A run
-    whose last epoch is in last.pt but which wrote no summary trains again: --resume
-    would have no epoch left to report from."""
-    folder = RunFolder(cfg.out)
-    raw, last = storage.read_if_exists(folder.config), folder.last
-    if raw is None or storage.exists(folder.summary) or not storage.exists(last):
+def same_run(cfg: TrainConfig) -> bool:
+    """Whether --out holds a run of this configuration: its config.toml, written from the
+    configuration as check_inputs and resolve_devices resolved it, is cfg's but for `resume`."""
+    raw = storage.read_if_exists(RunFolder(cfg.out).config)
+    if raw is None:
         return False
     saved, wanted = tomllib.loads(raw.decode()), tomllib.loads(dumps(to_dict(cfg)))  # one writer: same text, same values
     saved.pop("resume", None)
     wanted.pop("resume", None)
-    return saved == wanted and load_checkpoint(last)["global_epoch"] < sum(epochs for _, epochs in phases(cfg))
+    return saved == wanted
+
+
+def finished_run(cfg: TrainConfig) -> dict | None:
+    """The summary of a finished run of this configuration in --out, else None."""
+    raw = storage.read_if_exists(RunFolder(cfg.out).summary)
+    return json.loads(raw) if raw is not None and same_run(cfg) else None
+
+
+def unfinished_run(cfg: TrainConfig) -> bool:
+    """Whether --out holds a run of this configuration that stopped before its last
+    epoch: a checkpoints/last.pt short of it and no summary.json. A run whose last epoch
+    is in last.pt but which wrote no summary trains again: --resume would have no epoch
+    left to report from."""
+    folder = RunFolder(cfg.out)
+    if storage.exists(folder.summary) or not storage.exists(folder.last) or not same_run(cfg):
+        return False
+    return load_checkpoint(folder.last)["global_epoch"] < sum(epochs for _, epochs in phases(cfg))
 
 
 def ray_train_storage(out: str, run_id: str) -> str:
