@@ -121,7 +121,7 @@ def voc_label_map(rng: np.random.Generator, h: int = VOC_H, w: int = VOC_W, pres
 
 
 def voc_snapshot(rng: np.random.Generator, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """−log q over the label set at stride 4, as trainer/snapshots.py writes it.
+    """−log q over the label set at stride 4, as trainer/stage_a.py writes it.
 
     The probabilities look like a trained network's: 21-class logits that favour each
     pixel's class by a margin of about 8, blurred (soft boundaries a few output pixels
@@ -134,7 +134,7 @@ def voc_snapshot(rng: np.random.Generator, labels: np.ndarray, classes: np.ndarr
     logits = 8.0 * _smooth(onehot, 2.0) + 1.5 * noise / noise.std()
     logits -= logits.max(0, keepdims=True)
     log_q = logits - np.log(np.exp(logits).sum(0, keepdims=True))
-    neg_log_q = np.minimum(-log_q, 20.0)  # trainer.snapshots.NEG_LOG_Q_MAX
+    neg_log_q = np.minimum(-log_q, 20.0)  # trainer.stage_a.NEG_LOG_Q_MAX
     return neg_log_q[classes].astype(np.float16)
 
 

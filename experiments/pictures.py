@@ -25,7 +25,7 @@ from trainer.engine import predict
 from trainer.metrics import confusion_matrix, miou
 from trainer.run_folder import RunFolder
 from trainer.runlog import load_checkpoint
-from trainer.snapshots import neg_log_probs
+from trainer.stage_a import neg_log_probs
 from trainer.visualize import colorize, grid, png_bytes, with_scribbles
 
 N_IMAGES = 4  # val images in comparison.png

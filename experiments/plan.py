@@ -40,8 +40,7 @@ def stage_a_core_minutes(cfg: TrainConfig, pixels: dict) -> float | None:
         return None
     key = (cfg.data, cfg.format, cfg.scribbles)
     if key not in pixels:
-        from trainer.checks import image_size
-        from trainer.splits import load_split
+        from trainer.splits import image_size, load_split
 
         pixels[key] = sum(math.prod(image_size(s.image_path)) for s in load_split(cfg.data, cfg.format, "train", cfg.scribbles))
     return pixels[key] / 1e6 * STAGE_A_S_PER_MPIXEL / 60

@@ -94,8 +94,7 @@ def test_truncated_jpeg_is_named_before_ray_starts(data, tmp_path):
 def test_an_image_past_pillows_pixel_limit_is_named(data, monkeypatch):
     """Image.DecompressionBombError is no OSError: it would surface without the file's name."""
     from shared.errors import UserError
-    from trainer.checks import check_samples
-    from trainer.splits import load_split
+    from trainer.splits import check_samples, load_split
 
     samples = load_split(data, "synthetic", "train")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 48 * 48 // 3)  # the images are 48×48: past twice the limit
@@ -211,7 +210,7 @@ def test_non_finite_network_output_names_the_image(data, tmp_path):
     from shared.shard_store import ShardStore, parts_of
     from trainer.datasets import EvalSet
     from trainer.splits import load_split
-    from trainer.snapshots import write_snapshot_round
+    from trainer.stage_a import write_snapshot_round
 
     class Diverged(torch.nn.Module):
         def forward_lowres(self, x):

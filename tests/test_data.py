@@ -8,10 +8,9 @@ from PIL import Image
 
 from shared.errors import UserError
 from shared.image_io import palette, read_image, read_label, write_label
-from trainer.checks import check_samples
 from trainer.datasets import EvalSet, ImageCache, TrainSet
 from trainer.formats import VOC_CLASSES
-from trainer.splits import Sample, load_split, read_classes
+from trainer.splits import Sample, check_samples, load_split, read_classes
 
 H, W, K = 50, 70, 3
 
@@ -289,7 +288,7 @@ def test_train_and_eval_share_one_cache(folder):
 def test_reference_augmentation_rescales_pads_centred_with_the_mean_and_marks_the_roi(tmp_path):
     """SPEC §4's VOC recipe: short side to [256, 1026], centred padding to the crop with
     the mean RGB, the ROI False exactly on that padding, maps aligned with it."""
-    from trainer.augment import REFERENCE_SHORT_SIDE
+    from trainer.transforms import REFERENCE_SHORT_SIDE
     from trainer.model import IMAGENET_MEAN
 
     s, prop = _coord_sample(str(tmp_path))

@@ -195,7 +195,7 @@ def test_autocast_follows_the_devices_capability(monkeypatch):
 
 
 def test_the_snapshot_pass_runs_without_tf32():
-    from trainer.snapshots import neg_log_probs
+    from trainer.stage_a import neg_log_probs
 
     seen = []
 

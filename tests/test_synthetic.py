@@ -9,8 +9,7 @@ from PIL import Image
 from shared.errors import UserError
 
 from shared.image_io import read_image, read_label
-from trainer.checks import check_samples
-from trainer.splits import load_split, read_classes
+from trainer.splits import check_samples, load_split, read_classes
 from trainer.synthetic import make_synthetic
 
 SUFFIXES = ["", "0.8", "0.5", "0.3", "0"]

@@ -1,11 +1,11 @@
 """Joint image/label transforms (trainer/transforms.py), each alone, and the augmentation
-modes as pipelines of them (trainer/augment.py)."""
+modes as pipelines of them (`train_transform`, `eval_transform`)."""
 import numpy as np
 import pytest
 
-from trainer.augment import REFERENCE_SHORT_SIDE, eval_transform, train_transform
-from trainer.transforms import (CenterCrop, Compose, Pad, RandomCrop, RandomGaussianBlur, RandomHorizontalFlip,
-                                RandomResize, RandomScale, resize)
+from trainer.transforms import (REFERENCE_SHORT_SIDE, CenterCrop, Compose, Pad, RandomCrop, RandomGaussianBlur,
+                                RandomHorizontalFlip, RandomResize, RandomScale, eval_transform, resize,
+                                train_transform)
 
 H, W = 30, 50
 

@@ -22,7 +22,7 @@ SEED_LOSSES = ("ce", "l2")  # grid-gd's seed term (trainer/methods.py)
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
 SCRATCH_LR = 3e-3  # AdamW on the UNet from scratch (docs/recipe-synthetic)
 FINE_TUNE_LR = 3e-4  # a tenth of SCRATCH_LR, as the paper's Grid-TR rate is of PCE-GD's
-AUGMENTATIONS = ("default", "reference", "crop")  # trainer/augment.py: ours, the authors' VOC one (SPEC §4), crop only
+AUGMENTATIONS = ("default", "reference", "crop")  # trainer/transforms.py: ours, the authors' VOC one (SPEC §4), crop only
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The torch Datasets for training and evaluation: a split's samples (`trainer.splits`)
-read, cached and, for training, augmented jointly (`trainer.augment`).
+read, cached and, for training, augmented jointly (`trainer.transforms`).
 
 Caching: the Datasets keep every decoded image and label in memory after its first
 read, in an `ImageCache` that Datasets over the same files share (the training split's,
@@ -15,7 +15,7 @@ import torch
 from shared.errors import UserError
 from shared.image_io import read_image, read_label
 from shared.labels import UNLABELLED
-from trainer.augment import eval_transform, train_transform
+from trainer.transforms import eval_transform, train_transform
 from trainer.config import AUGMENTATIONS
 from trainer.splits import Sample
 
@@ -93,7 +93,7 @@ class TrainSet(_Base):
     Images without a mask get an all-255 mask.
 
     Augmentation (``augment=True``), the same for image, seeds, proposal and mask: the
-    pipeline of mode ``augmentation`` (`trainer.augment`: ``default``, ``crop``,
+    pipeline of mode ``augmentation`` (`trainer.transforms`: ``default``, ``crop``,
     ``reference``) for ``crop_size``×``crop_size`` crops (0: whole images); ``scale_range``
     replaces the default mode's scale ranges. ``augment=False``: a centred crop (padded
     centred if needed) when ``crop_size`` > 0.

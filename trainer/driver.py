@@ -32,8 +32,7 @@ from trainer.architectures import checkpoint_arch, resolve_arch
 from trainer.console import EpochLines, header
 from shared.image_io import read_label
 from shared.labels import UNLABELLED, scribble_length
-from trainer.checks import check_samples
-from trainer.splits import load_split, read_classes
+from trainer.splits import check_samples, load_split, read_classes
 from trainer.imagenet import IMAGENET, check_backbone_weights
 from trainer.methods import METHODS
 from trainer.process_group import torch_config

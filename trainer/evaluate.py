@@ -10,9 +10,8 @@ from shared import storage
 from shared.errors import UserError
 from trainer import engine
 from shared.image_io import label_png, read_image
-from trainer.checks import check_samples
 from trainer.datasets import EvalSet
-from trainer.splits import load_split, read_classes
+from trainer.splits import check_samples, load_split, read_classes
 from trainer.architectures import build_model, checkpoint_arch
 from trainer.runlog import load_checkpoint
 

@@ -2,7 +2,7 @@
 
 `paper` is the paper's Pascal VOC setting (DeepLabV3+ / MobileNetV2, K = 21), as the
 authors' reference implementation runs it: 60 epochs, batch 12 on 513-pixel crops with
-their augmentation (`trainer.augment`, "reference"), every batch kept (no drop_last), SGD
+their augmentation (`trainer.transforms`, "reference"), every batch kept (no drop_last), SGD
 momentum 0.9, weight decay 5e-4, poly LR (power 0.9), the decoder at 10× the backbone's
 rate, every data term divided by the batch size as the reference does (`batch_average`,
 so its learning rates apply unchanged), stage A before each round's batches (`sync`),

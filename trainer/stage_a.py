@@ -7,21 +7,91 @@ A snapshot round is committed (its manifest, `ShardStore.commit`) by rank 0 once
 rank has written its parts: the farm waits on that one object. While it waits, the
 worker checks now and then that the snapshot parts still missing an answer are there
 and readable, and writes those that are not again (the farm skips them until then).
+
+The snapshot, stage A's input (Alg. 1 line 5): the network's probabilities on every
+training image, in eval mode, no augmentation, an fp32 forward at the network's output
+resolution (stride 4), only over each image's label set L, stored as 8-bit codes of
+−log q (SPEC §6); the solver resizes them to the image in log space. Parts are chunks
+of `shard_size` consecutive training images; DDP rank `rank` writes parts k ≡ rank.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig
-from shared.shard_store import ShardStore, parts_of
+from shared import shards
+from shared.errors import UserError
 from shared.image_io import read_label
+from shared.shard_store import ShardStore, parts_of
+from trainer.config import TrainConfig
 from trainer.proposals import ProposalFeed
-from trainer.snapshots import write_snapshot_round
 
+NEG_LOG_Q_MAX = 20.0  # −log(1e-8) ≈ 18.4 is the solver's floor; larger values carry nothing
 REPAIR_EVERY_S = 5.0  # while waiting: how often the missing parts' snapshots are checked
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Float32 convolutions and matmuls as IEEE float32: TF32 off in cuDNN (on by default,
+    Ampere on) and cuBLAS for the block; the flags are restored after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@torch.no_grad()
+def neg_log_probs(model, images: list[torch.Tensor], device) -> list[np.ndarray]:
+    """−log q at the output resolution for each image; images of one size share a batch."""
+    out: list[np.ndarray | None] = [None] * len(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(i)
+    for idx in by_size.values():  # fp32, not the training autocast nor TF32: stage A sees the exact output (SPEC §4)
+        with exact_fp32():
+            logits = model.forward_lowres(torch.stack([images[i] for i in idx]).to(device))
+        neg = (-torch.log_softmax(logits.float(), 1)).clamp_(max=NEG_LOG_Q_MAX).cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = neg[j]
+    return out
+
+
+def write_snapshot_round(model, dataset, samples, *, store: ShardStore, r, parts, restrict_labels, device,
+                         rank=0, world=1, only=None):
+    """Write this rank's parts of snapshot round r (those in `only`, if given); returns
+    the number of images written."""
+    model.eval()
+    written = 0
+    for k, part in enumerate(parts):
+        if k % world != rank or (only is not None and k not in only):
+            continue
+        items = [dataset[i] for i in part]
+        rows = []
+        for i, item, neg_log_q in zip(part, items, neg_log_probs(model, [it["image"] for it in items], device)):
+            if not np.isfinite(neg_log_q).all():  # would quantise to q = 1 for every label
+                raise UserError(f"non-finite network output on training image {samples[i].image_id} "
+                                f"({samples[i].image_path}): the model diverged; lower --lr")
+            seeds = item["seeds"].numpy()
+            labels = shards.label_set(seeds, neg_log_q.shape[0], restrict_labels)
+            s = samples[i]
+            rows.append(
+                shards.Snapshot(
+                    image_id=s.image_id, round=r, image_uri=os.path.abspath(s.image_path),
+                    seeds_uri=os.path.abspath(s.seeds_path), height=seeds.shape[0], width=seeds.shape[1],
+                    num_classes=neg_log_q.shape[0], label_set=labels, neg_log_q=neg_log_q[labels],
+                )
+            )
+        store.write_snapshots(r, k, rows)
+        written += len(rows)
+    return written
+
 
 
 def mask_reader(samples, num_classes: int):

@@ -9,7 +9,29 @@ ignore it (None is fine). Arrays may come back as views of the input: copy befor
 writing into them.
 
 Adding a transform: a class with ``__call__(image, maps, rng)``, a test of it alone in
-tests/test_transforms.py, and a place in a pipeline of `trainer.augment`.
+tests/test_transforms.py, and a place in a pipeline below.
+
+The pipelines (:func:`train_transform`) are the augmentation modes of the training crops
+(``--augmentation``, `trainer.config.AUGMENTATIONS`); a format's default mode is on its
+row of `trainer.formats.LAYOUTS`.
+
+- ``default`` (ours, after VainF/DeepLabV3Plus-Pytorch): a random scale (0.5–2, or
+  0.75–1.5 for images whose short side is under 200 px: the synthetic ones, whose 1–3 px
+  scribbles and fine textures are lost at 0.5), padding at the bottom/right to the crop
+  (0 for the image, 255 for the label maps), a random crop, a horizontal flip (p 0.5).
+- ``crop``: the padding and random crop only, for data whose classes differ in
+  orientation or scale (the synthetic sets' stripe textures).
+- ``reference``: the authors' VOC recipe (SPEC §4), in their order (reference
+  dataloaders/datasets/pascal.py: RandomHorizontalFlip, RandomScaleCrop,
+  RandomGaussianBlur): a flip (p 0.5), the short side to a uniform integer in
+  REFERENCE_SHORT_SIDE (the long side truncated as theirs), centred padding to the crop
+  with the mean RGB truncated to integers as theirs, (123, 116, 103) (≈ zero after the
+  network's normalisation), a random crop, then a Gaussian blur of the image (p 0.5,
+  radius in [0, 1) px, the padding included as theirs).
+
+With crop size 0 (whole images) no mode rescales or crops; all but ``crop`` flip, so that
+images of one size still batch. Unaugmented (:func:`eval_transform`): a centred crop,
+padded centred if needed.
 """
 from __future__ import annotations
 
@@ -18,7 +40,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
+from trainer.config import AUGMENTATIONS
+from trainer.model import IMAGENET_MEAN
+
 Maps = list[np.ndarray]  # H×W uint8 label maps, transformed alike
+REFERENCE_SHORT_SIDE = (256, 1026)  # the authors' VOC rescaling range (SPEC §4)
+SCALE, SMALL_SCALE, SMALL_SIDE = (0.5, 2.0), (0.75, 1.5), 200  # the default mode's scale ranges
 
 
 def resize(image: np.ndarray, maps: Maps, height: int, width: int) -> tuple[np.ndarray, Maps]:
@@ -179,3 +206,31 @@ class RandomGaussianBlur:
 
     def __repr__(self) -> str:
         return f"RandomGaussianBlur({self.p}, max_radius={self.max_radius})"
+
+
+
+def train_transform(augmentation: str, crop_size: int, *, map_fill: int | Sequence[int] = 255,
+                    scale_range: tuple[float, float] | None = None) -> Compose:
+    """The pipeline of mode ``augmentation`` for crop_size×crop_size crops (0: whole
+    images); ``scale_range`` replaces the default mode's scale ranges; ``map_fill`` pads
+    the label maps (one value, or one per map)."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
+    if crop_size <= 0:
+        return Compose([] if augmentation == "crop" else [RandomHorizontalFlip()])
+    if augmentation == "reference":
+        mean = tuple(int(m) for m in IMAGENET_MEAN)
+        return Compose([RandomHorizontalFlip(), RandomResize(*REFERENCE_SHORT_SIDE),
+                        Pad(crop_size, mean, map_fill, centre=True), RandomCrop(crop_size), RandomGaussianBlur()])
+    crop = [Pad(crop_size, 0, map_fill), RandomCrop(crop_size)]
+    if augmentation == "crop":
+        return Compose(crop)
+    scale = RandomScale(scale_range) if scale_range else RandomScale(SCALE, SMALL_SCALE, SMALL_SIDE)
+    return Compose([scale, *crop, RandomHorizontalFlip()])
+
+
+def eval_transform(crop_size: int, *, map_fill: int | Sequence[int] = 255) -> Compose:
+    """No augmentation: the centred crop_size×crop_size crop, padded centred (0: the whole image)."""
+    if crop_size <= 0:
+        return Compose([])
+    return Compose([Pad(crop_size, 0, map_fill, centre=True), CenterCrop(crop_size)])
