@@ -254,11 +254,21 @@ def test_shards_and_checkpoints_hold_no_pickle(tmp_path):
 @pytest.mark.slow
 def test_a_diverged_network_ends_the_run_at_once_with_its_own_line(synthetic_set, tmp_path):
     """A UserError inside a trainer worker (here the snapshot's non-finite check) fails the
-    same way every time: one attempt, not 1 + --max-failures, and its own message."""
-    from tests.helpers import run_cli
+    same way every time: one attempt, not 1 + --max-failures, and its own message. The
+    diverged network is a checkpoint with NaN weights (what `--pretrain-lr 1e30` makes of
+    the PCE model, without training it here)."""
+    import torch
 
+    from tests.helpers import run_cli
+    from trainer.architectures import build_model
+
+    net = build_model("unet", 4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    torch.save({"model": net.state_dict(), "num_classes": 4, "arch": "unet"}, tmp_path / "diverged.pt")
     proc = run_cli("train", "--data", synthetic_set(4, 2, 48), "--method", "grid-tr", "--epochs", 1,
-                   "--pretrain-epochs", 1, "--pretrain-lr", 1e30, "--crop-size", 32, "--batch-size", 4,
+                   "--init", tmp_path / "diverged.pt", "--crop-size", 32, "--batch-size", 4,
                    "--out", tmp_path / "out", check=False, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

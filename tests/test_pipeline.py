@@ -12,6 +12,7 @@ from PIL import Image
 from tests import helpers
 from tests.helpers import ROOT
 
+UNSCRIBBLED = "train_0000"  # the sync run's training image without a scribble
 
 
 def run_cli(*args, env=None, timeout=600):
@@ -30,7 +31,14 @@ def data(synthetic_set):
 
 @pytest.fixture(scope="module")
 def sync_run(data, tmp_path_factory):
-    """grid-tr with the sync schedule and a learned ε per class, configured from a TOML file."""
+    """grid-tr with the sync schedule and a learned ε per class, configured from a TOML
+    file, on `data` with one training image's scribbles all blank (UNSCRIBBLED)."""
+    import shutil
+
+    copy = str(tmp_path_factory.mktemp("data") / "set")
+    shutil.copytree(data, copy)
+    Image.fromarray(np.full((48, 48), 255, np.uint8), mode="L").save(os.path.join(copy, "scribbles", UNSCRIBBLED + ".png"))
+    data = copy
     out = tmp_path_factory.mktemp("sync") / "run"
     config = tmp_path_factory.mktemp("cfg") / "run.toml"
     config.write_text(
@@ -51,7 +59,11 @@ def test_sync_run_writes_every_output(sync_run, data):
                 "proposals_missing", "solvers", "mean_staleness", "max_staleness", "solver_restarts"):
         assert key in summary, key
     assert summary["proposals_missing"] == 0
-    assert summary["stage_a_images"] == 8 * 3  # three rounds of eight images
+    # three rounds of eight images, the one without scribbles included (stage A over all
+    # labels, SPEC §1): not an error, counted and reported by id
+    assert summary["stage_a_images"] == 8 * 3
+    assert summary["images_without_scribbles"] == 1 and summary["train_images"] == 8
+    assert UNSCRIBBLED in open(os.path.join(os.path.dirname(sync_run), "terminal.log")).read()
     assert 0 <= summary["val_miou"] <= 1
     assert summary["val_miou"] > helpers.majority_class_miou(data, "synthetic", 4)  # it learned
     assert os.path.exists(os.path.join(sync_run, "checkpoints", "last.pt"))

@@ -7,14 +7,16 @@ import tomllib
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 
 from experiments import table1
 from trainer.presets import check_start
 from shared.errors import UserError
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process, majority_class_miou, run_cli
 from trainer import imagenet
 from trainer.cli import main
 from trainer.model import DeepLabV3Plus, MobileNetV2Backbone, load_backbone_weights
@@ -208,6 +210,34 @@ def test_table1_paper_quick_on_voc_layout_with_imagenet_weights(voc_set, torch_h
         assert 0 <= summary["val_miou"] <= 1
     md = (out / "table1.md").read_text()
     assert "Grid-TR" in md and "0.67" in md  # the paper's full-length Grid-TR beside the run's
+    # the paper's Grid-TR on VOC's layout end to end: the reference network, its recipe,
+    # every image through stage A, and stage A's labels above the trivial baseline (the
+    # network's val mIoU after one epoch on 8 images need not be)
+    tr = out / "grid-tr-1"
+    summary = json.loads((tr / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (tr / "metrics.jsonl").read_text().splitlines()]
+    proposal_miou = [r["proposal_miou"] for r in rounds if "proposal_miou" in r]
+    assert summary["proposals_missing"] == 0 and summary["stage_a_images"] == 8 * len(proposal_miou) > 0
+    assert len(summary["per_class_iou"]) == 21
+    assert min(proposal_miou) > majority_class_miou(voc_set, "voc", 21) + 0.1, proposal_miou
+    assert (ran["grid-tr-1"]["arch"], ran["grid-tr-1"]["batch_average"], ran["grid-tr-1"]["schedule"],
+            ran["grid-tr-1"]["lr"]) == ("deeplabv3plus-mobilenetv2-ref", True, "sync", 7e-4)
+
+
+def test_make_synthetic_voc_layout(tmp_path):
+    """`make-synthetic --layout voc` writes VOC's folders, a few of its 21 classes per image,
+    images of varied shape up to --size, and the shortened scribble folders."""
+    data = str(tmp_path / "VOC")
+    res = cli_in_process("make-synthetic", "--layout", "voc", "--out", data, "--n-train", "4", "--n-val", "2",
+                         "--size", "160")
+    assert res.returncode == 0, res.stderr
+    ids = open(os.path.join(data, "ImageSets", "SegmentationAug", "train.txt")).read().split()
+    shapes = {Image.open(os.path.join(data, "JPEGImages", f"{i}.jpg")).size for i in ids}
+    assert len(ids) == 4 and all(max(s) == 160 and min(s) < 160 for s in shapes)
+    present = [np.unique(np.asarray(Image.open(os.path.join(data, "SegmentationClassAug", f"{i}.png")))) for i in ids]
+    assert all(len(p) < 8 for p in present) and max(int(p.max()) for p in present) < 21  # a few of 21 classes
+    assert os.path.exists(os.path.join(data, "SegmentationClass", "val_0000.png"))
+    assert os.path.exists(os.path.join(data, "pascal_2012_scribble0.5", f"{ids[0]}.png"))
 
 
 def test_table1_compare_a_partial_run(tmp_path, capsys):
