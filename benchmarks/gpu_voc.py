@@ -7,9 +7,10 @@ Parts, each a function that returns a dict (benchmarks/gpu.py calls them too):
 - `measure_voc_epochs`: real runs through trainer.driver.run_train on a VOC-layout
   synthetic set (`make-synthetic --layout voc`, 21 classes, long side 500), with the
   paper preset (the authors' network, batch 12, 513 crops, their augmentation, SGD,
-  sync schedule) on random weights (speed does not depend on them): PCE-GD, then
-  Grid-TR from its checkpoint for two stage-A rounds, with one solver actor per CPU core
-  the trainer leaves. Per run: training images/s (stage B), peak GPU memory of the
+  sync schedule, float32 as the reference) on random weights (speed does not depend on
+  them): PCE-GD, then Grid-TR from its checkpoint for two stage-A rounds, with one solver
+  actor per CPU core the trainer leaves; on a GPU also PCE-GD under `--precision auto`
+  (bf16 autocast on Ampere on), what leaving the reference's float32 saves. Per run: training images/s (stage B), peak GPU memory of the
   training step, the trainer's stall waiting for proposals, and the snapshot pass's
   share of an epoch; the first epoch (cuDNN's warm-up) is left out of the rates.
 - `measure_lattice`: Dense-GD's permutohedral filter (trainer/losses.py
@@ -112,6 +113,8 @@ def measure_voc_epochs(quick: bool, workdir: str) -> dict:
 
     pce = run("pce", "pce", size["pce_epochs"])
     run("grid_tr", "grid-tr", size["tr_epochs"], init=RunFolder(pce).last)
+    if use_gpu:
+        run("pce_auto_precision", "pce", size["pce_epochs"], precision="auto")
     return result
 
 

@@ -179,6 +179,7 @@ def test_bf16_only_where_native():
     assert engine.amp_dtype((8, 0)) is torch.bfloat16 and engine.amp_dtype((9, 0)) is torch.bfloat16
     assert engine.amp_dtype((7, 5)) is None and engine.amp_dtype((7, 0)) is None  # T4, V100: fp32
     assert engine.amp_dtype(None) is None  # CPU
+    assert engine.amp_dtype((9, 0), "fp32") is None  # --precision fp32 (--preset paper): the reference's float32
 
 
 def test_autocast_follows_the_devices_capability(monkeypatch):

@@ -14,7 +14,7 @@ from shared.labels import SCRIBBLE_LENGTHS, check_scribbles, length_name
 from trainer.architectures import ARCHITECTURES
 from trainer.splits import check_data_folder
 from trainer.imagenet import backbone_weights_path
-from trainer.config import (AUGMENTATIONS, EPS_MODELS, OPTIMIZERS, SCHEDULES, SEED_LOSSES, config_toml,
+from trainer.config import (AUGMENTATIONS, EPS_MODELS, OPTIMIZERS, PRECISIONS, SCHEDULES, SEED_LOSSES, config_toml,
                             resolve_train_config)
 from trainer.formats import LAYOUTS
 from trainer.methods import METHODS
@@ -131,6 +131,8 @@ def _train_options(f):
                      help="Trainer workers on GPUs [on a private Ray: this machine's; with --address: GPU if the cluster has one now, else give one of them]."),
         click.option("--deterministic", "deterministic", is_flag=True, default=None,
                      help="Deterministic torch kernels, so that a GPU run repeats itself (slower)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="auto: bf16 autocast on GPUs that run it natively (Ampere on); fp32: float32 throughout, as the reference trains [auto; --preset paper: fp32]."),
         click.option("--eval-every", type=int, default=None),
         click.option("--tr-weight", type=float, default=None, help="λ of stage A."),
         click.option("--potts-weight", type=float, default=None, help="β of stage A."),

@@ -22,6 +22,7 @@ SEED_LOSSES = ("ce", "l2")  # grid-gd's seed term (trainer/methods.py)
 EPS_MODELS = ("const", "learned", "learned-per-class")  # the outlier models of trainer/outliers.py
 SCRATCH_LR = 3e-3  # AdamW on the UNet from scratch (docs/recipe-synthetic)
 FINE_TUNE_LR = 3e-4  # a tenth of SCRATCH_LR, as the paper's Grid-TR rate is of PCE-GD's
+PRECISIONS = ("auto", "fp32")  # trainer.engine.amp_dtype
 AUGMENTATIONS = ("default", "reference", "crop")  # trainer/transforms.py: ours, the authors' VOC one (SPEC §4), crop only
 
 
@@ -90,6 +91,9 @@ class TrainConfig:
     use_gpu: bool | None = None  # None: decided by trainer.driver.resolve_use_gpu
     # torch's deterministic kernels (trainer.engine.make_deterministic): a GPU run repeats itself
     deterministic: bool = False
+    # "auto": bf16 autocast on CUDA devices that run it natively (trainer.engine.amp_dtype);
+    # "fp32": float32 throughout, as the reference implementation trains
+    precision: str = "auto"
     eval_every: int = 1  # epochs between evaluations
     resume: bool = False
 
@@ -147,6 +151,7 @@ class TrainConfig:
         check_option(self.eps_model in EPS_MODELS, "--eps-model", f"must be one of {EPS_MODELS}")
         self.augmentation = self.augmentation or LAYOUTS[self.format].augmentation
         check_option(self.augmentation in AUGMENTATIONS, "--augmentation", f"must be one of {AUGMENTATIONS}")
+        check_option(self.precision in PRECISIONS, "--precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         check_option(self.arch in ("", *ARCHITECTURES), "--arch", f"must be one of {tuple(ARCHITECTURES)}")
         check_option(self.pretrain_epochs >= 0, "--pretrain-epochs", "must be ≥ 0")
         check_option(self.epochs_per_round >= 1, "--epochs-per-round", "must be ≥ 1")

@@ -24,19 +24,22 @@ EVAL_BATCH = 8  # val images of one size evaluated in one forward
 LABEL_MAPS = ("seeds", "proposal", "mask")  # uint8 in the batches; long on the device
 
 
-def amp_dtype(capability: tuple[int, int] | None) -> torch.dtype | None:
+def amp_dtype(capability: tuple[int, int] | None, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype of training forwards on a CUDA device of this compute capability
-    (None: not CUDA), None for plain float32. bf16 only where the tensor cores run it
+    (None: not CUDA), None for plain float32 (always with `precision` "fp32", --precision:
+    the reference's arithmetic). bf16 only where the tensor cores run it
     natively (compute capability ≥ 8.0, Ampere on): `torch.cuda.is_bf16_supported()`
     also counts the emulated bf16 of T4 and V100, slower than fp32 there. Not fp16 there
     either: it needs a GradScaler, whose step reads the overflow flag on the host every
     step and skips steps that overflow."""
+    if precision == "fp32":
+        return None
     return torch.bfloat16 if capability is not None and tuple(capability) >= (8, 0) else None
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, precision: str = "auto"):
     """Autocast at `amp_dtype` of the device; plain float32 on CPU (CPU bf16 is slower than fp32 here)."""
-    dtype = amp_dtype(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+    dtype = amp_dtype(torch.cuda.get_device_capability(device) if device.type == "cuda" else None, precision)
     return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -76,7 +79,7 @@ def make_optimizer(param_groups: list[dict], name: str, lr: float, momentum: flo
 
 
 def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, total_steps, base_lrs,
-                batch_average=False, log_every=LOG_EVERY, seed_loss="ce"):
+                batch_average=False, log_every=LOG_EVERY, seed_loss="ce", precision="auto"):
     """SGD over the loader once; returns (mean loss, next global step). `eps`: a float,
     or an `OutlierModel` whose ε is read at every step (learned with the network).
     The losses are summed on the device; the sum is read every `log_every` steps and at
@@ -97,7 +100,7 @@ def train_epoch(model, loader, optimizer, *, method, eps, nu, device, step, tota
             batch[LABEL_COUNT] = labelled_count(batch[METHODS[method].labels], group)
         for param_group, base in zip(optimizer.param_groups, base_lrs):
             param_group["lr"] = poly_lr(base, step, total_steps)
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(batch["image"])
         loss = method_loss(method, logits, batch, eps() if outliers else eps, nu, batch_average, seed_loss)
         total += loss.detach()
@@ -158,7 +161,7 @@ def _same_size_batches(dataset, indices, batch_size: int):
 
 @torch.no_grad()
 def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_WIDTHS,
-               batch_size=EVAL_BATCH):
+               batch_size=EVAL_BATCH, precision="auto"):
     """The val confusion matrix and the per-band-width trimap confusions, summed (CPU
     tensors). Consecutive images of one size share a forward; the counts are summed on
     the device and read once at the end. `model` is the plain network, never the DDP
@@ -170,7 +173,7 @@ def confusions(model, dataset, num_classes, device, indices=None, widths=TRIMAP_
     for items in _same_size_batches(dataset, range(len(dataset)) if indices is None else indices, batch_size):
         images = torch.stack([item["image"] for item in items]).to(device, non_blocking=True)
         masks = torch.stack([item["mask"] for item in items]).to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             pred = model(images).argmax(1)
         conf += confusion_counts(pred, masks, num_classes)
         trimap += trimap_counts(pred, masks, num_classes, widths)

@@ -342,7 +342,7 @@ class StageB:
         loss, self.step = engine.train_epoch(
             self.model, self.loader, self.optimizer, method=self.method, eps=self.outliers, nu=cfg.nu, device=device,
             step=self.step, total_steps=self.total_steps, base_lrs=self.base_lrs,
-            batch_average=cfg.batch_average, seed_loss=cfg.seed_loss,
+            batch_average=cfg.batch_average, seed_loss=cfg.seed_loss, precision=cfg.precision,
         )
         record = {"loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "stage_b_s": time.perf_counter() - t0}
         if device.type == "cuda":  # the training step's peak, for the GPU benchmark (benchmarks/gpu_voc.py)
@@ -353,7 +353,7 @@ class StageB:
 def evaluate_epoch(record: dict, w: Worker, model, net, data: Data, global_epoch: int) -> None:
     """Val mIoU and its figures into the epoch's `record` (tests/besthook.py reads the
     record from this frame); rank 0 writes the epoch's panels."""
-    record.update(_evaluate(model, data.valset, data.num_classes, w.device, w.rank, w.world))
+    record.update(_evaluate(model, data.valset, data.num_classes, w.device, w.rank, w.world, w.cfg.precision))
     if w.rank == 0:
         write_panels(w.log, net, {"val": data.valset, "train": data.train_eval}, data.trainset.proposals, w.device,
                      global_epoch, data.classes)
@@ -383,11 +383,12 @@ def make_optimizer(net, cfg: TrainConfig, lr: float, state: dict | None = None, 
     return optimizer, base_lrs
 
 
-def _evaluate(model, valset, K, device, rank, world) -> dict:
+def _evaluate(model, valset, K, device, rank, world, precision="auto") -> dict:
     """Val confusions on this rank's share, summed over ranks. A DDP `model` is evaluated
     as its plain network (see `engine.confusions`: a rank may have no val image)."""
     net = model.module if isinstance(model, DistributedDataParallel) else model
-    conf, trimap = engine.confusions(net, valset, K, device, indices=range(rank, len(valset), world))
+    conf, trimap = engine.confusions(net, valset, K, device, indices=range(rank, len(valset), world),
+                                     precision=precision)
     if world > 1:
         conf, trimap = conf.to(device), trimap.to(device)
         dist.all_reduce(conf)

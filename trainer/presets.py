@@ -41,6 +41,7 @@ _PAPER_COMMON = {
     "epochs_per_round": 5,
     "potts_weight": 100.0,
     "max_iter": 5,
+    "precision": "fp32",  # the reference trains in float32: no autocast
 }
 # scribble suffix ('' = full length, '0' = clicks) -> (ε, λ), SPEC §4
 _PAPER_EPS_LAMBDA = {
