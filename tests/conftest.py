@@ -9,6 +9,10 @@ from tests.helpers import AWS_ENV, BUCKET, s3_uri
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# What shared.ray_session gives a private Ray's Ray Train runs, for the multi-node
+# clusters the tests start too (their processes inherit this environment)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # One token for every Ray this process starts, as the CLI would use: Ray caches the token
 # it first reads, so a test that starts Ray with the mode unset (Ray then turns token mode
 # on and writes ~/.ray/auth_token) would leave a later `connect()`, which names
