@@ -234,6 +234,7 @@ class Farm(threading.Thread):
         self.on_round = on_round or (lambda r, rows, seconds: None)
         self.on_error = on_error or (lambda: None)
         self.stop_event = threading.Event()
+        self.abandoned = False  # the driver stopped waiting for it (finish timed out)
         self.error: BaseException | None = None
         self.images = 0
         self._warned: set[str] = set()
@@ -317,6 +318,8 @@ class Farm(threading.Thread):
         except (KeyboardInterrupt, SystemExit):  # Ray's ^C handling ends the process: not a stage-A failure
             return
         except BaseException as e:
+            if self.abandoned:  # after ^C the driver shuts Ray down under the round it was solving
+                return
             self.error = e
             traceback.print_exc()
             try:  # tell the trainer, which would otherwise wait for proposals
@@ -326,6 +329,8 @@ class Farm(threading.Thread):
             self.on_error()
 
     def finish(self, timeout_s: float | None = None) -> None:
-        """Solve what is left (waiting at most `timeout_s`), then stop."""
+        """Solve what is left (waiting at most `timeout_s`), then stop; past the timeout the
+        farm is left behind, and what then fails in it (its Ray shut down) is no failure."""
         self.stop_event.set()
         self.join(timeout_s)
+        self.abandoned = self.is_alive()

@@ -363,3 +363,29 @@ def test_a_farm_ended_by_ctrl_c_is_no_stage_a_failure(tmp_path):
     farm.start()
     farm.join(60)
     assert not farm.is_alive() and farm.error is None and not errors and store.failure() is None
+
+
+def test_a_farm_the_driver_left_behind_fails_quietly(tmp_path, capfd):
+    """After ^C the driver waits a few seconds for the farm (Farm.finish), then Ray shuts
+    down under the round it is solving, which fails (ActorDiedError): no failure marker,
+    no interrupt, no traceback under the one line of the ^C (seen under load)."""
+    import threading
+
+    from solver_service.farm import Farm, Pool
+
+    store, errors, released = ShardStore(str(tmp_path / "shards"), "r"), [], threading.Event()
+    store.claim()
+
+    def solving():
+        released.wait(60)
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    farm = Farm(store, 1, SolverConfig(max_iter=1), Pool(), on_error=lambda: errors.append(1))
+    farm.pending = solving
+    farm.start()
+    farm.finish(0.1)
+    assert farm.abandoned
+    released.set()
+    farm.join(60)
+    assert not farm.is_alive() and farm.error is None and not errors and store.failure() is None
+    assert "Traceback" not in capfd.readouterr().err
