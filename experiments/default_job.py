@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -48,9 +50,24 @@ def synthetic_dataset(n_train: int, n_val: int, size: int, classes: int = 4, see
     cache = os.environ.get("TRSEG_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trseg"))
     tag = "" if variant == "default" else f"{variant}-"
     root = os.path.join(cache, f"synthetic-{tag}v{VERSION}-{n_train}-{n_val}-{size}-{classes}-{seed}")
-    if not os.path.exists(os.path.join(root, ".complete")):
-        make_synthetic(root, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed, variant=variant)
-        open(os.path.join(root, ".complete"), "w").close()
+    if os.path.exists(os.path.join(root, ".complete")):
+        return root
+    # Made beside its place, then renamed whole: two commands started at once on a fresh
+    # machine (a table and a search, a test suite's two workers) never read each other's
+    # half-written set; the first rename wins, the other's copy is dropped.
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=cache)
+    try:
+        make_synthetic(tmp, n_train=n_train, n_val=n_val, size=size, classes=classes, seed=seed, variant=variant)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.exists(os.path.join(root, ".complete")):  # a set left half-made by an older version
+                shutil.rmtree(root)
+                os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -1,6 +1,7 @@
-"""benchmarks/run.py: the shard-size part against its targets, and the command line.
+"""benchmarks/run.py: the shard-size part against its targets, and the command line;
+benchmarks/gpu_voc.py's CPU smoke run.
 
-The full benchmark (training runs, solver farm) is not run here: see benchmarks/README.md.
+run.py's full benchmark (training runs, solver farm) is not run here: see benchmarks/README.md.
 """
 import importlib.util
 import json
@@ -8,7 +9,10 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+import pytest
+
+from tests.helpers import ROOT, cli_env
+
 RUN_PY = os.path.join(ROOT, "benchmarks", "run.py")
 
 
@@ -62,3 +66,19 @@ def test_only_sizes_prints_json_last(tmp_path):
 def test_bad_part_is_an_error():
     proc = subprocess.run([sys.executable, RUN_PY, "--only", "nope"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode != 0 and "--only" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_voc_benchmark_quick_smoke():
+    """benchmarks/gpu_voc.py --quick: the GPU check's code end to end on CPU (its figures
+    mean nothing here): both runs, the lattice, one JSON line."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_voc.py"), "--quick"], cwd=ROOT,
+                         env=cli_env(), capture_output=True, text=True, timeout=850)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    epochs = out["voc_epochs"]
+    assert epochs["device"] == "cpu" and epochs["solver_actors"] >= 1
+    assert epochs["pce"]["images_per_s"] > 0 and epochs["grid_tr"]["stage_a_images"] > 0
+    assert 0 < epochs["grid_tr"]["snapshot_share"] < 1 and epochs["pce"]["snapshot_share"] == 0
+    assert out["lattice"]["cpu_fwd_bwd_ms"] > 0

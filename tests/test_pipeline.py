@@ -136,7 +136,9 @@ def test_config_file_run_keeps_config_tensorboard_and_panels(sync_run):
 
 def test_eval_reproduces_training_miou(sync_run, data):
     summary = json.load(open(os.path.join(sync_run, "summary.json")))
-    out = run_cli("eval", "--checkpoint", os.path.join(sync_run, "checkpoints", "last.pt"), "--data", data, "--json")
+    out = helpers.cli_in_process("eval", "--checkpoint", os.path.join(sync_run, "checkpoints", "last.pt"), "--data", data,
+                                 "--json")  # no Ray: in this process, as test_readme runs it in a subprocess
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["val_miou"] == pytest.approx(summary["val_miou"], abs=1e-6)
     assert len(result["trimap"]) > 5
@@ -144,7 +146,9 @@ def test_eval_reproduces_training_miou(sync_run, data):
 
 def test_predict_writes_masks_at_image_size(sync_run, data, tmp_path):
     image = os.path.join(data, "images", open(os.path.join(data, "val.txt")).read().split()[0] + ".png")
-    out = run_cli("predict", "--checkpoint", os.path.join(sync_run, "checkpoints", "last.pt"), image, "--out", str(tmp_path))
+    out = helpers.cli_in_process("predict", "--checkpoint", os.path.join(sync_run, "checkpoints", "last.pt"), image,
+                                 "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
     written = out.stdout.strip().splitlines()
     assert len(written) == 1
     mask = Image.open(written[0])

@@ -1,6 +1,7 @@
 """The synthetic data set: layout, determinism, scribble coverage at each length."""
 import hashlib
 import os
+import time
 
 import numpy as np
 import pytest
@@ -99,3 +100,32 @@ def test_hard_variant_is_deterministic_and_harder(tmp_path):
     assert 0.01 < a["coverage"][""] < 0.06
     with pytest.raises(UserError, match="--variant"):
         make_synthetic(str(tmp_path / "c"), n_train=1, n_val=1, variant="nope")
+
+
+def test_the_cached_set_appears_whole_and_replaces_a_half_made_one(tmp_path, monkeypatch):
+    """experiments.default_job.synthetic_dataset: two commands at once on a fresh machine
+    (two processes here) end with one whole set and no temporary folder; a set an
+    interrupted older version left without its `.complete` is made again."""
+    import multiprocessing
+
+    from experiments.default_job import synthetic_dataset
+
+    monkeypatch.setenv("TRSEG_CACHE", str(tmp_path))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        pending = pool.starmap_async(synthetic_dataset, [(4, 2, 32)] * 2)
+        half_seen = []
+        while not pending.ready():  # no reader may ever find the set's folder without `.complete`
+            for name in os.listdir(tmp_path):
+                if ".tmp-" not in name and not os.path.exists(tmp_path / name / ".complete"):
+                    half_seen.append(name)
+            time.sleep(0.005)
+        roots = pending.get()
+    assert not half_seen
+    assert roots[0] == roots[1] and os.listdir(tmp_path) == [os.path.basename(roots[0])]
+    made = sorted(os.listdir(os.path.join(roots[0], "images")))
+    assert len(made) == 6 and os.path.exists(os.path.join(roots[0], ".complete"))
+    os.remove(os.path.join(roots[0], ".complete"))
+    os.remove(os.path.join(roots[0], "images", made[0]))  # half made
+    assert synthetic_dataset(4, 2, 32) == roots[0]
+    assert sorted(os.listdir(os.path.join(roots[0], "images"))) == made and os.listdir(tmp_path) == [os.path.basename(roots[0])]

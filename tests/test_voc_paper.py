@@ -334,24 +334,3 @@ def test_dense_nu_scales_with_the_crop_so_the_term_pulls_alike():
 
     ref = pull(160)
     assert pull(64) == pytest.approx(ref, rel=0.15) and pull(96) == pytest.approx(ref, rel=0.15)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_gpu_voc_benchmark_quick_smoke():
-    """benchmarks/gpu_voc.py --quick: the GPU check's code end to end on CPU (its figures
-    mean nothing here): both runs, the lattice, one JSON line."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT, cli_env
-
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_voc.py"), "--quick"], cwd=ROOT,
-                         env=cli_env(), capture_output=True, text=True, timeout=850)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    epochs = out["voc_epochs"]
-    assert epochs["device"] == "cpu" and epochs["solver_actors"] >= 1
-    assert epochs["pce"]["images_per_s"] > 0 and epochs["grid_tr"]["stage_a_images"] > 0
-    assert 0 < epochs["grid_tr"]["snapshot_share"] < 1 and epochs["pce"]["snapshot_share"] == 0
-    assert out["lattice"]["cpu_fwd_bwd_ms"] > 0
