@@ -4,6 +4,9 @@ The meta device stands in for a GPU where host syncs matter: every read of a met
 tensor's values (`.item()`, `bool()`, `.tolist()`, `.cpu()`) raises, so code that runs on
 it reads nothing from the device. Tests marked for CUDA run where one is present.
 """
+import contextlib
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +197,28 @@ def test_autocast_follows_the_devices_capability(monkeypatch):
         ctx = engine.autocast(torch.device("cuda"))
     assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype is torch.bfloat16
 
+
+def test_eval_and_predict_infer_at_the_checkpoints_precision(synthetic_set, tmp_path, monkeypatch):
+    """A run trained at --precision fp32 is evaluated and predicted in float32 too: the
+    checkpoint records it; one from before --precision infers at auto."""
+    from trainer.architectures import build_model
+    from trainer.evaluate import evaluate_checkpoint, predict_files
+
+    data = synthetic_set(4, 2, 32)
+    seen = []
+
+    def recording(device, precision="auto"):
+        seen.append(precision)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(engine, "autocast", recording)
+    state = {"model": build_model("unet", 4).state_dict(), "num_classes": 4, "arch": "unet"}
+    for saved, expected in (({"precision": "fp32"}, "fp32"), ({}, "auto")):
+        torch.save({**state, **saved}, tmp_path / "c.pt")
+        seen.clear()
+        evaluate_checkpoint(str(tmp_path / "c.pt"), data, "synthetic")
+        predict_files(str(tmp_path / "c.pt"), (os.path.join(data, "images", "val_0000.png"),), str(tmp_path / "p"))
+        assert seen and set(seen) == {expected}, (saved, seen)
 
 def test_the_snapshot_pass_runs_without_tf32():
     from trainer.stage_a import neg_log_probs

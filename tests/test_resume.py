@@ -48,16 +48,16 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path):
 
 def test_loop_state_reads_and_writes_the_checkpoint_keys(tmp_path):
     """LoopState is the checkpoint: a last.pt as the loop wrote it before LoopState (and an
-    older one, without the outlier model, stage-B seconds and stage-A counters) resumes,
+    older one, without the outlier model, stage-B seconds, stage-A counters and precision) resumes,
     and it writes back the same keys; the run's identity is this run's."""
     from trainer.loop import LoopState
     from trainer.runlog import RunLog, load_checkpoint
 
-    keys = {"model", "optimizer", "phase", "epoch", "global_epoch", "num_classes", "class_names", "arch", "method",
-            "val_miou", "best_miou", "run_id", "outliers", "stage_b_s", "stage_a"}
+    keys = {"model", "optimizer", "phase", "epoch", "global_epoch", "num_classes", "class_names", "arch", "precision",
+            "method", "val_miou", "best_miou", "run_id", "outliers", "stage_b_s", "stage_a"}
     before = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {}, "param_groups": []}, "phase": 1, "epoch": 2,
               "global_epoch": 5, "num_classes": 3, "class_names": ["a", "b", "c"], "arch": "unet",
-              "method": "grid-tr", "val_miou": 0.4, "best_miou": 0.5, "run_id": "old", "outliers": {},
+              "precision": "fp32", "method": "grid-tr", "val_miou": 0.4, "best_miou": 0.5, "run_id": "old", "outliers": {},
               "stage_b_s": 1.5, "stage_a": {"stall_s": 2.0, "staleness": [0.0, 1.0], "max_staleness": 1}}
     log = RunLog(str(tmp_path), enabled=True)
     log.save_checkpoint("last.pt", before)
@@ -68,9 +68,11 @@ def test_loop_state_reads_and_writes_the_checkpoint_keys(tmp_path):
     assert set(saved) == keys and saved["run_id"] == "new"
     assert {k: v for k, v in saved.items() if k not in ("model", "run_id")} == {
         k: v for k, v in before.items() if k not in ("model", "run_id")}
-    older = {k: v for k, v in before.items() if k not in ("outliers", "stage_b_s", "stage_a", "val_miou", "run_id")}
+    older = {k: v for k, v in before.items()
+             if k not in ("outliers", "stage_b_s", "stage_a", "val_miou", "run_id", "precision")}
     state = LoopState.from_checkpoint(older)
-    assert (state.outliers, state.stage_b_s, state.stage_a, state.val_miou) == (None, 0.0, None, None)
+    assert (state.outliers, state.stage_b_s, state.stage_a, state.val_miou, state.precision) == (None, 0.0, None, None,
+                                                                                                  "auto")
     assert state.global_epoch == 5 and state.best_miou == 0.5 and set(state.checkpoint()) == keys
 
 

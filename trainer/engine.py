@@ -138,10 +138,10 @@ def _read_losses(total: torch.Tensor, method: str, first: int, step: int) -> flo
 
 
 @torch.no_grad()
-def predict(model, image: torch.Tensor, device) -> torch.Tensor:
+def predict(model, image: torch.Tensor, device, precision: str = "auto") -> torch.Tensor:
     """Labels (H×W) for one RGB image tensor 3×H×W in 0..255."""
     model.eval()
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(image[None].to(device))
     return logits.argmax(1)[0]
 

@@ -27,6 +27,11 @@ def load_model(checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, 
     return model.to(device).eval(), state
 
 
+def checkpoint_precision(state: dict) -> str:
+    """The --precision its run trained and evaluated at (checkpoints from before it: auto)."""
+    return state.get("precision", "auto")
+
+
 def evaluate_checkpoint(checkpoint: str, data: str, fmt: str, scribbles: str = "") -> dict:
     """The numbers training reports for this checkpoint, recomputed (SPEC §7)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,7 +43,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, fmt: str, scribbles: str = "
         raise UserError(f"{checkpoint}: a {state['num_classes']}-class model, but {data} has {len(classes)} classes")
     samples = load_split(data, fmt, "val", scribbles)
     check_samples(samples, len(classes))
-    conf, trimap = engine.confusions(model, EvalSet(samples, len(classes)), len(classes), device)
+    conf, trimap = engine.confusions(model, EvalSet(samples, len(classes)), len(classes), device,
+                                     precision=checkpoint_precision(state))
     return {**engine.scores(conf, trimap), "class_names": classes}
 
 
@@ -53,7 +59,7 @@ def predict_files(checkpoint: str, images: tuple[str, ...], out: str) -> list[st
     written = []
     for path in images:
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1).float()
-        labels = engine.predict(model, image, device).cpu().numpy().astype(np.uint8)
+        labels = engine.predict(model, image, device, checkpoint_precision(state)).cpu().numpy().astype(np.uint8)
         target = storage.join(out, os.path.splitext(os.path.basename(path))[0] + ".png")
         storage.write_bytes(target, label_png(labels))
         written.append(target)

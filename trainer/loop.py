@@ -187,6 +187,7 @@ class LoopState:
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
     arch: str = ""
+    precision: str = "auto"  # --precision: eval and predict infer as training evaluated
     phase: int = 0  # the phase of `phases(cfg)` it is in
     method: str = ""  # that phase's
     epoch: int = 0  # the phase's epochs done
@@ -228,7 +229,8 @@ class Checkpoints:
 
     def __init__(self, w: Worker, classes: list[str]):
         self.w, self.folder = w, RunFolder(w.cfg.out)
-        self.identity = dict(run_id=w.run_id, num_classes=len(classes), class_names=classes, arch=w.cfg.arch)
+        self.identity = dict(run_id=w.run_id, num_classes=len(classes), class_names=classes, arch=w.cfg.arch,
+                             precision=w.cfg.precision)
 
     def resume(self) -> LoopState:
         """Where this run left off (`last_checkpoint`), else a fresh state."""
@@ -356,7 +358,7 @@ def evaluate_epoch(record: dict, w: Worker, model, net, data: Data, global_epoch
     record.update(_evaluate(model, data.valset, data.num_classes, w.device, w.rank, w.world, w.cfg.precision))
     if w.rank == 0:
         write_panels(w.log, net, {"val": data.valset, "train": data.train_eval}, data.trainset.proposals, w.device,
-                     global_epoch, data.classes)
+                     global_epoch, data.classes, w.cfg.precision)
 
 
 def report(metrics: dict, blob: bytes | None) -> None:

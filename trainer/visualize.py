@@ -105,14 +105,16 @@ def panel(image: np.ndarray, seeds, proposal, prediction, mask, class_names: lis
     return grid([tiles], list(PANEL_TITLES), class_names)
 
 
-def write_panels(log, net, sets: dict, proposals: dict, device, epoch: int, class_names: list[str]) -> None:
-    """One panel for each of the first images of every split in `sets` (unaugmented EvalSets)."""
+def write_panels(log, net, sets: dict, proposals: dict, device, epoch: int, class_names: list[str],
+                 precision: str = "auto") -> None:
+    """One panel for each of the first images of every split in `sets` (unaugmented EvalSets),
+    the network's labels at the run's --precision."""
     if not log.enabled:
         return
     for split, dataset in sets.items():
         for i in range(min(N_PANELS, len(dataset))):
             item = dataset[i]
-            pred = predict(net, item["image"], device).cpu().numpy()
+            pred = predict(net, item["image"], device, precision).cpu().numpy()
             proposal = proposals.get(item["image_id"], np.full(pred.shape, UNLABELLED, np.uint8))
             tile = panel(item["image"].permute(1, 2, 0).numpy(), item["seeds"].numpy(), proposal, pred,
                          item["mask"].numpy(), class_names)
