@@ -23,23 +23,6 @@ from shared.ray_session import private_token  # noqa: E402 (after the environmen
 private_token(local=True)
 
 
-# The longest files first, by their seconds in a whole run on 2 cores (`--durations`):
-# the two test processes (pyproject's addopts) take whole files in this order, so the long
-# runs start at once and the short files fill in beside them (longest processing time
-# first). Otherwise xdist would start with the files of most tests, and a long file taken
-# last would run alone at the end. Files not named keep their order, after these.
-LONGEST_FIRST = ["test_s3.py", "test_table1.py", "test_readme.py", "test_faults.py", "test_resume.py",
-                 "test_voc_paper.py", "test_cluster.py", "test_sweep.py", "test_autoscaler.py", "test_tune.py",
-                 "test_pipeline.py", "test_benchmarks.py", "test_integrity.py", "test_solver_cli.py", "test_ddp.py"]
-
-
-def pytest_collection_modifyitems(items):
-    gone = [name for name in LONGEST_FIRST if not os.path.exists(os.path.join(os.path.dirname(__file__), name))]
-    assert not gone, f"tests/conftest.py LONGEST_FIRST names files that are not there: {gone}"
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
-
-
 @pytest.fixture(scope="session")
 def synthetic_set(tmp_path_factory):
     """make(n_train, n_val, size, seed=0) -> the root of a synthetic set (K = 4), made once

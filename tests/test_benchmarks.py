@@ -70,11 +70,18 @@ def test_bad_part_is_an_error():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_gpu_voc_benchmark_quick_smoke():
+def test_gpu_voc_benchmark_quick_smoke(tmp_path):
     """benchmarks/gpu_voc.py --quick: the GPU check's code end to end on CPU (its figures
-    mean nothing here): both runs, the lattice, one JSON line."""
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_voc.py"), "--quick"], cwd=ROOT,
-                         env=cli_env(), capture_output=True, text=True, timeout=850)
+    mean nothing here): both runs, the lattice, one JSON line. Its Grid-TR run is also the
+    paper's Grid-TR on VOC's layout end to end: the reference network and recipe, every
+    image through stage A, stage A's labels above the trivial baseline (the network's val
+    mIoU after one epoch on 4 images need not be), and VOC's 21 per-class IoUs."""
+    import tomllib
+
+    from tests.helpers import majority_class_miou
+
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_voc.py"), "--quick", "--out",
+                          str(tmp_path)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=850)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     epochs = out["voc_epochs"]
@@ -82,3 +89,14 @@ def test_gpu_voc_benchmark_quick_smoke():
     assert epochs["pce"]["images_per_s"] > 0 and epochs["grid_tr"]["stage_a_images"] > 0
     assert 0 < epochs["grid_tr"]["snapshot_share"] < 1 and epochs["pce"]["snapshot_share"] == 0
     assert out["lattice"]["cpu_fwd_bwd_ms"] > 0
+    tr = tmp_path / "grid_tr"
+    summary = json.loads((tr / "summary.json").read_text())
+    cfg = tomllib.loads((tr / "config.toml").read_text())
+    rounds = [json.loads(line) for line in (tr / "metrics.jsonl").read_text().splitlines()]
+    proposal_miou = [r["proposal_miou"] for r in rounds if "proposal_miou" in r]
+    n_train = out["voc_epochs"]["setup"]["n_train"]
+    assert summary["proposals_missing"] == 0 and summary["stage_a_images"] == n_train * len(proposal_miou) > 0
+    assert len(summary["per_class_iou"]) == 21
+    assert min(proposal_miou) > majority_class_miou(str(tmp_path / "voc"), "voc", 21) + 0.1, proposal_miou
+    assert (cfg["arch"], cfg["batch_average"], cfg["schedule"], cfg["lr"], cfg["precision"]) == (
+        "deeplabv3plus-mobilenetv2-ref", True, "sync", 7e-4, "fp32")

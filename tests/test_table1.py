@@ -118,6 +118,14 @@ def test_a_bad_option_is_one_line_before_any_cell_trains(tmp_path):
 
 
 CELLS = plan(("1",))  # full supervision, PCE-GD, the three fine-tuned methods and the control
+PLANNED: dict = {}  # {cell folder: its config.toml from `table1 --plan`}, filled by table1_run
+
+
+def _cell_configs(out) -> dict:
+    import tomllib
+
+    return {d: tomllib.loads((out / d / "config.toml").read_text()) for d in os.listdir(out)
+            if (out / d / "config.toml").exists()}
 
 
 def _run_id(cell_folder):
@@ -127,14 +135,18 @@ def _run_id(cell_folder):
 
 @pytest.fixture(scope="module")
 def table1_run(tmp_path_factory):
-    """`table1 --quick --lengths 1 --epochs 2 --seed 3` (6 cells, two Tune experiments), its driver
-    killed while the second experiment has a cell finished and one between its two
-    epochs, then the same command again. Returns (out, {cell: run id before the kill} of
-    the finished cells, the second run's output, {cell: run id} of the interrupted one).
-    One run shared by the tests below: each cell is ~15-25 s of Ray Train on 2 cores."""
+    """`table1 --quick --lengths 1 --epochs 2 --seed 3` (6 cells, two Tune experiments): its
+    `--plan` first (each cell's config.toml, kept in PLANNED), then the table into the same
+    folder, its driver killed while the second experiment has a cell finished and one
+    between its two epochs, then the same command again. Returns (out, {cell: run id
+    before the kill} of the finished cells, the second run's output, {cell: run id} of
+    the interrupted one). One run shared by the tests below: each cell is ~15-25 s of Ray
+    Train on 2 cores."""
     out = tmp_path_factory.mktemp("t1") / "t1"
     args = ("table1", "--quick", "--lengths", "1", "--epochs", "2", "--max-concurrent", "1", "--seed", "3",
             "--out", str(out))
+    assert cli_in_process("--local", *args, "--plan").returncode == 0  # the plan starts no Ray: in this process
+    PLANNED.update(_cell_configs(out))
     fine_tuned = [table1.cell_dir(str(out), m, L) for m, L in CELLS if m not in ("full", "pce")]
 
     def done(d):
@@ -224,6 +236,22 @@ def test_table1_an_interrupted_cell_continues_from_its_checkpoint(table1_run):
     assert json.loads((folder / "summary.json").read_text())["run_id"] == run_id
     assert f"{folder}: resuming this run from its last checkpoint" in stdout
     assert [m["epoch"] for m in read_metrics(str(folder))] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_table1_cells_train_their_planned_configuration(table1_run):
+    """Every cell's config.toml after training is the one `--plan` wrote, but for the
+    devices, which the plan leaves to the machine that runs it (trainer.driver.resolve_devices),
+    and `resume`, which the cell interrupted by the kill records as its second start."""
+    out, interrupted = table1_run[0], {table1.cell_name(m, L) for m, L in table1_run[3]}
+    ran, devices = _cell_configs(out), ("use_gpu", "loader_workers")
+    assert sorted(PLANNED) == sorted(ran) == sorted(table1.cell_name(m, L) for m, L in CELLS)
+    for name, cfg in PLANNED.items():
+        assert not any(k in cfg for k in devices) and (ran[name]["use_gpu"], ran[name]["loader_workers"]) == (False, 0)
+        assert ran[name]["resume"] == (name in interrupted) and not cfg["resume"], name
+        assert {k: v for k, v in ran[name].items() if k not in (*devices, "resume")} == {
+            k: v for k, v in cfg.items() if k != "resume"}, name
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Table 1 on VOC as a user launches it (issue 27): ImageNet weights by name through
 torch's hub cache (never downloaded here), the paper preset refused without them, the
-plan of every cell, and a quick paper-preset table on the VOC-layout synthetic set."""
+plan of every cell. (The paper's Grid-TR trains end to end on the VOC layout in
+tests/test_benchmarks.py's smoke run of benchmarks/gpu_voc.py; Table 1's cells train
+their planned configuration in tests/test_table1.py.)"""
 import json
 import os
 import tomllib
@@ -16,7 +18,7 @@ from PIL import Image
 from experiments import table1
 from trainer.presets import check_start
 from shared.errors import UserError
-from tests.helpers import cli_in_process, majority_class_miou, run_cli
+from tests.helpers import cli_in_process
 from trainer import imagenet
 from trainer.cli import main
 from trainer.model import DeepLabV3Plus, MobileNetV2Backbone, load_backbone_weights
@@ -182,48 +184,6 @@ def test_sweep_and_tune_plans(voc_set, torch_home, tmp_path, monkeypatch, capsys
     assert set(tune) == {"pce", "trials"} and tune["trials"]["init"].endswith("pce/checkpoints/last.pt")
     assert tune["pce"]["lr"] == tune["trials"]["pretrain_lr"] == 0.007 and tune["trials"]["lr"] == 7e-7  # SPEC §4
     assert "trials sample" in capsys.readouterr().out and not ray.is_initialized()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_table1_paper_quick_on_voc_layout_with_imagenet_weights(voc_set, torch_home, tmp_path):
-    """The plan, then the quick paper-preset table into the same folder: every cell trains
-    the planned configuration (its own config.toml is the planned one, but for the
-    quick budget both share and the devices the run decides) and the table shows the paper's numbers with differences."""
-    out = tmp_path / "t1"
-    env = {"TORCH_HOME": torch_home[0]}
-    args = ("table1", "--preset", "paper", "--quick", "--lengths", "1", "--data", voc_set, "--format", "voc",
-            "--backbone-weights", "imagenet", "--max-concurrent", "1", "--out", str(out))
-    with pytest.MonkeyPatch.context() as mp:  # the plan starts no Ray: in this process
-        mp.setenv("TORCH_HOME", torch_home[0])
-        assert cli_in_process("--local", *args, "--plan").returncode == 0
-    planned = _cells(out)
-    assert len(planned) == 5 and all(c["epochs"] == 1 and c["batch_size"] == 4 for c in planned.values())
-    res = run_cli("--local", *args, env=env, timeout=1400)
-    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    ran = _cells(out)
-    # the devices are the running machine's to decide (trainer.driver.resolve_devices): the
-    # plan leaves them open, each run's config.toml records what it used
-    devices = ("use_gpu", "loader_workers")
-    for name, cfg in planned.items():
-        assert not any(k in cfg for k in devices) and (ran[name]["use_gpu"], ran[name]["loader_workers"]) == (False, 0)
-        assert {k: v for k, v in ran[name].items() if k not in devices} == planned[name], name
-        summary = json.loads((out / name / "summary.json").read_text())
-        assert 0 <= summary["val_miou"] <= 1
-    md = (out / "table1.md").read_text()
-    assert "Grid-TR" in md and "0.67" in md  # the paper's full-length Grid-TR beside the run's
-    # the paper's Grid-TR on VOC's layout end to end: the reference network, its recipe,
-    # every image through stage A, and stage A's labels above the trivial baseline (the
-    # network's val mIoU after one epoch on 8 images need not be)
-    tr = out / "grid-tr-1"
-    summary = json.loads((tr / "summary.json").read_text())
-    rounds = [json.loads(line) for line in (tr / "metrics.jsonl").read_text().splitlines()]
-    proposal_miou = [r["proposal_miou"] for r in rounds if "proposal_miou" in r]
-    assert summary["proposals_missing"] == 0 and summary["stage_a_images"] == 8 * len(proposal_miou) > 0
-    assert len(summary["per_class_iou"]) == 21
-    assert min(proposal_miou) > majority_class_miou(voc_set, "voc", 21) + 0.1, proposal_miou
-    assert (ran["grid-tr-1"]["arch"], ran["grid-tr-1"]["batch_average"], ran["grid-tr-1"]["schedule"],
-            ran["grid-tr-1"]["lr"]) == ("deeplabv3plus-mobilenetv2-ref", True, "sync", 7e-4)
 
 
 def test_make_synthetic_voc_layout(tmp_path):
