@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 
 import ray
 
@@ -73,16 +74,29 @@ def private_token(local: bool) -> None:
         return
     if local and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         path = os.path.expanduser(LOCAL_TOKEN)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
+        if not os.path.exists(path):
+            _publish_token(path)
         os.environ["RAY_AUTH_TOKEN_PATH"] = path
     check_private(os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"))
+
+
+def _publish_token(path: str) -> None:
+    """A new token at `path`, mode 0600, that appears whole: written to a private file
+    beside it, then hard-linked into place, so that two commands started at once on a
+    fresh machine (a test suite's two processes) never read it empty; the first link
+    wins and both use its token."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".token-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.remove(tmp)
 
 
 def started_here() -> bool:

@@ -155,7 +155,10 @@ def test_submit_joins_with_the_clusters_token(tmp_path, monkeypatch):
 
 def test_ray_token_files_are_private(tmp_path, monkeypatch):
     """Anyone who reads the token controls the cluster: a private Ray gets a token file of
-    mode 0600 (Ray's own ~/.ray/auth_token is 0644), and one that others can read is refused."""
+    mode 0600 (Ray's own ~/.ray/auth_token is 0644), and one that others can read is refused.
+    The file appears whole: another command started at the same moment never reads it empty."""
+    import secrets
+
     from shared.errors import UserError
     from shared.ray_session import private_token
 
@@ -164,9 +167,13 @@ def test_ray_token_files_are_private(tmp_path, monkeypatch):
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # set, then deleted: teardown restores what was there
         monkeypatch.setenv(name, "")                    # (private_token sets the path in os.environ)
         monkeypatch.delenv(name)
-    private_token(local=True)
     made = tmp_path / ".trseg" / "ray_auth_token"
-    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(made)
+    seen_while_made = []
+    token_hex = secrets.token_hex
+    monkeypatch.setattr(secrets, "token_hex", lambda n: seen_while_made.append(made.exists()) or token_hex(n))
+    private_token(local=True)
+    assert seen_while_made == [False]  # not there (empty) while its token was being made
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(made) and os.listdir(made.parent) == [made.name]
     assert os.stat(made).st_mode & 0o777 == 0o600 and len(made.read_text().strip()) == 64
     made.chmod(0o644)
     with pytest.raises(UserError, match=f"{made}: the Ray token file can be read by other users \\(mode 0644\\)"):
