@@ -118,7 +118,6 @@ def test_a_bad_option_is_one_line_before_any_cell_trains(tmp_path):
 
 
 CELLS = plan(("1",))  # full supervision, PCE-GD, the three fine-tuned methods and the control
-PLANNED: dict = {}  # {cell folder: its config.toml from `table1 --plan`}, filled by table1_run
 
 
 def _cell_configs(out) -> dict:
@@ -136,17 +135,17 @@ def _run_id(cell_folder):
 @pytest.fixture(scope="module")
 def table1_run(tmp_path_factory):
     """`table1 --quick --lengths 1 --epochs 2 --seed 3` (6 cells, two Tune experiments): its
-    `--plan` first (each cell's config.toml, kept in PLANNED), then the table into the same
-    folder, its driver killed while the second experiment has a cell finished and one
-    between its two epochs, then the same command again. Returns (out, {cell: run id
-    before the kill} of the finished cells, the second run's output, {cell: run id} of
-    the interrupted one). One run shared by the tests below: each cell is ~15-25 s of Ray
-    Train on 2 cores."""
+    `--plan` first (each cell's config.toml), then the table into the same folder, its
+    driver killed while the second experiment has a cell finished and one between its two
+    epochs, then the same command again. Returns (out, {cell: run id before the kill} of
+    the finished cells, the second run's output, {cell: run id} of the interrupted one,
+    {cell folder: its planned config}). One run shared by the tests below: each cell is
+    ~15-25 s of Ray Train on 2 cores."""
     out = tmp_path_factory.mktemp("t1") / "t1"
     args = ("table1", "--quick", "--lengths", "1", "--epochs", "2", "--max-concurrent", "1", "--seed", "3",
             "--out", str(out))
     assert cli_in_process("--local", *args, "--plan").returncode == 0  # the plan starts no Ray: in this process
-    PLANNED.update(_cell_configs(out))
+    planned = _cell_configs(out)
     fine_tuned = [table1.cell_dir(str(out), m, L) for m, L in CELLS if m not in ("full", "pce")]
 
     def done(d):
@@ -178,13 +177,13 @@ def table1_run(tmp_path_factory):
     res = run_cli(*args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     print(f"table1 --quick --lengths 1, resumed: {time.time() - t0:.0f}s")
-    return out, before, res.stdout, interrupted
+    return out, before, res.stdout, interrupted, planned
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_table1_quick_fills_its_cells(table1_run):
-    out, _, _, _ = table1_run
+    out = table1_run[0]
     header, rows = _read_csv(out / "table1.csv")
     assert header == ["method", "0", "0.3", "0.5", "0.8", "1"]
     assert list(rows) == list(METHODS)
@@ -211,7 +210,7 @@ def test_table1_quick_fills_its_cells(table1_run):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_table1_resumes_through_tune_training_only_the_missing_cells(table1_run):
-    out, before, stdout, _ = table1_run
+    out, before, stdout = table1_run[:3]
     first = {table1.cell_name(m, L) for m, L in CELLS if m in ("full", "pce")}
     assert first <= {table1.cell_name(m, L) for m, L in before}, "the PCE experiment had finished before the kill"
     assert len(before) < len(CELLS), "some cells were still to train"
@@ -229,7 +228,7 @@ def test_table1_resumes_through_tune_training_only_the_missing_cells(table1_run)
 def test_table1_an_interrupted_cell_continues_from_its_checkpoint(table1_run):
     """The cell killed after its first epoch is the same run after the rerun: its run id,
     a line saying it resumed, and each of its two epochs logged once."""
-    out, _, stdout, interrupted = table1_run
+    out, _, stdout, interrupted, _ = table1_run
     assert len(interrupted) == 1, interrupted
     (method, length), run_id = next(iter(interrupted.items()))
     folder = out / table1.cell_name(method, length)
@@ -244,10 +243,11 @@ def test_table1_cells_train_their_planned_configuration(table1_run):
     """Every cell's config.toml after training is the one `--plan` wrote, but for the
     devices, which the plan leaves to the machine that runs it (trainer.driver.resolve_devices),
     and `resume`, which the cell interrupted by the kill records as its second start."""
-    out, interrupted = table1_run[0], {table1.cell_name(m, L) for m, L in table1_run[3]}
+    out, _, _, interrupted, planned = table1_run
+    interrupted = {table1.cell_name(m, L) for m, L in interrupted}
     ran, devices = _cell_configs(out), ("use_gpu", "loader_workers")
-    assert sorted(PLANNED) == sorted(ran) == sorted(table1.cell_name(m, L) for m, L in CELLS)
-    for name, cfg in PLANNED.items():
+    assert sorted(planned) == sorted(ran) == sorted(table1.cell_name(m, L) for m, L in CELLS)
+    for name, cfg in planned.items():
         assert not any(k in cfg for k in devices) and (ran[name]["use_gpu"], ran[name]["loader_workers"]) == (False, 0)
         assert ran[name]["resume"] == (name in interrupted) and not cfg["resume"], name
         assert {k: v for k, v in ran[name].items() if k not in (*devices, "resume")} == {
