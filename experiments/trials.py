@@ -215,7 +215,14 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
     trainable = tune.with_resources(tune.with_parameters(
         train_trial, base=base, dataset=dataset, per_trial_folders=per_trial_folders), TRIAL_RESOURCES)
     fs, fs_path = tune_storage(path)
-    if tune.Tuner.can_restore(fs_path, storage_filesystem=fs):
+    restorable = tune.Tuner.can_restore(fs_path, storage_filesystem=fs)
+    if restorable and not saved_state_readable(path):
+        # each trial's run keeps its own progress (run_train's resume_unfinished), so a new
+        # experiment loses nothing: finished runs return at once, interrupted ones go on
+        log(f"{path}: Tune's saved state is empty (its driver was killed as it wrote it): a new Tune "
+            "experiment, whose finished runs are kept and interrupted ones continue")
+        restorable = False
+    if restorable:
         log(f"{path}: resuming the Tune experiment there (finished trials are kept)")
         tuner = tune.Tuner.restore(fs_path, trainable=trainable, restart_errored=True, storage_filesystem=fs)
     else:
@@ -241,6 +248,17 @@ def fit(path: str, runs: dict[str, TrainConfig], dataset: str, param_space: dict
                         f"under {path}; the same command again runs them again")
     log(f"{posixpath.basename(fs_path)}: {len(results)} trials, at most {most_at_once(results)} at once")
     return results
+
+
+def saved_state_readable(path: str) -> bool:
+    """Whether the newest experiment state Tune saved at `path` reads. Tune rewrites it in
+    place after every step; a driver killed in that instant leaves it empty (seen once in a
+    suite run), and Tune would then restore an experiment without its trials."""
+    names = sorted(n for n in storage.list_dir(path) if n.startswith("experiment_state-") and n.endswith(".json"))
+    try:
+        return bool(names) and isinstance(json.loads(storage.read_bytes(storage.join(path, names[-1]))), dict)
+    except ValueError:
+        return False
 
 
 def tune_storage(path: str):

@@ -185,3 +185,18 @@ def test_trials_sharing_shards_get_folders_of_their_own():
     assert cells == {"s3://b/shards/tr-0.1?x=1", "s3://b/shards/tr-1?x=1"}
     assert searched == {"s3://b/shards/tr-1/t1?x=1", "s3://b/shards/tr-1/t2?x=1"}
     assert trial_config({"run": "tr-1"}, {"tr-1": to_dict(TrainConfig(out="/r"))}).shard_base() == "/r/shards"
+
+
+def test_an_experiment_state_cut_off_by_a_kill_is_not_restored(tmp_path):
+    """Tune rewrites its experiment state in place after every step: a driver killed in that
+    instant leaves it empty (seen in a suite run; Tune then restored an experiment without
+    its trials, and every trial failed). `fit` starts such an experiment afresh instead."""
+    from experiments.trials import saved_state_readable
+
+    assert not saved_state_readable(str(tmp_path))  # nothing saved
+    (tmp_path / "experiment_state-2026-12-06_23-46-39.json").write_text("")  # cut off
+    assert not saved_state_readable(str(tmp_path))
+    (tmp_path / "experiment_state-2026-12-06_23-47-44.json").write_text('{"trial_data": []}')  # the newer one reads
+    assert saved_state_readable(str(tmp_path))
+    (tmp_path / "experiment_state-2026-12-06_23-50-00.json").write_text('{"trial_da')
+    assert not saved_state_readable(str(tmp_path))
